@@ -1,0 +1,381 @@
+"""The wire protocol between training ranks and their node's daemon: the one place messages are built
+and parsed.
+
+Every message is one msgpack map in one ZeroMQ frame (after the ROUTER identity), carrying ``v`` (the
+protocol version), ``type`` and the fields of that type. Bulk bytes never travel: a rank names its
+shared-memory segment and the byte ranges of each file inside it.
+
+Rank -> daemon requests, each answered by exactly one reply carrying the request's ``id``:
+
+    hello    {pid, version}                                   -> welcome {pid, version}
+    stage    {txn, output_dir, step, rank, world_size,        -> accepted {txn} | error
+              expected_ranks, timeout_s, pid, segment,
+              segment_size, files[], commit?}
+    query    {txn}                                            -> txn_state {txn, state, path, reason}
+    abort    {txn, reason}                                    -> txn_state
+    status   {}                                               -> status_report {...}
+    bye      {pid}                                            -> bye_ok
+
+Daemon -> rank notifications (``id`` 0), sent to every rank that staged a part of the transaction:
+
+    released  {txn, rank}          the daemon has copied this rank's bytes out; the slab may be reused
+    committed {txn, step, path}    checkpoint-<step> is durable and visible
+    aborted   {txn, reason}        the transaction is gone; earlier checkpoints are untouched
+
+Any malformed request gets ``error {message}``; the daemon never crashes or hangs on one.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import msgpack
+
+from ckptd import format as fmt
+
+PROTOCOL_VERSION = 1
+# Bounds that keep a hostile message from making the daemon allocate or loop without limit.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_FILES_PER_PART = 1_000_000
+MAX_RANKS = 1 << 20
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+SEGMENT_PREFIX = "ckptd-"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text says which field and what was expected."""
+
+
+class MsgType(str, enum.Enum):
+    HELLO = "hello"
+    WELCOME = "welcome"
+    STAGE = "stage"
+    ACCEPTED = "accepted"
+    QUERY = "query"
+    ABORT = "abort"
+    TXN_STATE = "txn_state"
+    STATUS = "status"
+    STATUS_REPORT = "status_report"
+    BYE = "bye"
+    BYE_OK = "bye_ok"
+    RELEASED = "released"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    ERROR = "error"
+
+
+class TxnState(str, enum.Enum):
+    OPEN = "open"  # waiting for parts
+    WRITING = "writing"  # all parts in, files being written
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    UNKNOWN = "unknown"  # this daemon never saw the txn (e.g. it restarted)
+
+
+@dataclass
+class FileSpec:
+    """One file of a rank's part: ``length`` bytes at ``offset`` in the segment become ``path``."""
+
+    path: str
+    offset: int
+    length: int
+    component: str
+    kind: str = "safetensors"  # "safetensors" or "index"
+    rank: int | None = None
+    group_instance: int | None = None
+    node: int | None = None
+
+
+@dataclass
+class ComponentSpec:
+    """What the manifest records about a component, sent by the rank that carries the commit info."""
+
+    key: str
+    sharing_pattern: str
+    ranks: list[int]
+    replicated_across: list[int] | None = None
+    group_name: str | None = None
+    group_instances: list[list[int]] | None = None
+    required: bool = True
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CommitInfo:
+    components: list[ComponentSpec]
+    topology: dict[str, Any]
+    metadata: dict[str, Any]
+    pytorch_version: str | None
+    save_total_limit: int | None
+
+
+@dataclass
+class StageRequest:
+    txn: str
+    output_dir: str
+    step: int
+    rank: int
+    world_size: int
+    expected_ranks: list[int]
+    timeout_s: float
+    pid: int
+    segment: str
+    segment_size: int
+    files: list[FileSpec]
+    commit: CommitInfo | None = None
+
+
+def pack(msg_type: MsgType, req_id: int = 0, **body: Any) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg_type.value, "id": req_id, **body}, use_bin_type=True)
+
+
+def pack_stage(req: StageRequest, req_id: int) -> bytes:
+    body = asdict(req)
+    return pack(MsgType.STAGE, req_id, **body)
+
+
+def unpack(frame: bytes) -> tuple[MsgType, int, dict[str, Any]]:
+    """Decode one frame into (type, request id, body); raises ProtocolError on anything malformed."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_buffer_size=MAX_MESSAGE_BYTES)
+    except Exception as e:  # msgpack raises several unrelated exception types on garbage
+        raise ProtocolError(f"not a msgpack message ({type(e).__name__}: {e})") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"expected a msgpack map, got {type(msg).__name__}")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {msg.get('v')!r}, expected {PROTOCOL_VERSION}; client and daemon versions differ, "
+            "restart the daemon from the same installation"
+        )
+    try:
+        msg_type = MsgType(msg.get("type"))
+    except ValueError:
+        raise ProtocolError(f"unknown message type {msg.get('type')!r}") from None
+    req_id = msg.get("id", 0)
+    if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id < 1 << 63:
+        raise ProtocolError(f"field 'id' must be a non-negative integer, got {req_id!r}")
+    body = {k: v for k, v in msg.items() if k not in ("v", "type", "id")}
+    return msg_type, req_id, body
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _int(body: dict[str, Any], name: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    v = body.get(name)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"field {name!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _opt_int(body: dict[str, Any], name: str, lo: int = 0, hi: int = 1 << 62) -> int | None:
+    return None if body.get(name) is None else _int(body, name, lo, hi)
+
+
+def _str(body: dict[str, Any], name: str, max_len: int = 4096) -> str:
+    v = body.get(name)
+    if not isinstance(v, str) or not v or len(v) > max_len or "\x00" in v:
+        raise ProtocolError(f"field {name!r} must be a non-empty string of at most {max_len} characters")
+    return v
+
+
+def _int_list(body: dict[str, Any], name: str, max_len: int = MAX_RANKS) -> list[int]:
+    v = body.get(name)
+    if not isinstance(v, list) or len(v) > max_len:
+        raise ProtocolError(f"field {name!r} must be a list of at most {max_len} integers")
+    for x in v:
+        if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < MAX_RANKS:
+            raise ProtocolError(f"field {name!r} must hold ranks in [0, {MAX_RANKS}), got {x!r}")
+    return v
+
+
+def _json_like(v: Any, name: str, depth: int = 0) -> None:
+    if depth > 32:
+        raise ProtocolError(f"field {name!r} is nested too deeply")
+    if v is None or isinstance(v, (bool, int, str)):
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ProtocolError(f"field {name!r} holds a non-finite float, which JSON cannot store")
+        return
+    if isinstance(v, list):
+        for x in v:
+            _json_like(x, name, depth + 1)
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise ProtocolError(f"field {name!r} has a non-string key {k!r}")
+            _json_like(x, name, depth + 1)
+        return
+    raise ProtocolError(f"field {name!r} holds {type(v).__name__}, which is not JSON")
+
+
+def _known(body: dict[str, Any], cls: type, where: str) -> None:
+    allowed = {f.name for f in fields(cls)}
+    extra = set(body) - allowed
+    if extra:
+        raise ProtocolError(f"{where}: unexpected field(s) {sorted(map(str, extra))}")
+
+
+def parse_file_spec(v: Any, segment_size: int) -> FileSpec:
+    if not isinstance(v, dict):
+        raise ProtocolError("each entry of 'files' must be a map")
+    _known(v, FileSpec, "files[]")
+    path = v.get("path")
+    if not fmt.is_valid_filename(path):
+        raise ProtocolError(
+            f"file path {path!r} is not a checkpoint file name (no directories, no '..'; see docs/format.md)"
+        )
+    offset = _int(v, "offset")
+    length = _int(v, "length")
+    if offset + length > segment_size:
+        raise ProtocolError(
+            f"file {path!r} spans bytes [{offset}, {offset + length}) beyond the {segment_size}-byte segment"
+        )
+    component = v.get("component")
+    if not fmt.is_valid_key(component):
+        raise ProtocolError(f"file {path!r}: component key {component!r} is not a valid key")
+    kind = v.get("kind", "safetensors")
+    if kind not in ("safetensors", "index"):
+        raise ProtocolError(f"file {path!r}: kind must be 'safetensors' or 'index', got {kind!r}")
+    if (kind == "index") != (path == fmt.MODEL_INDEX_NAME):
+        raise ProtocolError(f"file {path!r}: kind {kind!r} does not match its name")
+    return FileSpec(
+        path=path,
+        offset=offset,
+        length=length,
+        component=component,
+        kind=kind,
+        rank=_opt_int(v, "rank", 0, MAX_RANKS),
+        group_instance=_opt_int(v, "group_instance", 0, MAX_RANKS),
+        node=_opt_int(v, "node", 0, MAX_RANKS),
+    )
+
+
+def parse_commit_info(v: Any) -> CommitInfo:
+    if not isinstance(v, dict):
+        raise ProtocolError("field 'commit' must be a map")
+    _known(v, CommitInfo, "commit")
+    comps_raw = v.get("components")
+    if not isinstance(comps_raw, list) or len(comps_raw) > 100_000:
+        raise ProtocolError("field 'commit.components' must be a list")
+    comps = []
+    for c in comps_raw:
+        if not isinstance(c, dict):
+            raise ProtocolError("each entry of 'commit.components' must be a map")
+        _known(c, ComponentSpec, "commit.components[]")
+        if not fmt.is_valid_key(c.get("key")):
+            raise ProtocolError(f"component key {c.get('key')!r} is not a valid key")
+        if c.get("sharing_pattern") not in ("global", "per_rank", "replicated", "per_group", "per_node"):
+            raise ProtocolError(f"component {c['key']!r}: unknown sharing_pattern {c.get('sharing_pattern')!r}")
+        if c.get("group_name") is not None and not fmt.is_valid_key(c.get("group_name")):
+            raise ProtocolError(f"component {c['key']!r}: invalid group_name {c.get('group_name')!r}")
+        ranks = _int_list(c, "ranks")
+        across = None if c.get("replicated_across") is None else _int_list(c, "replicated_across")
+        instances = c.get("group_instances")
+        if instances is not None:
+            if not isinstance(instances, list):
+                raise ProtocolError(f"component {c['key']!r}: group_instances must be a list of rank lists")
+            instances = [_int_list({"i": i}, "i") for i in instances]
+        metadata = c.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ProtocolError(f"component {c['key']!r}: metadata must be a map")
+        _json_like(metadata, "commit.components[].metadata")
+        required = c.get("required", True)
+        if not isinstance(required, bool):
+            raise ProtocolError(f"component {c['key']!r}: required must be a bool")
+        comps.append(
+            ComponentSpec(
+                key=c["key"],
+                sharing_pattern=c["sharing_pattern"],
+                ranks=ranks,
+                replicated_across=across,
+                group_name=c.get("group_name"),
+                group_instances=instances,
+                required=required,
+                metadata=metadata,
+            )
+        )
+    for name in ("topology", "metadata"):
+        if not isinstance(v.get(name), dict):
+            raise ProtocolError(f"field 'commit.{name}' must be a map")
+        _json_like(v[name], f"commit.{name}")
+    torch_version = v.get("pytorch_version")
+    if torch_version is not None and not isinstance(torch_version, str):
+        raise ProtocolError("field 'commit.pytorch_version' must be a string")
+    limit = _opt_int(v, "save_total_limit", 1, 1 << 31)
+    return CommitInfo(comps, v["topology"], v["metadata"], torch_version, limit)
+
+
+def parse_stage(body: dict[str, Any]) -> StageRequest:
+    """Validate every field of a stage request (types, bounds, path components, ranges in the segment)."""
+    _known(body, StageRequest, "stage")
+    txn = body.get("txn")
+    if not fmt.is_valid_txn(txn):
+        raise ProtocolError(f"field 'txn' must be 1-64 letters or digits, got {txn!r}")
+    output_dir = _str(body, "output_dir")
+    if not output_dir.startswith("/"):
+        raise ProtocolError(f"field 'output_dir' must be an absolute path, got {output_dir!r}")
+    step = _int(body, "step", 0, (1 << 62))
+    world_size = _int(body, "world_size", 1, MAX_RANKS)
+    rank = _int(body, "rank", 0, world_size - 1)
+    expected = _int_list(body, "expected_ranks")
+    if rank not in expected or len(set(expected)) != len(expected) or any(r >= world_size for r in expected):
+        raise ProtocolError(
+            f"field 'expected_ranks' {expected[:16]} must be distinct ranks below world_size {world_size} "
+            f"and include this rank {rank}"
+        )
+    timeout = body.get("timeout_s")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ProtocolError(f"field 'timeout_s' must be a number in (0, {MAX_TIMEOUT_S}], got {timeout!r}")
+    pid = _int(body, "pid", 1, 1 << 31)
+    segment = _str(body, "segment", 200)
+    if not segment.startswith(SEGMENT_PREFIX) or "/" in segment or ".." in segment:
+        raise ProtocolError(f"field 'segment' must be a /dev/shm name starting {SEGMENT_PREFIX!r}, got {segment!r}")
+    segment_size = _int(body, "segment_size")
+    files_raw = body.get("files")
+    if not isinstance(files_raw, list) or len(files_raw) > MAX_FILES_PER_PART:
+        raise ProtocolError("field 'files' must be a list")
+    files = [parse_file_spec(f, segment_size) for f in files_raw]
+    if len({f.path for f in files}) != len(files):
+        raise ProtocolError("field 'files' names the same path twice")
+    commit = None if body.get("commit") is None else parse_commit_info(body["commit"])
+    return StageRequest(
+        txn=txn,
+        output_dir=output_dir,
+        step=step,
+        rank=rank,
+        world_size=world_size,
+        expected_ranks=expected,
+        timeout_s=float(timeout),
+        pid=pid,
+        segment=segment,
+        segment_size=segment_size,
+        files=files,
+        commit=commit,
+    )
+
+
+def parse_txn(body: dict[str, Any]) -> str:
+    txn = body.get("txn")
+    if not fmt.is_valid_txn(txn):
+        raise ProtocolError(f"field 'txn' must be 1-64 letters or digits, got {txn!r}")
+    return txn
+
+
+def parse_reason(body: dict[str, Any]) -> str:
+    reason = body.get("reason", "aborted by a rank")
+    if not isinstance(reason, str):
+        raise ProtocolError("field 'reason' must be a string")
+    return reason[:4096]
+
+
+def parse_pid(body: dict[str, Any]) -> int:
+    return _int(body, "pid", 1, 1 << 31)
