@@ -269,10 +269,11 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
                     "expected a numeric or bool array"
                 )
             name = name_for(path)
-            leaves.append(TensorLeaf(name, path, torch.from_numpy(np.ascontiguousarray(x))))
+            leaves.append(TensorLeaf(name, path, torch.from_numpy(np.ascontiguousarray(x).reshape(x.shape))))
             return {_TAG: "ndarray", "name": name}
         if np is not None and isinstance(x, np.generic):
-            if x.dtype.kind not in "biuf":
+            # safetensors_dtype also rules out e.g. longdouble, whose .item() is not a Python number.
+            if x.dtype.kind not in "biuf" or safetensors_dtype(x.dtype) is None:
                 raise UnsupportedLeafError(f"{path}: {_type_name(x)} is not a supported NumPy scalar")
             return {_TAG: "npscalar", "dtype": x.dtype.str, "value": enc(x.item(), path)}
         if isinstance(x, torch.dtype):
@@ -400,6 +401,8 @@ def build_safetensors_layout(
     entries = []
     offset = 0
     for name, dtype, shape in items:
+        if name in header:  # a second entry would silently replace the first and leave its bytes uncovered
+            raise FormatError(f"safetensors tensor name {name!r} is used twice or is reserved")
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         entries.append(TensorEntry(name, dtype, tuple(int(s) for s in shape), offset, offset + nbytes))
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
@@ -407,6 +410,11 @@ def build_safetensors_layout(
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return SafetensorsLayout(struct.pack("<Q", len(raw)) + raw, tuple(entries))
+
+
+def _is_uint(v: object) -> bool:
+    # JSON true/false parse as bool, an int subclass; the safetensors reader rejects them.
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def parse_safetensors_header(head: bytes | memoryview, file_size: int) -> tuple[dict[str, str], SafetensorsLayout]:
@@ -440,9 +448,9 @@ def parse_safetensors_header(head: bytes | memoryview, file_size: int) -> tuple[
             raise FormatError(f"safetensors entry {name!r} lacks dtype/shape/data_offsets") from None
         if dtype not in DTYPE_SIZES:
             raise FormatError(f"safetensors entry {name!r} has unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(_is_uint(s) for s in shape)):
             raise FormatError(f"safetensors entry {name!r} has invalid shape {shape!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+        if not (_is_uint(begin) and _is_uint(end) and begin <= end):
             raise FormatError(f"safetensors entry {name!r} has invalid data_offsets {[begin, end]!r}")
         if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
             raise FormatError(f"safetensors entry {name!r}: {end - begin} bytes do not match shape {shape} {dtype}")
@@ -500,6 +508,8 @@ def parse_model_index(data: bytes) -> tuple[dict[str, str], list[list[str]]]:
         raise FormatError(f"{MODEL_INDEX_NAME} is not a valid index ({e})") from None
     if not isinstance(weight_map, dict) or not all(is_valid_filename(f) for f in weight_map.values()):
         raise FormatError(f"{MODEL_INDEX_NAME}: weight_map must map tensor names to shard files of this checkpoint")
+    if not (isinstance(tied, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in tied)):
+        raise FormatError(f"{MODEL_INDEX_NAME}: metadata.tied_weights must be a list of lists of tensor names")
     return weight_map, [list(g) for g in tied]
 
 
@@ -613,6 +623,8 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     if not isinstance(manifest.step, int) or not isinstance(manifest.world_size, int):
         raise FormatError(f"{where}: step and world_size must be integers")
     for comp in manifest.components.values():
+        if not isinstance(comp.files, list) or not all(isinstance(f, str) for f in comp.files):
+            raise FormatError(f"{where}: component {comp.key!r}: 'files' must be a list of file names")
         for f in comp.files:
             if f not in manifest.files:
                 raise FormatError(f"{where}: component {comp.key!r} lists {f!r}, which has no file record")
@@ -736,9 +748,7 @@ def read_verified(
         if hasher is not None:
             got = format_checksum(hasher)
             if got != record.checksum:
-                raise FormatError(
-                    f"{path}: checksum mismatch (manifest {_short(record.checksum)}, file {_short(got)})"
-                )
+                raise FormatError(f"{path}: checksum mismatch (manifest {_short(record.checksum)}, file {_short(got)})")
         return buf
     finally:
         os.close(fd)
@@ -760,6 +770,9 @@ def verify_checkpoint(
     except FormatError as e:
         result.problems.append(str(e))
         return result
+    except OSError as e:
+        result.problems.append(f"{path / MANIFEST_NAME}: cannot be read ({e.strerror or e})")
+        return result
     for rel, record in manifest.files.items():
         fpath = path / rel
         try:
@@ -774,6 +787,9 @@ def verify_checkpoint(
             continue
         except FormatError as e:
             result.problems.append(str(e))
+            continue
+        except OSError as e:  # e.g. a directory or an unreadable file where the manifest lists a file
+            result.problems.append(f"{fpath}: cannot be read ({e.strerror or e})")
             continue
         result.files_checked += 1
         result.bytes_checked += record.size

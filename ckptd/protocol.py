@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import enum
 import math
+import os
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -143,7 +145,8 @@ def unpack(frame: bytes) -> tuple[MsgType, int, dict[str, Any]]:
     if len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
-        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_buffer_size=MAX_MESSAGE_BYTES)
+        # unpackb bounds every str/bin/array/map length by len(frame), already capped above.
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated exception types on garbage
         raise ProtocolError(f"not a msgpack message ({type(e).__name__}: {e})") from None
     if not isinstance(msg, dict):
@@ -379,3 +382,52 @@ def parse_reason(body: dict[str, Any]) -> str:
 
 def parse_pid(body: dict[str, Any]) -> int:
     return _int(body, "pid", 1, 1 << 31)
+
+
+# ------------------------------------------------------------------------------------------- endpoints
+
+ENDPOINT_ENV = "CKPTD_ENDPOINT"
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+MAX_IPC_PATH = 107
+
+
+def runtime_dir() -> str:
+    """Directory for the node daemon's socket: short (IPC path limit) and private to this user."""
+    return f"/tmp/ckptd-{os.getuid()}"
+
+
+def default_endpoint() -> str:
+    return f"ipc://{runtime_dir()}/ckptd.sock"
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    """The endpoint to use: the argument, else $CKPTD_ENDPOINT, else the node default."""
+    ep = endpoint or os.environ.get(ENDPOINT_ENV) or default_endpoint()
+    path = ipc_path(ep)
+    if path is not None:
+        if not path.startswith("/"):
+            raise ProtocolError(f"IPC endpoint {ep!r} must use an absolute path (ipc:///dir/name.sock)")
+        if len(path.encode()) > MAX_IPC_PATH:
+            raise ProtocolError(
+                f"IPC endpoint path {path!r} is {len(path.encode())} bytes; Unix sockets allow at most "
+                f"{MAX_IPC_PATH}; use a short directory such as {runtime_dir()}"
+            )
+    elif not ep.startswith("tcp://"):
+        raise ProtocolError(f"endpoint {ep!r} must start with ipc:// or tcp://")
+    return ep
+
+
+def ipc_path(endpoint: str) -> str | None:
+    return endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create the socket directory 0700, refusing one that another user owns or can open."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} must be a directory owned by uid {os.getuid()}; remove it or pick another endpoint"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)

@@ -1,0 +1,3 @@
+"""ckptd: the node-side checkpoint daemon and the on-disk format shared with the client."""
+
+__version__ = "0.1.0"

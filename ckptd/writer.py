@@ -1,0 +1,186 @@
+"""The daemon's write path: map a rank's staging segment and turn byte ranges of it into durable files.
+
+Each file of a part is written as one contiguous range of the segment (the client laid the safetensors
+header and data out back to back), hashed chunk by chunk while the bytes are still in cache, and fsynced.
+Nothing here decides *which* files a checkpoint has or *when* it commits: that is transactions.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd import format as fmt
+from ckptd.protocol import FileSpec
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+# Small enough that a chunk is still in cache when it is written after being hashed.
+WRITE_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass
+class Segment:
+    """A read-only mapping of a rank's staging slab, cached by the daemon across saves."""
+
+    name: str
+    inode: int
+    size: int
+    mm: mmap.mmap
+    owner_pid: int
+    last_used: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            # A writer thread still holds a view; the mapping is released when the view goes.
+            logger.debug("segment %s still referenced at close", self.name)
+
+
+def open_segment(name: str, min_size: int, owner_pid: int) -> Segment:
+    """Map ``/dev/shm/<name>`` read-only; the mapping stays valid even if the trainer dies and unlinks it."""
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise OSError(
+            errno.ENOENT, f"shared-memory segment {path} does not exist; the trainer may have exited"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise PermissionError(f"shared-memory segment {path} belongs to uid {st.st_uid}, not this daemon's user")
+        if st.st_size < min_size:
+            raise ValueError(f"shared-memory segment {path} holds {st.st_size} bytes, the request names {min_size}")
+        if st.st_size == 0:
+            raise ValueError(f"shared-memory segment {path} is empty")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, st.st_size, flags=flags, prot=mmap.PROT_READ)
+        return Segment(name, st.st_ino, st.st_size, mm, owner_pid)
+    finally:
+        os.close(fd)
+
+
+def segment_is_current(seg: Segment) -> bool:
+    try:
+        st = os.stat(os.path.join(SHM_DIR, seg.name))
+    except FileNotFoundError:
+        return False
+    return st.st_ino == seg.inode and st.st_size == seg.size
+
+
+def unlink_segment(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def validate_file_bytes(seg: Segment, spec: FileSpec) -> None:
+    """Check that the range holds what its name promises before any byte reaches the disk."""
+    view = memoryview(seg.mm)[spec.offset : spec.offset + spec.length]
+    try:
+        if spec.kind == "index":
+            fmt.parse_model_index(bytes(view))
+        else:
+            if spec.length < 8:
+                raise fmt.FormatError(f"{spec.path}: {spec.length} bytes cannot hold a safetensors header")
+            n = int.from_bytes(view[:8], "little")
+            fmt.parse_safetensors_header(view[: min(spec.length, 8 + min(n, fmt.MAX_HEADER_BYTES))], spec.length)
+    finally:
+        view.release()
+
+
+@dataclass
+class OpenFile:
+    path: Path
+    fd: int
+    size: int
+    checksum: str
+
+
+def write_range(seg: Segment, spec: FileSpec, directory: Path) -> OpenFile:
+    """Write one file's range into ``directory`` (must not exist yet); returns it still open for fsync."""
+    path = directory / spec.path
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    hasher = fmt.new_hasher()
+    view = memoryview(seg.mm)
+    try:
+        end = spec.offset + spec.length
+        pos = spec.offset
+        while pos < end:
+            chunk = view[pos : min(end, pos + WRITE_CHUNK)]
+            hasher.update(chunk)
+            done = 0
+            while done < len(chunk):
+                done += os.write(fd, chunk[done:])
+            chunk.release()
+            pos += done
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        view.release()
+    return OpenFile(path, fd, spec.length, fmt.format_checksum(hasher))
+
+
+def fsync_and_close(f: OpenFile) -> None:
+    try:
+        os.fsync(f.fd)
+    finally:
+        os.close(f.fd)
+
+
+def write_small_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` and fsync it (the manifest)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def rename_exchange(a: Path, b: Path) -> None:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is unavailable (glibc < 2.28); cannot replace a checkpoint atomically")
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")

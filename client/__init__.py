@@ -1,0 +1,25 @@
+"""ckptd's rank side: declare state components, save asynchronously, resume bit-exactly."""
+
+from ckptd.format import VerifyResult, find_latest_checkpoint, list_checkpoints, verify_checkpoint
+from client.client import CheckpointClient, SaveHandle
+from client.components import (
+    CheckpointError,
+    RNGState,
+    SharingPattern,
+    StateComponent,
+    ValidationLevel,
+)
+
+__all__ = [
+    "CheckpointClient",
+    "CheckpointError",
+    "RNGState",
+    "SaveHandle",
+    "SharingPattern",
+    "StateComponent",
+    "ValidationLevel",
+    "VerifyResult",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "verify_checkpoint",
+]

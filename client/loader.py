@@ -1,0 +1,205 @@
+"""Loading: find the checkpoint to resume from, read and verify this rank's share, then apply it.
+
+Reading happens in full before anything is applied, so a checkpoint that fails verification never
+leaves the trainer half-restored; every rank then agrees (one all_gather) on whether the candidate is
+usable, so no two ranks resume from different checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptd import format as fmt
+from client.components import CheckpointError, SharingPattern
+from client.planning import ComponentPlan, Topology
+
+logger = logging.getLogger(__name__)
+
+
+class VerificationFailed(CheckpointError):
+    """The candidate checkpoint is damaged (missing/short/corrupt file, bad manifest): try an older one."""
+
+
+@dataclass
+class ReadResult:
+    states: dict[str, Any]  # component key -> state to pass to load_state_dict
+    skipped: list[str]  # optional components not restored, with the reason
+    bytes_read: int
+
+
+def tensors_from_buffer(buf: bytearray, layout: fmt.SafetensorsLayout) -> dict[str, torch.Tensor]:
+    base = len(layout.header)
+    out = {}
+    for e in layout.entries:
+        dtype = fmt.torch_dtype(e.dtype)
+        n = (e.end - e.begin) // max(1, fmt.DTYPE_SIZES[e.dtype])
+        if n == 0:
+            out[e.name] = torch.empty(e.shape, dtype=dtype)
+        else:
+            out[e.name] = torch.frombuffer(buf, dtype=dtype, count=n, offset=base + e.begin).view(e.shape)
+    return out
+
+
+def read_safetensors(
+    path: Path, record: fmt.FileRecord, verify: bool
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    buf = read_file(path, record, verify)
+    try:
+        meta, layout = fmt.parse_safetensors_header(memoryview(buf), len(buf))
+    except fmt.FormatError as e:
+        raise VerificationFailed(f"{path}: {e}") from None
+    return meta, tensors_from_buffer(buf, layout)
+
+
+def read_file(path: Path, record: fmt.FileRecord, verify: bool) -> bytearray:
+    try:
+        return fmt.read_verified(path, record, verify_checksum=verify)
+    except fmt.FormatError as e:
+        raise VerificationFailed(str(e)) from None
+    except OSError as e:
+        raise VerificationFailed(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _record(ckpt: Path, manifest: fmt.Manifest, name: str) -> fmt.FileRecord:
+    rec = manifest.files.get(name)
+    if rec is None:
+        raise VerificationFailed(f"{ckpt / name}: not listed in {fmt.MANIFEST_NAME}; the checkpoint is incomplete")
+    return rec
+
+
+def topology_mismatch(
+    p: ComponentPlan, comp: fmt.ComponentRecord, manifest: fmt.Manifest, topo: Topology
+) -> str | None:
+    """Why this rank cannot read its share of ``comp`` at the running topology, or None if it can."""
+    pattern = p.pattern
+    if pattern == SharingPattern.PER_RANK and manifest.world_size != topo.world_size:
+        return (
+            f"component {p.key!r} is PER_RANK and was saved by {manifest.world_size} ranks, "
+            f"but {topo.world_size} are running"
+        )
+    if pattern == SharingPattern.PER_GROUP:
+        saved = [list(m) for m in (comp.group_instances or [])]
+        running = [list(m) for m in topo.groups.get(p.component.process_group_name or "", ((0,),))]
+        if saved != running:
+            return (
+                f"component {p.key!r} is PER_GROUP over {comp.group_name!r}; saved instances {saved}, "
+                f"running instances {running}"
+            )
+    if pattern == SharingPattern.PER_NODE:
+        saved_nodes = manifest.topology.get("nnodes")
+        if saved_nodes != topo.nnodes:
+            return f"component {p.key!r} is PER_NODE and was saved on {saved_nodes} node(s), {topo.nnodes} running"
+    if comp.sharing_pattern != pattern.value:
+        return f"component {p.key!r} was saved as {comp.sharing_pattern}, is declared {pattern.value} now"
+    return None
+
+
+def read_component(ckpt: Path, manifest: fmt.Manifest, p: ComponentPlan, verify: bool) -> tuple[Any, int]:
+    comp = manifest.components[p.key]
+    if p.is_model_index and p.filename in comp.files:
+        index_rec = _record(ckpt, manifest, p.filename)
+        index = read_file(ckpt / p.filename, index_rec, verify)
+        try:
+            weight_map, tied = fmt.parse_model_index(bytes(index))
+        except fmt.FormatError as e:
+            raise VerificationFailed(f"{ckpt / p.filename}: {e}") from None
+        state: dict[str, torch.Tensor] = {}
+        nbytes = index_rec.size
+        for shard in sorted(set(weight_map.values())):
+            rec = _record(ckpt, manifest, shard)
+            _, tensors = read_safetensors(ckpt / shard, rec, verify)
+            nbytes += rec.size
+            state.update(tensors)
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise VerificationFailed(f"{ckpt / p.filename}: weight_map names tensors no shard holds: {missing[:5]}")
+        for group in tied:
+            for alias in group[1:]:
+                state[alias] = state[group[0]]
+        # Keep the order of the index (the order the model returned its state_dict in).
+        ordered = {name: state[name] for name in _index_order(weight_map, tied)}
+        return ordered, nbytes
+    name = p.filename if not p.is_model_index else fmt.component_filename(p.key, p.pattern.value)
+    rec = _record(ckpt, manifest, name)
+    meta, tensors = read_safetensors(ckpt / name, rec, verify)
+    tree_json = meta.get(fmt.TREE_METADATA_KEY)
+    if tree_json is None:
+        raise VerificationFailed(f"{ckpt / name}: header metadata lacks {fmt.TREE_METADATA_KEY!r}")
+    try:
+        import json
+
+        state = fmt.unflatten_state(json.loads(tree_json), tensors)
+    except (ValueError, fmt.FormatError) as e:
+        raise VerificationFailed(f"{ckpt / name}: cannot rebuild the state tree ({e})") from None
+    return state, rec.size
+
+
+def _index_order(weight_map: dict[str, str], tied: list[list[str]]) -> list[str]:
+    names = list(weight_map)
+    for group in tied:
+        for alias in group[1:]:
+            if alias not in weight_map:
+                names.append(alias)
+    return names
+
+
+def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: bool, verify: bool) -> ReadResult:
+    """Read (and verify) everything this rank needs from ``ckpt``; applies nothing.
+
+    Raises VerificationFailed when the checkpoint is damaged (the caller may fall back to an older one),
+    CheckpointError when it cannot serve this job (missing required component, topology mismatch).
+    """
+    try:
+        manifest = fmt.read_manifest(ckpt)
+    except fmt.FormatError as e:
+        raise VerificationFailed(str(e)) from None
+    states: dict[str, Any] = {}
+    skipped: list[str] = []
+    total = 0
+    for p in plans:
+        comp = manifest.components.get(p.key)
+        required = p.component.required and strict
+        if comp is None:
+            msg = f"{ckpt}: component {p.key!r} is not in this checkpoint (expected {p.filename})"
+            if required:
+                raise CheckpointError(
+                    msg + "; resume from a checkpoint that has it, mark it required=False, or load with strict=False"
+                )
+            logger.warning("%s; %s is not restored", msg, p.key)
+            skipped.append(p.key)
+            continue
+        why = topology_mismatch(p, comp, manifest, topo)
+        if why is not None:
+            msg = f"{ckpt}: {why}"
+            if required:
+                raise CheckpointError(
+                    msg + "; resume with the topology it was saved with, or mark the component required=False"
+                )
+            logger.warning("%s; optional component %s is not restored", msg, p.key)
+            skipped.append(p.key)
+            continue
+        state, nbytes = read_component(ckpt, manifest, p, verify)
+        states[p.key] = state
+        total += nbytes
+    return ReadResult(states, skipped, total)
+
+
+def candidates(output_dir: Path, checkpoint: str | os.PathLike) -> tuple[list[Path], bool]:
+    """Checkpoints to try, newest first, and whether falling back to older ones is allowed."""
+    if isinstance(checkpoint, str) and checkpoint == "latest":
+        found, broken = fmt.scan_checkpoints(output_dir)
+        for b in broken:
+            logger.warning("%s is not a usable checkpoint (manifest missing or unreadable); skipped", b)
+        return [c.path for c in reversed(found)], True
+    path = Path(checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = fmt.checkpoints_root(output_dir) / path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory; pass 'latest', None, or a checkpoint path")
+    return [path], False

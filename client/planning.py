@@ -1,0 +1,209 @@
+"""Who writes what, and who reads what: a pure function of the topology, identical on every rank.
+
+| pattern         | written by                              | file per       | read by                    |
+| GLOBAL          | global rank 0                           | checkpoint     | every rank                 |
+| REPLICATED      | global rank 0                           | checkpoint     | every rank                 |
+| PER_RANK        | every rank                              | rank           | its rank                   |
+| PER_GROUP(name) | lowest global rank of each instance     | group instance | members of that instance   |
+| PER_NODE        | local rank 0 of each node               | node           | ranks of that node         |
+
+``discover_topology`` is the only part that talks to other ranks (once, at client construction);
+``plan`` never does, so no rank can disagree about the plan and nothing in the save path hangs on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptd import format as fmt
+from ckptd.protocol import ComponentSpec
+from client.components import CheckpointError, SharingPattern, StateComponent
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    node_of: tuple[int, ...]  # node index of every global rank (nodes numbered by their lowest rank)
+    groups: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)  # name -> instances
+
+    @property
+    def node(self) -> int:
+        return self.node_of[self.rank]
+
+    @property
+    def nnodes(self) -> int:
+        return max(self.node_of) + 1
+
+    def node_ranks(self, node: int) -> list[int]:
+        return [r for r, n in enumerate(self.node_of) if n == node]
+
+    @property
+    def local_rank(self) -> int:
+        return self.node_ranks(self.node).index(self.rank)
+
+    def node_leader(self, node: int) -> int:
+        return self.node_ranks(node)[0]
+
+    def instance_of(self, group: str, rank: int) -> int:
+        for i, members in enumerate(self.groups[group]):
+            if rank in members:
+                return i
+        raise CheckpointError(f"rank {rank} belongs to no instance of process group {group!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "nnodes": self.nnodes,
+            "node_of_rank": list(self.node_of),
+            "groups": {k: [list(m) for m in v] for k, v in self.groups.items()},
+        }
+
+
+def single_process_topology() -> Topology:
+    return Topology(rank=0, world_size=1, node_of=(0,))
+
+
+def _group_ranks(group: Any) -> list[int]:
+    import torch.distributed as dist
+
+    if hasattr(group, "get_group") and hasattr(group, "mesh"):  # a 1-D DeviceMesh (or a mesh dim)
+        group = group.get_group()
+    return sorted(dist.get_process_group_ranks(group))
+
+
+def discover_topology(process_groups: dict[str, Any] | None, gloo_group: Any) -> Topology:
+    """Collect node membership and every instance of every named group (one all_gather, at start-up)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_groups:
+            raise CheckpointError("process_groups were given but torch.distributed is not initialized")
+        return single_process_topology()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    host = os.environ.get("CKPTD_NODE_ID") or socket.gethostname()
+    mine = {name: _group_ranks(g) for name, g in (process_groups or {}).items()}
+    for name in mine:
+        if not fmt.is_valid_key(name):
+            raise CheckpointError(f"process group name {name!r} is invalid; expected {fmt.KEY_PATTERN}")
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (host, mine), group=gloo_group)
+    hosts: list[str] = []
+    node_of = []
+    for h, _ in gathered:
+        if h not in hosts:
+            hosts.append(h)
+        node_of.append(hosts.index(h))
+    groups: dict[str, tuple[tuple[int, ...], ...]] = {}
+    names = set(mine)
+    for r, (_, theirs) in enumerate(gathered):
+        if set(theirs) != names:
+            raise CheckpointError(
+                f"rank {r} declared process groups {sorted(theirs)}, rank {rank} declared {sorted(names)}; "
+                "every rank must pass the same group names"
+            )
+    for name in sorted(names):
+        instances = sorted({tuple(theirs[name]) for _, theirs in gathered}, key=lambda m: m[0])
+        seen: set[int] = set()
+        for members in instances:
+            if seen & set(members):
+                raise CheckpointError(f"process group {name!r}: instances overlap ({instances}); expected a partition")
+            seen |= set(members)
+        if seen != set(range(world)):
+            raise CheckpointError(f"process group {name!r} does not cover every rank: instances {instances}")
+        groups[name] = tuple(instances)
+    return Topology(rank=rank, world_size=world, node_of=tuple(node_of), groups=groups)
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    component: StateComponent
+    writers: tuple[int, ...]  # global ranks that write a file of this component
+    writes: bool  # this rank writes one
+    filename: str  # this rank's file to write (if writes) or to read (for the model: the index)
+    rank: int | None = None
+    group_instance: int | None = None
+    node: int | None = None
+    is_model_index: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.component.key
+
+    @property
+    def pattern(self) -> SharingPattern:
+        return self.component.sharing_pattern  # type: ignore[return-value]
+
+
+def _instance_members(topo: Topology, comp: StateComponent) -> tuple[tuple[int, ...], ...]:
+    name = comp.process_group_name
+    if name not in topo.groups:
+        if topo.world_size == 1:
+            return ((0,),)
+        raise CheckpointError(
+            f"component {comp.key!r} is PER_GROUP over {name!r}, but no such process group was given; "
+            f"pass process_groups={{{name!r}: group}} (known: {sorted(topo.groups)})"
+        )
+    return topo.groups[name]
+
+
+def plan_component(comp: StateComponent, topo: Topology) -> ComponentPlan:
+    pattern = comp.sharing_pattern
+    key = comp.key
+    if pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
+        is_model = key == fmt.MODEL_KEY
+        name = fmt.MODEL_INDEX_NAME if is_model else fmt.component_filename(key, pattern.value)
+        return ComponentPlan(comp, (0,), topo.rank == 0, name, is_model_index=is_model)
+    if pattern == SharingPattern.PER_RANK:
+        name = fmt.component_filename(key, pattern.value, rank=topo.rank)
+        return ComponentPlan(comp, tuple(range(topo.world_size)), True, name, rank=topo.rank)
+    if pattern == SharingPattern.PER_GROUP:
+        instances = _instance_members(topo, comp)
+        group = comp.process_group_name
+        idx = next(i for i, m in enumerate(instances) if topo.rank in m)
+        name = fmt.component_filename(key, pattern.value, group=group, instance=idx)
+        writers = tuple(m[0] for m in instances)
+        return ComponentPlan(comp, writers, topo.rank == instances[idx][0], name, group_instance=idx)
+    if pattern == SharingPattern.PER_NODE:
+        node = topo.node
+        name = fmt.component_filename(key, pattern.value, node=node)
+        writers = tuple(topo.node_leader(n) for n in range(topo.nnodes))
+        return ComponentPlan(comp, writers, topo.rank == topo.node_leader(node), name, node=node)
+    raise CheckpointError(f"component {key!r}: unknown sharing pattern {pattern!r}")
+
+
+def plan(components: list[StateComponent], topo: Topology) -> list[ComponentPlan]:
+    keys = [c.key for c in components]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise CheckpointError(f"component keys must be unique; {dupes} appear more than once")
+    return [plan_component(c, topo) for c in components]
+
+
+def component_spec(p: ComponentPlan, topo: Topology) -> ComponentSpec:
+    """What the manifest records about a component (sent by rank 0 with the commit information)."""
+    comp = p.component
+    across: list[int] | None = None
+    instances: list[list[int]] | None = None
+    if p.pattern == SharingPattern.REPLICATED:
+        across = list(range(topo.world_size))
+    elif p.pattern == SharingPattern.PER_GROUP:
+        members = _instance_members(topo, comp)
+        instances = [list(m) for m in members]
+        across = None
+    return ComponentSpec(
+        key=comp.key,
+        sharing_pattern=p.pattern.value,
+        ranks=list(p.writers),
+        replicated_across=across,
+        group_name=comp.process_group_name if p.pattern == SharingPattern.PER_GROUP else None,
+        group_instances=instances,
+        required=comp.required,
+        metadata=dict(comp.metadata),
+    )

@@ -1,0 +1,320 @@
+"""Staging: copy this rank's share of the state into its shared-memory slab, laid out as the final files.
+
+The slab is one ``/dev/shm`` segment per rank, allocated once, registered as pinned memory when CUDA is
+present, and reused by every save; it grows only when the state does. Each file occupies one contiguous
+range of it: the safetensors header followed by the tensors back to back in file order, so the daemon
+writes ``header + data`` as a single range without re-serialising or copying again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckptd import format as fmt
+from ckptd.protocol import SEGMENT_PREFIX, FileSpec
+from client.components import CheckpointError, ValidationLevel
+from client.planning import ComponentPlan
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+REGION_ALIGN = 4096  # each file starts on a page boundary of the slab
+GROWTH = 1.125  # headroom when a slab grows, so small state changes do not reallocate every save
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the slab at allocation, not in the first copy
+
+
+# ------------------------------------------------------------------------------------------------ slab
+
+
+@dataclass
+class Slab:
+    name: str
+    size: int
+    mm: mmap.mmap
+    tensor: torch.Tensor  # uint8 view of the whole mapping
+    pinned: bool = False
+    busy_txn: str | None = None  # the transaction whose bytes the daemon may still be reading
+    busy_since: float = 0.0
+
+
+def create_slab(size: int, rank: int) -> Slab:
+    """Create, map and (with CUDA) pin a new segment of at least ``size`` bytes."""
+    size = max(REGION_ALIGN, _round_up(size, 2 * 1024 * 1024))
+    name = f"{SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-r{rank}-{secrets.token_hex(4)}"
+    path = os.path.join(SHM_DIR, name)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)  # fail now on a full /dev/shm, not with SIGBUS mid-copy
+        except OSError as e:
+            os.unlink(path)
+            raise CheckpointError(
+                f"cannot allocate a {size}-byte staging slab in {SHM_DIR} ({e.strerror}); "
+                "free shared memory or enlarge /dev/shm (e.g. docker --shm-size)"
+            ) from None
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError):
+        pass
+    tensor = torch.frombuffer(mm, dtype=torch.uint8)
+    slab = Slab(name, size, mm, tensor)
+    if torch.cuda.is_available():
+        rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), size, 0)
+        slab.pinned = int(rc) == 0 if not hasattr(rc, "value") else rc.value == 0
+        if not slab.pinned:
+            logger.warning("cudaHostRegister of the %d-byte slab failed (%s); copies will be pageable", size, rc)
+    logger.info(
+        "staging slab %s: %.1f MiB%s in %.3f s",
+        name,
+        size / 2**20,
+        " pinned" if slab.pinned else "",
+        time.perf_counter() - t0,
+    )
+    return slab
+
+
+def destroy_slab(slab: Slab) -> None:
+    """Unpin, unmap and unlink. A daemon that still maps the segment keeps its own mapping."""
+    if slab.pinned:
+        torch.cuda.cudart().cudaHostUnregister(slab.tensor.data_ptr())
+        slab.pinned = False
+    del slab.tensor
+    try:
+        slab.mm.close()
+    except BufferError:
+        logger.debug("slab %s still has views; unmapped when they go", slab.name)
+    try:
+        os.unlink(os.path.join(SHM_DIR, slab.name))
+    except FileNotFoundError:
+        pass
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+# -------------------------------------------------------------------------------------------- file images
+
+
+@dataclass
+class Copy:
+    src: torch.Tensor
+    begin: int  # absolute offset in the slab
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class FileImage:
+    """One file as it will sit in the slab: its header (or raw bytes) and the tensor copies after it."""
+
+    path: str
+    component: str
+    kind: str
+    head: bytes  # safetensors header (8-byte length + JSON), or the whole index file
+    copies: list[Copy]
+    size: int
+    rank: int | None = None
+    group_instance: int | None = None
+    node: int | None = None
+    offset: int = 0  # in the slab, assigned by layout()
+
+    def spec(self) -> FileSpec:
+        return FileSpec(
+            path=self.path,
+            offset=self.offset,
+            length=self.size,
+            component=self.component,
+            kind=self.kind,
+            rank=self.rank,
+            group_instance=self.group_instance,
+            node=self.node,
+        )
+
+
+def _image(path: str, p: ComponentPlan, leaves: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> FileImage:
+    items = [(name, fmt.safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in leaves]
+    order = fmt.alignment_order(items)  # type: ignore[arg-type]
+    layout = fmt.build_safetensors_layout([items[i] for i in order], metadata)  # type: ignore[misc]
+    copies = []
+    for entry, i in zip(layout.entries, order, strict=True):
+        t = leaves[i][1]
+        copies.append(Copy(t, len(layout.header) + entry.begin, t.dtype, entry.shape, entry.end - entry.begin))
+    return FileImage(
+        path=path,
+        component=p.key,
+        kind="safetensors",
+        head=layout.header,
+        copies=copies,
+        size=layout.file_size,
+        rank=p.rank,
+        group_instance=p.group_instance,
+        node=p.node,
+    )
+
+
+def is_flat_tensor_dict(state: Any) -> bool:
+    return isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+
+
+def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def model_images(p: ComponentPlan, state: dict[str, torch.Tensor], max_shard_size: int) -> list[FileImage]:
+    """The model as Hugging Face shards plus index; tensors that share memory (tied weights) stored once."""
+    stored: list[tuple[str, torch.Tensor]] = []
+    primary: dict[tuple[Any, ...], str] = {}
+    tied: dict[str, list[str]] = {}
+    for name, t in state.items():
+        if fmt.safetensors_dtype(t.dtype) is None or t.layout != torch.strided:
+            raise fmt.UnsupportedLeafError(f"model.{name}: tensor {t.dtype}/{t.layout} cannot be stored in safetensors")
+        k = _tie_key(t)
+        if t.numel() > 0 and k in primary:
+            tied.setdefault(primary[k], [primary[k]]).append(name)
+            continue
+        primary[k] = name
+        stored.append((name, t))
+    sizes = [t.numel() * t.element_size() for _, t in stored]
+    shards = fmt.plan_model_shards(sizes, max_shard_size)
+    images = []
+    weight_map: dict[str, str] = {}
+    for si, idx in enumerate(shards):
+        fname = fmt.model_shard_filename(si, len(shards))
+        leaves = [stored[i] for i in idx]
+        for name, _ in leaves:
+            weight_map[name] = fname
+        images.append(_image(fname, p, leaves, {}))
+    index = fmt.build_model_index(weight_map, sum(sizes), list(tied.values()))
+    images.append(FileImage(fmt.MODEL_INDEX_NAME, p.key, "index", index, [], len(index)))
+    return images
+
+
+def component_images(p: ComponentPlan, state: Any, max_shard_size: int) -> list[FileImage]:
+    """The files of one component this rank writes. Raises UnsupportedLeafError naming a bad leaf."""
+    if p.is_model_index and is_flat_tensor_dict(state):
+        return model_images(p, state, max_shard_size)
+    if p.is_model_index:
+        raise fmt.UnsupportedLeafError(
+            "model: the 'model' component must return a flat {name: tensor} state_dict to be written as "
+            "Hugging Face shards; use another key for nested state"
+        )
+    tree, leaves = fmt.flatten_state(state, p.key)
+    meta = {fmt.TREE_METADATA_KEY: json.dumps(tree, separators=(",", ":"), allow_nan=False)}
+    return [_image(p.filename, p, [(leaf.name, leaf.tensor) for leaf in leaves], meta)]
+
+
+def layout(images: list[FileImage]) -> int:
+    """Assign each file its slab offset; returns the bytes needed."""
+    offset = 0
+    for img in images:
+        img.offset = offset
+        offset = _round_up(offset + img.size, REGION_ALIGN)
+    return offset
+
+
+# ----------------------------------------------------------------------------------------------- copying
+
+
+@dataclass
+class CopyStats:
+    bytes: int = 0
+    tensors: int = 0
+    cuda_bytes: int = 0
+    streams: dict[int, Any] = field(default_factory=dict)
+
+
+def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any]) -> CopyStats:
+    """One copy per byte: headers, then every tensor into its place. CUDA tensors go device-to-host on a
+    side stream (non-blocking into pinned memory) that is synchronised before this returns."""
+    stats = CopyStats()
+    mv = memoryview(slab.mm)
+    try:
+        for img in images:
+            mv[img.offset : img.offset + len(img.head)] = img.head
+    finally:
+        mv.release()
+    used: dict[int, Any] = {}
+    with torch.no_grad():
+        for img in images:
+            base = img.offset
+            for c in img.copies:
+                if c.nbytes == 0:
+                    continue
+                start = base + c.begin
+                dst = slab.tensor[start : start + c.nbytes].view(c.dtype).view(c.shape)
+                src = c.src
+                if src.is_conj():
+                    src = src.resolve_conj()
+                if src.is_neg():
+                    src = src.resolve_neg()
+                if src.device.type == "cuda":
+                    dev = src.device.index if src.device.index is not None else torch.cuda.current_device()
+                    stream = used.get(dev)
+                    if stream is None:
+                        stream = side_streams.get(dev)
+                        if stream is None:
+                            stream = side_streams[dev] = torch.cuda.Stream(device=dev)
+                        # The side stream must see every kernel that produced the state so far.
+                        stream.wait_stream(torch.cuda.current_stream(dev))
+                        used[dev] = stream
+                    with torch.cuda.stream(stream):
+                        dst.copy_(src, non_blocking=slab.pinned)
+                    stats.cuda_bytes += c.nbytes
+                else:
+                    dst.copy_(src)
+                stats.bytes += c.nbytes
+                stats.tensors += 1
+    for stream in used.values():
+        stream.synchronize()
+    return stats
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+
+def replication_digest(state: Any, key: str, level: ValidationLevel) -> str | None:
+    """A digest that is equal on two ranks iff their REPLICATED state agrees at ``level``."""
+    if level == ValidationLevel.NONE:
+        return None
+    tree, leaves = fmt.flatten_state(state, key)
+    h = fmt.new_hasher()
+    h.update(json.dumps(tree, sort_keys=True, allow_nan=False).encode())
+    for leaf in leaves:
+        t = leaf.tensor
+        h.update(f"{leaf.name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if level in (ValidationLevel.TENSOR, ValidationLevel.FULL) and t.numel() > 0:
+            raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            h.update(memoryview(raw.numpy()))
+    return fmt.format_checksum(h)
+
+
+def tensors_of(state: Any, key: str) -> list[torch.Tensor]:
+    return [leaf.tensor for leaf in fmt.flatten_state(state, key)[1]]
+
+
+def total_bytes(images: list[FileImage]) -> int:
+    return sum(img.size for img in images)
+
+
+def describe_size(n: int) -> str:
+    if n <= 0:
+        return "0 B"
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = min(len(units) - 1, int(math.log(n, 1024)))
+    return f"{n / 1024**i:.1f} {units[i]}"

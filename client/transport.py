@@ -1,0 +1,232 @@
+"""Transport: this rank's ZeroMQ link to its node daemon, and starting the embedded daemon.
+
+One DEALER socket per rank, used only under a lock (ZeroMQ sockets are not thread-safe). Requests carry
+an id and wait for the reply with that id; notifications (released / committed / aborted) that arrive
+meanwhile are queued for the client. A socket monitor reports a dropped connection at once, so a daemon
+killed mid-save is noticed in milliseconds rather than after a heartbeat timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from ckptd import protocol as proto
+from ckptd.protocol import MsgType
+from client.components import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+DAEMON_START_TIMEOUT_S = 60.0
+EMBEDDED_IDLE_EXIT_S = 10.0
+
+
+class DaemonUnavailable(CheckpointError):
+    pass
+
+
+@dataclass
+class Event:
+    type: MsgType
+    body: dict[str, Any]
+
+
+@dataclass
+class DaemonLink:
+    endpoint: str
+    ctx: zmq.Context = field(default_factory=zmq.Context)
+    sock: zmq.Socket | None = None
+    monitor: zmq.Socket | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    events: deque[Event] = field(default_factory=deque)
+    replies: dict[int, Event] = field(default_factory=dict)
+    connected: bool = False
+    generation: int = 0  # bumped on every lost connection: transactions sent before it are lost too
+    process: subprocess.Popen | None = None  # the embedded daemon this rank started, if any
+
+    def _open(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        self.connected = False
+
+    def reset(self) -> None:
+        """Drop the socket (and anything queued on it); the next request reconnects."""
+        with self.lock:
+            if self.sock is not None:
+                try:
+                    self.sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                self.sock.close(linger=0)
+                self.sock = None
+            if self.monitor is not None:
+                self.monitor.close(linger=0)
+                self.monitor = None
+            self.connected = False
+            self.replies.clear()
+
+    def close(self) -> None:
+        self.reset()
+        self.ctx.term()
+
+    # -- receiving ------------------------------------------------------------------------------------
+
+    def pump(self, timeout_s: float) -> None:
+        """Receive whatever arrives within ``timeout_s`` (replies and notifications, connection events)."""
+        with self.lock:
+            if self.sock is None:
+                self._open()
+            assert self.sock is not None and self.monitor is not None
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
+            deadline = time.monotonic() + max(0.0, timeout_s)
+            while True:
+                remaining = deadline - time.monotonic()
+                ready = dict(poller.poll(max(0, int(remaining * 1000))))
+                if self.monitor in ready:
+                    self._drain_monitor()
+                if self.sock in ready:
+                    while True:
+                        try:
+                            frame = self.sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._dispatch(frame)
+                if not ready or remaining <= 0 or self.events or self.replies:
+                    return
+
+    def _drain_monitor(self) -> None:
+        assert self.monitor is not None
+        while True:
+            try:
+                msg = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if msg["event"] == zmq.EVENT_CONNECTED:
+                self.connected = True
+            elif msg["event"] == zmq.EVENT_DISCONNECTED:
+                if self.connected:
+                    self.generation += 1
+                    logger.warning("lost the connection to ckptd at %s", self.endpoint)
+                self.connected = False
+
+    def _dispatch(self, frame: bytes) -> None:
+        try:
+            msg_type, req_id, body = proto.unpack(frame)
+        except proto.ProtocolError as e:
+            logger.error("ignoring a malformed message from ckptd: %s", e)
+            return
+        if req_id:
+            self.replies[req_id] = Event(msg_type, body)
+        else:
+            self.events.append(Event(msg_type, body))
+
+    def take_events(self) -> list[Event]:
+        with self.lock:
+            out = list(self.events)
+            self.events.clear()
+            return out
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def request(
+        self, msg_type: MsgType, timeout_s: float, *, stage: proto.StageRequest | None = None, **body: Any
+    ) -> Event:
+        """Send one request and wait for its reply; raises DaemonUnavailable on timeout."""
+        with self.lock:
+            if self.sock is None:
+                self._open()
+            assert self.sock is not None
+            req_id = next(self.ids)
+            data = proto.pack_stage(stage, req_id) if stage is not None else proto.pack(msg_type, req_id, **body)
+            self.sock.send(data)
+            deadline = time.monotonic() + timeout_s
+            while req_id not in self.replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DaemonUnavailable(
+                        f"ckptd at {self.endpoint} did not answer a {msg_type.value} request within {timeout_s:.0f} s"
+                    )
+                self.pump(min(remaining, 0.5))
+            reply = self.replies.pop(req_id)
+            if reply.type == MsgType.ERROR:
+                raise CheckpointError(f"ckptd rejected the {msg_type.value} request: {reply.body.get('message')}")
+            return reply
+
+    def ping(self, timeout_s: float) -> bool:
+        try:
+            self.request(MsgType.HELLO, timeout_s, pid=os.getpid(), version=proto.PROTOCOL_VERSION)
+            return True
+        except DaemonUnavailable:
+            self.reset()
+            return False
+
+    # -- the embedded daemon --------------------------------------------------------------------------
+
+    def embedded_alive(self) -> bool | None:
+        """None when this rank did not start the daemon; else whether that process still runs."""
+        if self.process is None:
+            return None
+        return self.process.poll() is None
+
+    def ensure_daemon(self, may_start: bool, timeout_s: float = DAEMON_START_TIMEOUT_S) -> None:
+        """Make sure a daemon answers at the endpoint; local rank 0 (``may_start``) starts one if not."""
+        if self.ping(1.0 if may_start else 2.0):
+            return
+        if may_start:
+            self.process = start_embedded_daemon(self.endpoint)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ping(1.0):
+                return
+            if self.process is not None and self.process.poll() not in (None, 2):
+                log = daemon_log_path(self.endpoint)
+                raise DaemonUnavailable(f"the embedded ckptd exited with code {self.process.returncode}; see {log}")
+        raise DaemonUnavailable(
+            f"no ckptd answers at {self.endpoint} after {timeout_s:.0f} s; start one with "
+            f"'ckptd serve --endpoint {self.endpoint}' or let local rank 0 start it "
+            f"(log: {daemon_log_path(self.endpoint)})"
+        )
+
+
+def daemon_log_path(endpoint: str) -> Path:
+    path = proto.ipc_path(endpoint)
+    if path is not None:
+        return Path(path + ".log")
+    return Path(proto.runtime_dir()) / "ckptd-tcp.log"
+
+
+def start_embedded_daemon(endpoint: str) -> subprocess.Popen:
+    """Start ``python -m ckptd serve`` in its own session so that it outlives this trainer."""
+    log = daemon_log_path(endpoint)
+    proto.ensure_private_dir(str(log.parent))
+    cmd = [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint, "--embedded"]
+    cmd += ["--idle-exit", str(EMBEDDED_IDLE_EXIT_S)]
+    logger.info("starting embedded ckptd: %s (log %s)", " ".join(cmd), log)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
