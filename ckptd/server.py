@@ -233,6 +233,8 @@ async def run_part(d: Daemon, txn: tx.Transaction, part: tx.Part) -> None:
 
 async def commit_txn(d: Daemon, txn: tx.Transaction) -> None:
     loop = asyncio.get_running_loop()
+    # Set before yielding to the loop, so a second part finishing now cannot start a second commit.
+    txn.state = TxnState.COMMITTING
     try:
         path = await loop.run_in_executor(d.commit_pool, tx.commit, txn)
     except Exception as e:
@@ -333,12 +335,16 @@ async def housekeeping(d: Daemon) -> bool:
         elif txn.state == TxnState.OPEN and now > txn.deadline and txn.commit_info is None:
             await abort_txn(d, txn, "no rank sent the commit information within the timeout")
     d.clients = {pid for pid in d.clients if writer.pid_alive(pid)}
+    in_use = {p.request.segment for t in d.txns.values() for p in t.parts.values()}
     for name, seg in list(d.segments.items()):
-        if not writer.pid_alive(seg.owner_pid) and not any(
-            name == p.request.segment for t in d.txns.values() for p in t.parts.values()
-        ):
+        if name in in_use:
+            continue
+        if not writer.pid_alive(seg.owner_pid):
             d.segments.pop(name).close()
             writer.unlink_segment(name)
+        elif not writer.segment_is_current(seg):
+            # The client closed or replaced (grew) its slab: drop our mapping so the memory is freed.
+            d.segments.pop(name).close()
     busy = bool(d.txns) or bool(d.tasks)
     if busy:
         d.last_activity = now

@@ -138,6 +138,8 @@ def join(txn: Transaction, req: StageRequest, identity: bytes) -> Part:
         txn.commit_info = req.commit
     part = Part(req.rank, identity, req)
     txn.parts[req.rank] = part
+    if set(txn.parts) == set(txn.expected_ranks):
+        txn.state = TxnState.WRITING
     txn.bytes_total += sum(f.length for f in req.files)
     return part
 

@@ -35,7 +35,6 @@ class SaveHandle:
     step: int
     txn: str
     client: CheckpointClient = field(repr=False)
-    generation: int = 0
     path: Path | None = None
     error: str | None = None
     staged_s: float = 0.0
@@ -283,6 +282,9 @@ class CheckpointClient:
             stats = staging.copy_into(slab, images, self._side_streams)
         except (fmt.FormatError, CheckpointError, OSError) as e:
             error = str(e)
+        except Exception as e:  # noqa: BLE001 - every rank must reach the collective, or the others hang
+            logger.exception("staging failed on rank %d", self.rank)
+            error = f"{type(e).__name__}: {e}"
         t_staged = time.perf_counter()
         txn = secrets.token_hex(8)
         # The one collective of the save path: every rank learns that every rank staged, agrees on the
@@ -297,7 +299,7 @@ class CheckpointClient:
         assert slab is not None
         slab.busy_txn = txn
         slab.busy_since = time.monotonic()
-        handle = SaveHandle(step=step, txn=txn, client=self, generation=self._link.generation)
+        handle = SaveHandle(step=step, txn=txn, client=self)
         self._inflight[txn] = handle
         req = self._stage_request(step, txn, slab, images, metadata)
         try:
