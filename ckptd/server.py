@@ -68,6 +68,7 @@ class Daemon:
     segments: dict[str, writer.Segment] = field(default_factory=dict)
     clients: set[int] = field(default_factory=set)
     swept: set[Path] = field(default_factory=set)
+    prepared: dict[str, asyncio.Future] = field(default_factory=dict)  # txn -> its temp dir exists
     stats: Stats = field(default_factory=Stats)
     last_activity: float = field(default_factory=time.monotonic)
     stopping: bool = False
@@ -125,6 +126,7 @@ def txn_state_body(d: Daemon, txn_id: str) -> dict[str, object]:
 async def finish(d: Daemon, txn: tx.Transaction) -> None:
     """Move a committed or aborted transaction out of the live set and tell its ranks."""
     d.txns.pop(txn.txn, None)
+    d.prepared.pop(txn.txn, None)
     d.finished[txn.txn] = txn
     while len(d.finished) > FINISHED_KEPT:
         d.finished.popitem(last=False)
@@ -189,12 +191,13 @@ async def handle_stage(d: Daemon, identity: bytes, req_id: int, body: dict) -> N
             old = d.finished[req.txn]
             raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}: {old.reason or ''}".rstrip(": "))
         txn = tx.open_transaction(req)
+        # Directory work (sweep, mkdir) runs off the loop and off the rank's stall: the rank only waits
+        # for validation; its part's writer waits for this future.
         loop = asyncio.get_running_loop()
-        if txn.output_dir not in d.swept:
-            live = set(d.txns)
-            await loop.run_in_executor(d.commit_pool, tx.sweep_stale, txn.output_dir, live)
-            d.swept.add(txn.output_dir)
-        await loop.run_in_executor(d.commit_pool, tx.prepare_temp_dir, txn)
+        sweep = txn.output_dir not in d.swept
+        d.swept.add(txn.output_dir)
+        live = set(d.txns) | {txn.txn}
+        d.prepared[txn.txn] = loop.run_in_executor(d.commit_pool, prepare, txn, sweep, live)
         d.txns[req.txn] = txn
         logger.info(
             "txn %s opened: step %d in %s, ranks %s", txn.txn, txn.step, txn.output_dir, sorted(txn.expected_ranks)
@@ -210,10 +213,17 @@ async def handle_stage(d: Daemon, identity: bytes, req_id: int, body: dict) -> N
     spawn(d, run_part(d, txn, part))
 
 
+def prepare(txn: tx.Transaction, sweep: bool, live: set[str]) -> None:
+    if sweep:
+        tx.sweep_stale(txn.output_dir, live)
+    tx.prepare_temp_dir(txn)
+
+
 async def run_part(d: Daemon, txn: tx.Transaction, part: tx.Part) -> None:
     loop = asyncio.get_running_loop()
     txn.pending_io += 1
     try:
+        await asyncio.shield(d.prepared[txn.txn])
         if part.segment is not None:
             await loop.run_in_executor(d.io_pool, tx.write_part, txn, part)
         else:

@@ -147,12 +147,8 @@ def join(txn: Transaction, req: StageRequest, identity: bytes) -> Part:
 def prepare_temp_dir(txn: Transaction) -> None:
     root = txn.root
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        txn.temp_dir.mkdir(mode=0o755)
-    except FileExistsError:
-        pass
-    else:
-        writer.fsync_dir(root)
+    # No fsync here: the temp dir only has to be durable once it is renamed, and commit fsyncs then.
+    txn.temp_dir.mkdir(mode=0o755, exist_ok=True)
 
 
 def write_part(txn: Transaction, part: Part) -> None:

@@ -62,8 +62,8 @@ def open_segment(name: str, min_size: int, owner_pid: int) -> Segment:
             raise ValueError(f"shared-memory segment {path} holds {st.st_size} bytes, the request names {min_size}")
         if st.st_size == 0:
             raise ValueError(f"shared-memory segment {path} is empty")
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(fd, st.st_size, flags=flags, prot=mmap.PROT_READ)
+        # No MAP_POPULATE: faulting the pages in belongs to the writer threads, not to the rank's stall.
+        mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         return Segment(name, st.st_ino, st.st_size, mm, owner_pid)
     finally:
         os.close(fd)
