@@ -232,6 +232,7 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
 
     leaves: list[TensorLeaf] = []
     used: set[str] = set()
+    storable = {getattr(torch, name) for name in _TORCH_TO_ST if hasattr(torch, name)}
 
     def name_for(path: str) -> str:
         name, n = path, 1
@@ -249,12 +250,12 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
         if isinstance(x, float) and type(x) is float:
             return x if math.isfinite(x) else {_TAG: "float", "repr": repr(x)}
         if isinstance(x, torch.Tensor):
-            if x.layout != torch.strided or x.is_quantized or x.device.type == "meta":
+            if x.layout != torch.strided or x.is_quantized or x.is_meta:
                 raise UnsupportedLeafError(
                     f"{path}: torch.Tensor with layout {x.layout} on {x.device} cannot be checkpointed; "
                     "expected a dense tensor; convert it (e.g. .to_dense()) in state_dict()"
                 )
-            if safetensors_dtype(x.dtype) is None:
+            if x.dtype not in storable:
                 raise UnsupportedLeafError(
                     f"{path}: tensor dtype {x.dtype} has no safetensors equivalent; "
                     "convert it in state_dict() (e.g. view complex as real)"
@@ -392,24 +393,50 @@ def alignment_order(items: Sequence[tuple[str, str, Sequence[int]]]) -> list[int
     return sorted(range(len(items)), key=lambda i: -DTYPE_SIZES[items[i][1]])
 
 
+@dataclass(frozen=True)
+class TensorTable:
+    """The part of a safetensors header that depends only on tensor names, dtypes and shapes.
+
+    Kept apart from the metadata so that a client saving the same structure every step can reuse it and
+    only re-encode the metadata (which holds changing values such as the learning rate).
+    """
+
+    entries: tuple[TensorEntry, ...]
+    json_fragment: str  # '"name":{"dtype":..,"shape":..,"data_offsets":..},...' without braces
+
+
+def tensor_table(items: Sequence[tuple[str, str, Sequence[int]]]) -> TensorTable:
+    """Data offsets for ``(name, dtype, shape)`` items, back to back in the order given."""
+    table: dict[str, Any] = {}
+    entries = []
+    offset = 0
+    for name, dtype, shape in items:
+        if name in table or name == "__metadata__":
+            # A second entry would silently replace the first and leave its bytes uncovered.
+            raise FormatError(f"safetensors tensor name {name!r} is used twice or is reserved")
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        entries.append(TensorEntry(name, dtype, tuple(int(s) for s in shape), offset, offset + nbytes))
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return TensorTable(tuple(entries), json.dumps(table, separators=(",", ":"))[1:-1])
+
+
+def encode_header(table: TensorTable, metadata: dict[str, str] | None = None, min_len: int = 0) -> SafetensorsLayout:
+    """The full header (8-byte length + JSON padded with spaces to a multiple of 8, and to at least
+    ``min_len`` bytes in all, so that a client can keep its data at a stable offset) for a table."""
+    meta = json.dumps({"__metadata__": {"format": "pt", **(metadata or {})}}, separators=(",", ":"))
+    text = meta[:-1] + ("," + table.json_fragment if table.json_fragment else "") + "}"
+    raw = text.encode("utf-8")
+    raw += b" " * max(-len(raw) % 8, min_len - 8 - len(raw))
+    raw += b" " * (-len(raw) % 8)
+    return SafetensorsLayout(struct.pack("<Q", len(raw)) + raw, table.entries)
+
+
 def build_safetensors_layout(
     items: Sequence[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
 ) -> SafetensorsLayout:
     """Header and data offsets for ``(name, dtype, shape)`` items, written in the order given."""
-    meta = {"format": "pt", **(metadata or {})}
-    header: dict[str, Any] = {"__metadata__": meta}
-    entries = []
-    offset = 0
-    for name, dtype, shape in items:
-        if name in header:  # a second entry would silently replace the first and leave its bytes uncovered
-            raise FormatError(f"safetensors tensor name {name!r} is used twice or is reserved")
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        entries.append(TensorEntry(name, dtype, tuple(int(s) for s in shape), offset, offset + nbytes))
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return SafetensorsLayout(struct.pack("<Q", len(raw)) + raw, tuple(entries))
+    return encode_header(tensor_table(items), metadata)
 
 
 def _is_uint(v: object) -> bool:

@@ -111,23 +111,33 @@ def _round_up(n: int, align: int) -> int:
 
 
 @dataclass
-class Copy:
-    src: torch.Tensor
-    begin: int  # absolute offset in the slab
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
+class CachedTable:
+    """What stays the same between saves of the same structure: the data order, the tensor table, the
+    header length reserved, and the destination views in the slab."""
+
+    signature: tuple[Any, ...]
+    order: list[int]
+    table: fmt.TensorTable
+    head_len: int = 0
+    views_key: tuple[str, int] | None = None
+    views: list[torch.Tensor | None] = field(default_factory=list)
+
+
+# file path -> its cached table; one per client, so steady-state saves skip layout work
+LayoutCache = dict[str, CachedTable]
+HEADER_SLACK = 256  # bytes reserved in the header so small metadata changes keep the data offset
 
 
 @dataclass
 class FileImage:
-    """One file as it will sit in the slab: its header (or raw bytes) and the tensor copies after it."""
+    """One file as it will sit in the slab: its header (or raw bytes) and the tensors after it."""
 
     path: str
     component: str
     kind: str
     head: bytes  # safetensors header (8-byte length + JSON), or the whole index file
-    copies: list[Copy]
+    srcs: list[torch.Tensor]  # in file data order
+    cached: CachedTable | None
     size: int
     rank: int | None = None
     group_instance: int | None = None
@@ -147,20 +157,31 @@ class FileImage:
         )
 
 
-def _image(path: str, p: ComponentPlan, leaves: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> FileImage:
-    items = [(name, fmt.safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in leaves]
-    order = fmt.alignment_order(items)  # type: ignore[arg-type]
-    layout = fmt.build_safetensors_layout([items[i] for i in order], metadata)  # type: ignore[misc]
-    copies = []
-    for entry, i in zip(layout.entries, order, strict=True):
-        t = leaves[i][1]
-        copies.append(Copy(t, len(layout.header) + entry.begin, t.dtype, entry.shape, entry.end - entry.begin))
+def _image(
+    path: str,
+    p: ComponentPlan,
+    leaves: list[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+    cache: LayoutCache,
+) -> FileImage:
+    signature = tuple((name, t.dtype, t.shape) for name, t in leaves)
+    ent = cache.get(path)
+    if ent is None or ent.signature != signature:
+        items = [(name, fmt.safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in leaves]
+        order = fmt.alignment_order(items)  # type: ignore[arg-type]
+        ent = CachedTable(signature, order, fmt.tensor_table([items[i] for i in order]))  # type: ignore[misc]
+        cache[path] = ent
+    layout = fmt.encode_header(ent.table, metadata, ent.head_len)
+    if len(layout.header) > ent.head_len:
+        ent.head_len = len(layout.header) + HEADER_SLACK
+        layout = fmt.encode_header(ent.table, metadata, ent.head_len)
     return FileImage(
         path=path,
         component=p.key,
         kind="safetensors",
         head=layout.header,
-        copies=copies,
+        srcs=[leaves[i][1] for i in ent.order],
+        cached=ent,
         size=layout.file_size,
         rank=p.rank,
         group_instance=p.group_instance,
@@ -176,7 +197,9 @@ def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def model_images(p: ComponentPlan, state: dict[str, torch.Tensor], max_shard_size: int) -> list[FileImage]:
+def model_images(
+    p: ComponentPlan, state: dict[str, torch.Tensor], max_shard_size: int, cache: LayoutCache
+) -> list[FileImage]:
     """The model as Hugging Face shards plus index; tensors that share memory (tied weights) stored once."""
     stored: list[tuple[str, torch.Tensor]] = []
     primary: dict[tuple[Any, ...], str] = {}
@@ -199,16 +222,16 @@ def model_images(p: ComponentPlan, state: dict[str, torch.Tensor], max_shard_siz
         leaves = [stored[i] for i in idx]
         for name, _ in leaves:
             weight_map[name] = fname
-        images.append(_image(fname, p, leaves, {}))
+        images.append(_image(fname, p, leaves, {}, cache))
     index = fmt.build_model_index(weight_map, sum(sizes), list(tied.values()))
-    images.append(FileImage(fmt.MODEL_INDEX_NAME, p.key, "index", index, [], len(index)))
+    images.append(FileImage(fmt.MODEL_INDEX_NAME, p.key, "index", index, [], None, len(index)))
     return images
 
 
-def component_images(p: ComponentPlan, state: Any, max_shard_size: int) -> list[FileImage]:
+def component_images(p: ComponentPlan, state: Any, max_shard_size: int, cache: LayoutCache) -> list[FileImage]:
     """The files of one component this rank writes. Raises UnsupportedLeafError naming a bad leaf."""
     if p.is_model_index and is_flat_tensor_dict(state):
-        return model_images(p, state, max_shard_size)
+        return model_images(p, state, max_shard_size, cache)
     if p.is_model_index:
         raise fmt.UnsupportedLeafError(
             "model: the 'model' component must return a flat {name: tensor} state_dict to be written as "
@@ -216,7 +239,7 @@ def component_images(p: ComponentPlan, state: Any, max_shard_size: int) -> list[
         )
     tree, leaves = fmt.flatten_state(state, p.key)
     meta = {fmt.TREE_METADATA_KEY: json.dumps(tree, separators=(",", ":"), allow_nan=False)}
-    return [_image(p.filename, p, [(leaf.name, leaf.tensor) for leaf in leaves], meta)]
+    return [_image(p.filename, p, [(leaf.name, leaf.tensor) for leaf in leaves], meta, cache)]
 
 
 def layout(images: list[FileImage]) -> int:
@@ -236,7 +259,24 @@ class CopyStats:
     bytes: int = 0
     tensors: int = 0
     cuda_bytes: int = 0
-    streams: dict[int, Any] = field(default_factory=dict)
+
+
+def _views(slab: Slab, img: FileImage) -> list[torch.Tensor | None]:
+    """Destination views of ``img``'s tensors in the slab, reused while the slab and offsets stay put."""
+    ent = img.cached
+    assert ent is not None
+    base = img.offset + len(img.head)
+    key = (slab.name, base)
+    if ent.views_key != key:
+        views: list[torch.Tensor | None] = []
+        for e in ent.table.entries:
+            if e.end == e.begin:
+                views.append(None)
+            else:
+                dtype = fmt.torch_dtype(e.dtype)
+                views.append(slab.tensor[base + e.begin : base + e.end].view(dtype).view(e.shape))
+        ent.views, ent.views_key = views, key
+    return ent.views
 
 
 def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any]) -> CopyStats:
@@ -249,40 +289,55 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
             mv[img.offset : img.offset + len(img.head)] = img.head
     finally:
         mv.release()
-    used: dict[int, Any] = {}
+    cpu_dst: list[torch.Tensor] = []
+    cpu_src: list[torch.Tensor] = []
+    cuda: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for img in images:
+        if img.cached is None:
+            continue
+        for dst, src in zip(_views(slab, img), img.srcs, strict=True):
+            if dst is None:
+                continue
+            if src.device.type == "cuda":
+                cuda.append((dst, src))
+            else:
+                cpu_dst.append(dst)
+                cpu_src.append(src)
+            stats.tensors += 1
     with torch.no_grad():
-        for img in images:
-            base = img.offset
-            for c in img.copies:
-                if c.nbytes == 0:
-                    continue
-                start = base + c.begin
-                dst = slab.tensor[start : start + c.nbytes].view(c.dtype).view(c.shape)
-                src = c.src
-                if src.is_conj():
-                    src = src.resolve_conj()
-                if src.is_neg():
-                    src = src.resolve_neg()
-                if src.device.type == "cuda":
-                    dev = src.device.index if src.device.index is not None else torch.cuda.current_device()
-                    stream = used.get(dev)
-                    if stream is None:
-                        stream = side_streams.get(dev)
-                        if stream is None:
-                            stream = side_streams[dev] = torch.cuda.Stream(device=dev)
-                        # The side stream must see every kernel that produced the state so far.
-                        stream.wait_stream(torch.cuda.current_stream(dev))
-                        used[dev] = stream
-                    with torch.cuda.stream(stream):
-                        dst.copy_(src, non_blocking=slab.pinned)
-                    stats.cuda_bytes += c.nbytes
-                else:
-                    dst.copy_(src)
-                stats.bytes += c.nbytes
-                stats.tensors += 1
-    for stream in used.values():
-        stream.synchronize()
+        used: dict[int, Any] = {}
+        for dst, src in cuda:
+            dev = src.device.index if src.device.index is not None else torch.cuda.current_device()
+            stream = used.get(dev)
+            if stream is None:
+                stream = side_streams.get(dev)
+                if stream is None:
+                    stream = side_streams[dev] = torch.cuda.Stream(device=dev)
+                # The side stream must see every kernel that produced the state so far.
+                stream.wait_stream(torch.cuda.current_stream(dev))
+                used[dev] = stream
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=slab.pinned)
+            stats.cuda_bytes += dst.nbytes
+        # The host copies run while the device-to-host copies are in flight.
+        if cpu_dst:
+            _copy_many(cpu_dst, cpu_src)
+        for stream in used.values():
+            stream.synchronize()
+    stats.bytes = sum(d.nbytes for d in cpu_dst) + stats.cuda_bytes
     return stats
+
+
+def _copy_many(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    # One dispatch for many small tensors; large ones go through copy_, which is multi-threaded.
+    small = [(d, s) for d, s in zip(dsts, srcs, strict=True) if d.nbytes < (1 << 20)]
+    if len(small) > 1 and hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_([d for d, _ in small], [s for _, s in small])
+        big = [(d, s) for d, s in zip(dsts, srcs, strict=True) if d.nbytes >= (1 << 20)]
+    else:
+        big = list(zip(dsts, srcs, strict=True))
+    for d, s in big:
+        d.copy_(s)
 
 
 # -------------------------------------------------------------------------------------------- validation
