@@ -1,20 +1,732 @@
 """``ckptd`` command line: serve, ls, inspect, verify, gc, status, export, demo.
 
 Exit codes: 0 success, 1 a check failed, 2 usage or environment error.
+
+Everything this module knows about files on disk comes from ``ckptd.format`` (names, manifest, checksums)
+and everything it knows about the daemon from ``ckptd.protocol``. Results go to stdout, errors and
+progress to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import logging
+import os
+import shutil
 import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from ckptd import format as fmt
 from ckptd import protocol as proto
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+DAEMON_TIMEOUT_S = 1.0
+GC_MIN_AGE_S = 3600.0
+
+
+class CliError(Exception):
+    """Ends a subcommand: the message goes to stderr, ``code`` becomes the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.0f}s" if s >= 10 else f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    if s < 86400:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 86400)}d{int(s % 86400 // 3600):02d}h"
+
+
+def rank_ranges(ranks: Iterable[int] | None) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    if ranks is None:
+        return "-"
+    rs = sorted(set(ranks))
+    if not rs:
+        return "-"
+    out, start, prev = [], rs[0], rs[0]
+    for r in rs[1:] + [None]:
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if r is not None:
+            start = prev = r
+    return ",".join(out)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Iterable[int] = ()) -> None:
+    """A plain text table on stdout; columns in ``right`` are right-aligned (numbers)."""
+    right = set(right)
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(parts).rstrip())
+
+
+def timestamp_age(timestamp: str | None) -> float | None:
+    """Seconds since an ISO-8601 manifest timestamp, or None when it does not parse."""
+    if not isinstance(timestamp, str):
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return (_dt.datetime.now(_dt.timezone.utc) - t).total_seconds()
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+class Progress:
+    """``done / total`` bytes on stderr: redrawn in place on a TTY, a line a second otherwise."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled
+        self.done_bytes = 0
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def __call__(self, n: int) -> None:
+        self.done_bytes += n
+        now = time.monotonic()
+        if self.enabled and now - self.last >= (0.1 if self.tty else 1.0):
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        pct = 100.0 * self.done_bytes / self.total if self.total else 100.0
+        rate = self.done_bytes / max(now - self.start, 1e-9)
+        text = (
+            f"{self.label}: {human_bytes(self.done_bytes)} / {human_bytes(self.total)} "
+            f"({pct:.0f}%, {human_bytes(rate)}/s)"
+        )
+        sys.stderr.write(("\r" + text + "\x1b[K") if self.tty else text + "\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            if self.tty:
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+
+
+def want_progress(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "progress", False)) or sys.stderr.isatty()
+
+
+# -------------------------------------------------------------------------------------- paths on disk
+
+
+def output_dir_arg(arg: str) -> Path:
+    """The output dir a user named (the directory holding ``checkpoints/``); its checkpoints dir may be
+    given instead. Raises CliError with a hint for anything else."""
+    path = Path(arg)
+    if not path.exists():
+        raise CliError(f"{path}: no such directory; expected a training output dir holding {fmt.CHECKPOINTS_DIRNAME}/")
+    if not path.is_dir():
+        raise CliError(f"{path}: not a directory; expected a training output dir holding {fmt.CHECKPOINTS_DIRNAME}/")
+    if fmt.checkpoints_root(path).is_dir():
+        return path
+    if path.name == fmt.CHECKPOINTS_DIRNAME:
+        return path.parent
+    if (path / fmt.MANIFEST_NAME).exists() or fmt.parse_checkpoint_dirname(path.name) is not None:
+        raise CliError(
+            f"{path} is a checkpoint, not an output dir; pass its output dir ({path.parent.parent}), "
+            "or use 'ckptd inspect'/'ckptd verify' on the checkpoint itself"
+        )
+    raise CliError(
+        f"{path} has no {fmt.CHECKPOINTS_DIRNAME}/ directory; expected the output_dir given to CheckpointClient "
+        f"(checkpoints live in OUTPUT_DIR/{fmt.CHECKPOINTS_DIRNAME}/checkpoint-<step>/). Nothing has been saved "
+        "there yet, or it is another directory"
+    )
+
+
+def checkpoint_arg(arg: str) -> Path:
+    """A committed checkpoint directory; raises CliError saying what the path is instead."""
+    path = Path(arg)
+    expected = f"expected a committed checkpoint such as OUTPUT_DIR/{fmt.CHECKPOINTS_DIRNAME}/checkpoint-<step>"
+    if not path.exists():
+        raise CliError(f"{path}: no such directory; {expected} (list them with 'ckptd ls OUTPUT_DIR')")
+    if not path.is_dir():
+        raise CliError(f"{path}: not a directory; {expected}")
+    if (path / fmt.MANIFEST_NAME).exists():
+        return path
+    name = path.name
+    if fmt.parse_temp_dirname(name) is not None:
+        why = "is the temporary directory of a save in flight or of one that never committed; it is never read"
+        raise CliError(f"{path} {why}; {expected} ('ckptd gc' removes stale temp dirs)")
+    if fmt.is_trash_dirname(name):
+        raise CliError(f"{path} is a checkpoint being deleted (trash); {expected}")
+    if fmt.checkpoints_root(path).is_dir() or name == fmt.CHECKPOINTS_DIRNAME:
+        raise CliError(f"{path} is an output dir, not a checkpoint; {expected} (see 'ckptd ls {path}')")
+    raise CliError(f"{path} has no {fmt.MANIFEST_NAME}, so it is not a committed ckptd checkpoint; {expected}")
+
+
+def load_manifest(path: Path) -> fmt.Manifest:
+    try:
+        return fmt.read_manifest(path)
+    except fmt.FormatError as e:
+        raise CliError(f"{e}; 'ckptd verify {path}' reports every problem") from None
+    except OSError as e:
+        raise CliError(f"{path / fmt.MANIFEST_NAME}: cannot be read ({e.strerror or e})") from None
+
+
+@dataclass
+class Extra:
+    """A temp or trash directory under ``checkpoints/``."""
+
+    name: str
+    path: Path
+    kind: str  # "temp" or "trash"
+    step: int | None
+    txn: str | None
+    age_s: float | None
+    size_bytes: int
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def scan_extras(output_dir: Path) -> list[Extra]:
+    """Temp and trash directories (named by ckptd.format), oldest first."""
+    root = fmt.checkpoints_root(output_dir)
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    extras = []
+    now = time.time()
+    for name in names:
+        temp = fmt.parse_temp_dirname(name)
+        if temp is None and not fmt.is_trash_dirname(name):
+            continue
+        path = root / name
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue  # gone meanwhile (committed, aborted or deleted)
+        kind = "temp" if temp else "trash"
+        extras.append(
+            Extra(name, path, kind, temp[0] if temp else None, temp[1] if temp else None, age, dir_size(path))
+        )
+    extras.sort(key=lambda e: -(e.age_s or 0.0))
+    return extras
+
+
+def broken_reason(path: Path) -> str:
+    try:
+        manifest = fmt.read_manifest(path)
+    except fmt.FormatError as e:
+        return str(e)
+    except OSError as e:
+        return f"{path / fmt.MANIFEST_NAME}: cannot be read ({e.strerror or e})"
+    return f"its manifest says step {manifest.step}, not {fmt.parse_checkpoint_dirname(path.name)}"
+
+
+def manifest_data_size(manifest: fmt.Manifest) -> int:
+    return sum(f.size for f in manifest.files.values())
+
+
+# ----------------------------------------------------------------------------------------- the daemon
+
+
+def request_status(endpoint: str, timeout_s: float = DAEMON_TIMEOUT_S) -> dict[str, Any] | None:
+    """Ask the daemon at ``endpoint`` for its status report; None when nothing answers in time."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(proto.pack(proto.MsgType.STATUS, 1))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                return None
+            frame = sock.recv_multipart(zmq.NOBLOCK)[-1]
+            try:
+                msg_type, req_id, body = proto.unpack(frame)
+            except proto.ProtocolError as e:
+                raise CliError(f"the daemon at {endpoint} sent a malformed reply: {e}") from None
+            if req_id != 1:
+                continue  # a notification meant for someone else
+            if msg_type == proto.MsgType.STATUS_REPORT:
+                return body
+            if msg_type == proto.MsgType.ERROR:
+                raise CliError(f"the daemon at {endpoint} rejected the status request: {body.get('message')}")
+            raise CliError(f"the daemon at {endpoint} answered status with {msg_type.value!r}")
+    except zmq.ZMQError as e:
+        raise CliError(f"cannot connect to {endpoint}: {e}") from None
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def endpoint_arg(arg: str | None) -> str:
+    try:
+        return proto.resolve_endpoint(arg)
+    except proto.ProtocolError as e:
+        raise CliError(str(e)) from None
+
+
+def no_daemon_hint(endpoint: str) -> str:
+    return (
+        f"start one with 'ckptd serve --endpoint {endpoint}', or pass the endpoint the training job uses "
+        f"(--endpoint or ${proto.ENDPOINT_ENV}); an embedded daemon exits when its job is idle"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- ls
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    out = output_dir_arg(args.output_dir)
+    if not args.verbose:
+        logging.getLogger(fmt.__name__).setLevel(logging.ERROR)  # broken dirs are reported below instead
+    found, broken = fmt.scan_checkpoints(out)
+    extras = scan_extras(out)
+    broken_rows = [(p, broken_reason(p)) for p in sorted(broken, key=lambda p: p.name)]
+    if args.json:
+        print_json(
+            {
+                "output_dir": str(out),
+                "checkpoints": [
+                    {
+                        "step": c.step,
+                        "path": str(c.path),
+                        "size_bytes": manifest_data_size(c.manifest),
+                        "timestamp": c.manifest.timestamp,
+                        "age_s": timestamp_age(c.manifest.timestamp),
+                        "txn": c.manifest.txn,
+                        "world_size": c.manifest.world_size,
+                        "components": list(c.manifest.components),
+                    }
+                    for c in found
+                ],
+                "temp": [asdict(e) for e in extras if e.kind == "temp"],
+                "trash": [asdict(e) for e in extras if e.kind == "trash"],
+                "broken": [{"path": str(p), "error": why} for p, why in broken_rows],
+            }
+        )
+        return EXIT_OK
+    root = fmt.checkpoints_root(out)
+    if found:
+        rows = [
+            (
+                c.step,
+                human_bytes(manifest_data_size(c.manifest)),
+                human_age(timestamp_age(c.manifest.timestamp)),
+                ",".join(c.manifest.components),
+            )
+            for c in found
+        ]
+        print_table(("STEP", "SIZE", "AGE", "COMPONENTS"), rows, right=(0, 1, 2))
+    else:
+        print(f"no committed checkpoints in {root}")
+    for e in extras:
+        if e.kind == "temp":
+            print(
+                f"temp   {e.name}  step {e.step}, txn {e.txn}, {human_bytes(e.size_bytes)}, "
+                f"modified {human_age(e.age_s)} ago: in flight / stale (never read; 'ckptd gc' removes stale ones)"
+            )
+        else:
+            print(
+                f"trash  {e.name}  {human_bytes(e.size_bytes)}, modified {human_age(e.age_s)} ago: "
+                "being deleted / stale ('ckptd gc' removes it)"
+            )
+    for p, why in broken_rows:
+        print(f"BROKEN {p.name}  ignored by every reader: {why}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = checkpoint_arg(args.checkpoint)
+    manifest = load_manifest(path)
+    if args.json:
+        sys.stdout.write((path / fmt.MANIFEST_NAME).read_text(encoding="utf-8"))
+        return EXIT_OK
+    age = timestamp_age(manifest.timestamp)
+    header = [
+        ("checkpoint", str(path)),
+        ("format", manifest.format),
+        ("step", str(manifest.step)),
+        ("txn", manifest.txn),
+        ("world size", str(manifest.world_size)),
+        ("timestamp", manifest.timestamp + (f" ({human_age(age)} ago)" if age is not None else "")),
+        ("pytorch", manifest.pytorch_version or "-"),
+        ("ckptd", manifest.ckptd_version or "-"),
+        ("size", f"{human_bytes(manifest_data_size(manifest))} in {len(manifest.files)} files"),
+    ]
+    if manifest.topology:
+        header.append(("topology", json.dumps(manifest.topology, sort_keys=True)))
+    if manifest.training_args_hash:
+        header.append(("args hash", manifest.training_args_hash))
+    meta = manifest.metadata or {}
+    header.append(("metadata", json.dumps(meta, sort_keys=True) if meta else "-"))
+    width = max(len(k) for k, _ in header)
+    for k, v in header:
+        print(f"{k.ljust(width)}  {v}")
+
+    print()
+    rows = []
+    for c in manifest.components.values():
+        notes = []
+        if fmt.MODEL_INDEX_NAME in c.files:
+            notes.append("Hugging Face layout")
+        if c.replicated_across is not None:
+            notes.append(f"replicated across {rank_ranges(c.replicated_across)}")
+        if c.group_name is not None:
+            n = len(c.group_instances) if c.group_instances is not None else "?"
+            notes.append(f"group {c.group_name}, {n} instance(s)")
+        if c.metadata:
+            notes.append("metadata " + json.dumps(c.metadata, sort_keys=True))
+        rows.append(
+            (
+                c.key,
+                c.sharing_pattern,
+                rank_ranges(c.ranks),
+                human_bytes(c.size_bytes),
+                len(c.files),
+                "yes" if c.required else "no",
+                "; ".join(notes),
+            )
+        )
+    print_table(("COMPONENT", "PATTERN", "RANKS", "SIZE", "FILES", "REQUIRED", "NOTES"), rows, right=(3, 4))
+
+    print()
+    rows = []
+    for f in sorted(manifest.files.values(), key=lambda f: (f.component, f.path)):
+        share = []
+        if f.rank is not None:
+            share.append(f"rank {f.rank}")
+        if f.group_instance is not None:
+            share.append(f"instance {f.group_instance}")
+        if f.node is not None:
+            share.append(f"node {f.node}")
+        rows.append((f.path, f.size, f.checksum, f.component, ", ".join(share) or "-", f.written_by))
+    print_table(("FILE", "BYTES", "CHECKSUM", "COMPONENT", "SHARE", "WRITER"), rows, right=(1, 5))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = checkpoint_arg(args.checkpoint)
+    try:
+        total = manifest_data_size(fmt.read_manifest(path))
+    except (fmt.FormatError, OSError):
+        total = 0  # verify_checkpoint reports the manifest problem itself
+    checksums = not args.size_only
+    progress = Progress(f"verifying {path.name}", total, want_progress(args) and checksums)
+    result = fmt.verify_checkpoint(path, checksums=checksums, progress=progress)
+    if checksums:
+        progress.finish()
+    what = "sizes and checksums" if checksums else "sizes only (checksums skipped)"
+    if args.json:
+        print_json(
+            {
+                "path": str(path),
+                "ok": result.ok,
+                "checked": "sizes+checksums" if checksums else "sizes",
+                "files_checked": result.files_checked,
+                "bytes_checked": result.bytes_checked,
+                "problems": result.problems,
+            }
+        )
+    elif result.ok:
+        print(f"{path}: OK, {result.files_checked} files, {human_bytes(result.bytes_checked)}, {what}")
+    else:
+        print(f"{path}: FAILED, {len(result.problems)} problem(s) ({what}):")
+        for problem in result.problems:
+            print(f"  {problem}")
+    if result.ok:
+        return EXIT_OK
+    print(
+        f"ckptd verify: {path} is damaged; do not resume from it: resume from an older checkpoint "
+        "('ckptd ls' lists them; client.load(\"latest\") falls back on its own)",
+        file=sys.stderr,
+    )
+    return EXIT_CHECK_FAILED
+
+
+# ------------------------------------------------------------------------------------------------- gc
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that tolerates the directory (or parts of it) vanishing meanwhile."""
+
+    def on_error(func: Any, p: str, exc: Any) -> None:
+        err = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(err, FileNotFoundError):
+            raise err
+
+    try:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=on_error)
+        else:
+            shutil.rmtree(path, onerror=on_error)
+    except FileNotFoundError:
+        pass
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    out = output_dir_arg(args.output_dir)
+    endpoint = endpoint_arg(args.endpoint)
+    # List first, then ask: a temp dir that exists now belongs to a transaction the daemon still lists,
+    # or to one that has finished (and whose dir is gone or garbage) by the time it answers.
+    extras = scan_extras(out)
+    if not extras:
+        print(f"nothing to remove in {fmt.checkpoints_root(out)}")
+        return EXIT_OK
+    status = request_status(endpoint, args.timeout)
+    live: dict[str, dict[str, Any]] = {}
+    if status is not None:
+        live = {t.get("txn"): t for t in status.get("in_flight", []) if isinstance(t, dict)}
+    elif not args.force:
+        print(
+            f"ckptd gc: no daemon answered at {endpoint} within {args.timeout:g} s, so no transaction is known "
+            f"to be live; temp dirs younger than --min-age {args.min_age:g} s are kept (--force removes them)",
+            file=sys.stderr,
+        )
+    verb = "would remove" if args.dry_run else "removed"
+    failures = 0
+    for e in extras:
+        if e.kind == "temp" and e.txn in live:
+            t = live[e.txn]
+            print(f"kept {e.name}: in flight (txn {e.txn}, state {t.get('state')}, daemon pid {status['pid']})")
+            continue
+        if e.kind == "temp" and status is None and not args.force and (e.age_s or 0.0) < args.min_age:
+            print(f"kept {e.name}: modified {human_age(e.age_s)} ago, younger than --min-age {args.min_age:g} s")
+            continue
+        why = "stale temp dir" if e.kind == "temp" else "trash"
+        if not args.dry_run:
+            try:
+                remove_tree(e.path)
+            except OSError as err:
+                failures += 1
+                print(
+                    f"ckptd gc: cannot remove {e.path}: {err.strerror or err}; check its permissions", file=sys.stderr
+                )
+                continue
+        print(f"{verb} {e.name}: {why}, {human_bytes(e.size_bytes)}, modified {human_age(e.age_s)} ago")
+    return EXIT_USAGE if failures else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    endpoint = endpoint_arg(args.endpoint)
+    report = request_status(endpoint, args.timeout)
+    if report is None:
+        raise CliError(f"no daemon answered at {endpoint} within {args.timeout:g} s; {no_daemon_hint(endpoint)}")
+    if args.json:
+        print_json(report)
+        return EXIT_OK
+    in_flight = [t for t in report.get("in_flight", []) if isinstance(t, dict)]
+    clients = report.get("clients") or []
+    print(
+        f"daemon       pid {report.get('pid')}, ckptd {report.get('version')}, up {human_age(report.get('uptime_s'))}"
+    )
+    print(f"endpoint     {report.get('endpoint', endpoint)}")
+    print(f"clients      {len(clients)}" + (f" (pids {', '.join(map(str, clients))})" if clients else ""))
+    print(f"in flight    {len(in_flight)} save(s)")
+    for t in in_flight:
+        print(
+            f"  step {t.get('step')}  txn {t.get('txn')}  {t.get('state')}  "
+            f"ranks {len(t.get('ranks_in') or [])}/{len(t.get('ranks_expected') or [])}  "
+            f"staged {human_bytes(t.get('bytes_staged'))}  written {human_bytes(t.get('bytes_written'))}  "
+            f"age {human_age(t.get('age_s'))}  {t.get('output_dir')}"
+        )
+    print(
+        f"totals       staged {human_bytes(report.get('bytes_staged'))}, "
+        f"written {human_bytes(report.get('bytes_written'))}, "
+        f"commits {report.get('commits')}, aborts {report.get('aborts')}"
+    )
+    last = report.get("last_commit")
+    if last:
+        when = report.get("last_commit_time")
+        age = time.time() - when if isinstance(when, (int, float)) else None
+        nbytes, secs = report.get("last_commit_bytes") or 0, report.get("last_commit_seconds")
+        rate = f", {human_bytes(nbytes / secs)}/s" if isinstance(secs, (int, float)) and secs > 0 else ""
+        took = f" in {secs:.3f} s" if isinstance(secs, (int, float)) else ""
+        print(f"last commit  {last}, {human_age(age)} ago, {human_bytes(nbytes)}{took}{rate}")
+    else:
+        print("last commit  none since the daemon started")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def copy_verified(src: Path, dst: Path, record: fmt.FileRecord, progress: Progress) -> None:
+    """Copy ``src`` to ``dst`` (through a temporary name), checking size and checksum of the bytes copied."""
+    tmp = dst.with_name(f".{dst.name}.ckptd-export")
+    try:
+        with open(src, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
+            size = os.fstat(fin.fileno()).st_size
+            if size != record.size:
+                raise CliError(
+                    f"{src}: size mismatch (manifest {record.size} bytes, file {size} bytes); the checkpoint is "
+                    "damaged, export an older one",
+                    EXIT_CHECK_FAILED,
+                )
+            hasher = fmt.new_hasher()
+            buf = bytearray(min(fmt.READ_CHUNK, max(size, 1)))
+            view = memoryview(buf)
+            while n := fin.readinto(buf):
+                hasher.update(view[:n])
+                fout.write(view[:n])
+                progress(n)
+        got = fmt.format_checksum(hasher)
+        if got != record.checksum:
+            raise CliError(
+                f"{src}: checksum mismatch (manifest {record.checksum}, file {got}); the checkpoint is damaged, "
+                "export an older one",
+                EXIT_CHECK_FAILED,
+            )
+        os.replace(tmp, dst)
+    except FileNotFoundError as e:
+        if e.filename == str(src):
+            raise CliError(
+                f"{src}: missing (manifest lists {record.size} bytes); the checkpoint is damaged", EXIT_CHECK_FAILED
+            ) from None
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    path = checkpoint_arg(args.checkpoint)
+    manifest = load_manifest(path)
+    model = manifest.components.get(fmt.MODEL_KEY)
+    if model is None:
+        raise CliError(
+            f"{path} has no {fmt.MODEL_KEY!r} component (it holds: {', '.join(manifest.components) or 'nothing'}); "
+            f"export writes the model only, so save it as StateComponent({fmt.MODEL_KEY!r}, model, "
+            "SharingPattern.GLOBAL or REPLICATED) to get Hugging Face shards"
+        )
+    if fmt.MODEL_INDEX_NAME not in model.files:
+        raise CliError(
+            f"the {fmt.MODEL_KEY!r} component of {path} was saved as a single generic ckptd file per share "
+            f"({', '.join(model.files) or 'no files'}; pattern {model.sharing_pattern}), not as Hugging Face "
+            f"shards with {fmt.MODEL_INDEX_NAME}; only a GLOBAL or REPLICATED model with a flat "
+            "{name: tensor} state_dict is written in Hugging Face layout. Load this one with client.load()"
+        )
+    index_rec = manifest.files[fmt.MODEL_INDEX_NAME]
+    try:
+        index_bytes = fmt.read_verified(path / fmt.MODEL_INDEX_NAME, index_rec)
+        weight_map, tied = fmt.parse_model_index(bytes(index_bytes))
+    except fmt.FormatError as e:
+        raise CliError(f"{e}; the checkpoint is damaged, export an older one", EXIT_CHECK_FAILED) from None
+    shards = sorted(set(weight_map.values()))
+    unknown = [s for s in shards if s not in manifest.files]
+    if unknown:
+        raise CliError(
+            f"{path / fmt.MODEL_INDEX_NAME} names shard(s) {unknown} that the manifest does not list; "
+            "the checkpoint is damaged, export an older one",
+            EXIT_CHECK_FAILED,
+        )
+
+    dest = Path(args.dest)
+    if dest.exists() and not dest.is_dir():
+        raise CliError(f"{dest} exists and is not a directory; expected a new or empty directory")
+    created = not dest.exists()
+    if not created and any(dest.iterdir()) and not args.force:
+        raise CliError(f"{dest} is not empty; pass --force to write into it (files of the same name are replaced)")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot create {dest}: {e.strerror or e}") from None
+
+    total = sum(manifest.files[s].size for s in shards) + index_rec.size
+    progress = Progress(f"exporting {path.name}", total, want_progress(args))
+    written: list[Path] = []
+    try:
+        for shard in shards:
+            copy_verified(path / shard, dest / shard, manifest.files[shard], progress)
+            written.append(dest / shard)
+        # The index last, as in the checkpoint: without it no loader picks up a partial export.
+        copy_verified(path / fmt.MODEL_INDEX_NAME, dest / fmt.MODEL_INDEX_NAME, index_rec, progress)
+        written.append(dest / fmt.MODEL_INDEX_NAME)
+    except BaseException as e:
+        if progress.shown and progress.tty:
+            sys.stderr.write("\n")
+        for p in written:
+            p.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CliError(f"export to {dest} failed: {e}; nothing was left behind") from None
+        raise
+    progress.finish()
+    print(
+        f"exported the model of {path} ({len(weight_map)} tensors, {human_bytes(total)} in {len(shards)} shard(s)) "
+        f"to {dest}"
+    )
+    for group in tied:
+        print(f"  tied weights stored once as {group[0]}: {', '.join(group[1:])} (re-tie them after loading)")
+    if not created:
+        others = sorted(p.name for p in dest.iterdir() if p.name not in set(shards) | {fmt.MODEL_INDEX_NAME})
+        if others:
+            print(f"note: {dest} also holds {', '.join(others)}, which this export did not write", file=sys.stderr)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- serve
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,10 +756,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+# -------------------------------------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckptd", description="Asynchronous, transactional checkpoints for PyTorch.")
+    p = argparse.ArgumentParser(
+        prog="ckptd",
+        description="Asynchronous, transactional checkpoints for PyTorch.",
+        epilog="Exit codes: 0 success, 1 a check failed (verify, export), 2 usage or environment error.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    endpoint_help = f"daemon endpoint (default ${proto.ENDPOINT_ENV} or {proto.default_endpoint()})"
 
     s = sub.add_parser("serve", help="run the node daemon")
     s.add_argument("--endpoint", help=f"ZeroMQ endpoint (default ${proto.ENDPOINT_ENV} or {proto.default_endpoint()})")
@@ -71,6 +791,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node-rank", type=int)
     s.add_argument("--nnodes", type=int)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("ls", help="list committed checkpoints; flag temp, trash and broken directories")
+    s.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training output dir (holds checkpoints/)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("inspect", help="show a checkpoint's manifest as tables")
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (…/checkpoints/checkpoint-N)")
+    s.add_argument("--json", action="store_true", help="print the raw manifest")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("verify", help="check every file against its manifest size and checksum (exit 1 if not)")
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (…/checkpoints/checkpoint-N)")
+    s.add_argument("--size-only", action="store_true", help="check sizes only, skip checksums (fast)")
+    s.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a TTY")
+    s.add_argument("--json", action="store_true", help="machine-readable result")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("gc", help="remove temp/trash directories that no live transaction owns")
+    s.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training output dir (holds checkpoints/)")
+    s.add_argument("--endpoint", help=endpoint_help + ", asked which transactions are live")
+    s.add_argument("--timeout", type=float, default=DAEMON_TIMEOUT_S, metavar="S", help="daemon answer timeout")
+    s.add_argument(
+        "--min-age",
+        type=float,
+        default=GC_MIN_AGE_S,
+        metavar="S",
+        help=f"when no daemon answers, remove only temp dirs older than S seconds (default {GC_MIN_AGE_S:g})",
+    )
+    s.add_argument("--force", action="store_true", help="when no daemon answers, remove temp dirs of any age")
+    s.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    s.set_defaults(func=cmd_gc)
+
+    s = sub.add_parser("status", help="the daemon's saves in flight, bytes, throughput, last commit")
+    s.add_argument("--endpoint", help=endpoint_help)
+    s.add_argument("--timeout", type=float, default=DAEMON_TIMEOUT_S, metavar="S", help="daemon answer timeout")
+    s.add_argument("--json", action="store_true", help="print the daemon's raw status report")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("export", help="copy the model out as a plain Hugging Face safetensors directory")
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (…/checkpoints/checkpoint-N)")
+    s.add_argument("dest", metavar="DEST", help="directory to create (must be empty unless --force)")
+    s.add_argument("--force", action="store_true", help="write into a non-empty DEST, replacing same-named files")
+    s.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a TTY")
+    s.set_defaults(func=cmd_export)
+
     return p
 
 
@@ -82,4 +848,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"ckptd {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except BrokenPipeError:  # e.g. `ckptd ls DIR | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(f"ckptd {args.command}: interrupted", file=sys.stderr)
+        return 130
