@@ -729,6 +729,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- serve
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ckptd import demo
+
+    cfg = demo.DemoConfig(
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+        steps=args.steps,
+        save_every=args.save_every,
+        crash_at=args.crash_at,
+    )
+    return demo.run(cfg)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ckptd import server
 
@@ -836,6 +848,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="write into a non-empty DEST, replacing same-named files")
     s.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a TTY")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("demo", help="a small training run with async checkpoints, a crash and a resume")
+    s.add_argument("--output-dir", help="where to put the run (default: a new temp dir)")
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--save-every", type=int, default=5)
+    s.add_argument("--crash-at", type=int, default=20, help="step whose save the trainer is killed in")
+    s.set_defaults(func=cmd_demo)
 
     return p
 

@@ -1,0 +1,50 @@
+"""`ckptd demo`, the README's main job, end to end: real trainer processes, a real SIGKILL mid-save."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ckptd import format as fmt
+
+
+def test_demo_resumes_bit_exact_after_the_trainer_is_killed_mid_save(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptd",
+            "demo",
+            "--output-dir",
+            str(out),
+            "--steps",
+            "12",
+            "--save-every",
+            "4",
+            "--crash-at",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "kill -9 of the trainer now" in proc.stdout
+    assert "load('latest') -> checkpoint-8" in proc.stdout
+    assert "bit for bit (4/4)" in proc.stdout
+    steps = [c.step for c in fmt.scan_checkpoints(out / "run")[0]]
+    assert steps[-1] == 12 and 8 in steps
+    for path in fmt.list_checkpoints(out / "run"):
+        assert fmt.verify_checkpoint(path)
+
+
+def test_demo_rejects_a_crash_step_that_is_not_a_save_step(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptd", "demo", "--output-dir", str(tmp_path), "--crash-at", "7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "crash_at a multiple of save_every" in proc.stdout
