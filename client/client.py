@@ -269,6 +269,7 @@ class CheckpointClient:
         slab: staging.Slab | None = None
         images: list[staging.FileImage] = []
         digests: dict[str, str | None] = {}
+        full_states: dict[str, Any] = {}
         # The snapshot allocates many small objects; a cyclic GC pass in the middle of it is pure stall.
         gc_was_enabled = gc.isenabled()
         gc.disable()
@@ -277,9 +278,14 @@ class CheckpointClient:
                 level = p.component.effective_validation
                 if not p.writes and level == ValidationLevel.NONE:
                     continue
-                state = p.component.stateful.state_dict()
+                try:
+                    state = p.component.stateful.state_dict()
+                except Exception as e:
+                    raise CheckpointError(f"component {p.key!r}: state_dict() raised {type(e).__name__}: {e}") from e
                 if level != ValidationLevel.NONE:
                     digests[p.key] = staging.replication_digest(state, p.key, level)
+                if level == ValidationLevel.FULL:
+                    full_states[p.key] = state
                 if p.writes:
                     images += staging.component_images(p, state, self.max_shard_size, self._layouts)
             need = staging.layout(images)
@@ -299,6 +305,8 @@ class CheckpointClient:
         # step and the transaction id, and compares replication digests.
         votes = self._all_gather((error, step, txn, digests))
         problem = _agree(votes, self.plans)
+        if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
+            problem = self._compare_with_rank0(full_states)
         if problem is not None:
             if slab is not None:
                 slab.busy_txn = None
@@ -329,6 +337,27 @@ class CheckpointClient:
             time.perf_counter() - t_staged,
         )
         return handle
+
+    def _compare_with_rank0(self, states: dict[str, Any]) -> str | None:
+        """FULL validation: every tensor compared byte for byte against rank 0's, after the digests agreed
+        (so every rank holds the same keys, shapes and dtypes and the broadcasts line up)."""
+        if self._group is None:
+            return None
+        import torch.distributed as dist
+
+        differ: list[str] = []
+        for key in sorted(states):
+            for leaf in fmt.flatten_state(states[key], key)[1]:
+                mine = leaf.tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                theirs = mine.clone() if self.rank == 0 else torch.empty_like(mine)
+                dist.broadcast(theirs, src=0, group=self._group)
+                if self.rank != 0 and not torch.equal(mine, theirs):
+                    differ.append(leaf.path)
+        verdicts = self._all_gather(differ[:5])
+        bad = [f"rank {r}: {', '.join(v)}" for r, v in enumerate(verdicts) if v]
+        if bad:
+            return f"REPLICATED state differs from rank 0 element-wise (validation level full): {'; '.join(bad)}"
+        return None
 
     def _stage_request(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: b
                 raise CheckpointError(
                     msg + "; resume from a checkpoint that has it, mark it required=False, or load with strict=False"
                 )
-            logger.warning("%s; %s is not restored", msg, p.key)
+            _warn(f"{msg}; optional component {p.key!r} is not restored")
             skipped.append(p.key)
             continue
         why = topology_mismatch(p, comp, manifest, topo)
@@ -181,13 +182,18 @@ def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: b
                 raise CheckpointError(
                     msg + "; resume with the topology it was saved with, or mark the component required=False"
                 )
-            logger.warning("%s; optional component %s is not restored", msg, p.key)
+            _warn(f"{msg}; optional component {p.key!r} is not restored")
             skipped.append(p.key)
             continue
         state, nbytes = read_component(ckpt, manifest, p, verify)
         states[p.key] = state
         total += nbytes
     return ReadResult(states, skipped, total)
+
+
+def _warn(text: str) -> None:
+    logger.warning("%s", text)
+    warnings.warn(text, RuntimeWarning, stacklevel=4)
 
 
 def candidates(output_dir: Path, checkpoint: str | os.PathLike) -> tuple[list[Path], bool]:
