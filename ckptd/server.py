@@ -186,10 +186,17 @@ def get_segment(d: Daemon, req: proto.StageRequest) -> writer.Segment:
 async def handle_stage(d: Daemon, identity: bytes, req_id: int, body: dict) -> None:
     req = proto.parse_stage(body)
     txn = d.txns.get(req.txn)
+    if txn is None and req.txn in d.finished:
+        old = d.finished[req.txn]
+        raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}: {old.reason or ''}".rstrip(": "))
+    # Map the segment before touching any transaction: a part whose bytes cannot be read must neither
+    # open a transaction (and its temp dir) nor leave a half-joined one behind (commit info, WRITING
+    # state) that no timeout would ever end.
+    try:
+        segment = get_segment(d, req) if req.files else None
+    except (OSError, ValueError) as e:
+        raise tx.TxnError(str(e)) from None
     if txn is None:
-        if req.txn in d.finished:
-            old = d.finished[req.txn]
-            raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}: {old.reason or ''}".rstrip(": "))
         txn = tx.open_transaction(req)
         # Directory work (sweep, mkdir) runs off the loop and off the rank's stall: the rank only waits
         # for validation; its part's writer waits for this future.
@@ -203,11 +210,7 @@ async def handle_stage(d: Daemon, identity: bytes, req_id: int, body: dict) -> N
             "txn %s opened: step %d in %s, ranks %s", txn.txn, txn.step, txn.output_dir, sorted(txn.expected_ranks)
         )
     part = tx.join(txn, req, identity)
-    try:
-        part.segment = get_segment(d, req) if req.files else None
-    except (OSError, ValueError) as e:
-        del txn.parts[req.rank]
-        raise tx.TxnError(str(e)) from None
+    part.segment = segment
     d.stats.bytes_staged += sum(f.length for f in req.files)
     await send(d, identity, MsgType.ACCEPTED, req_id, txn=req.txn, rank=req.rank)
     spawn(d, run_part(d, txn, part))

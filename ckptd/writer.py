@@ -12,6 +12,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +50,16 @@ def open_segment(name: str, min_size: int, owner_pid: int) -> Segment:
     """Map ``/dev/shm/<name>`` read-only; the mapping stays valid even if the trainer dies and unlinks it."""
     path = os.path.join(SHM_DIR, name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO planted under the segment's name must fail below, not block the loop.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise OSError(
             errno.ENOENT, f"shared-memory segment {path} does not exist; the trainer may have exited"
         ) from None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"shared-memory segment {path} is not a regular file")
         if st.st_uid != os.getuid():
             raise PermissionError(f"shared-memory segment {path} belongs to uid {st.st_uid}, not this daemon's user")
         if st.st_size < min_size:
@@ -105,6 +109,10 @@ def validate_file_bytes(seg: Segment, spec: FileSpec) -> None:
                 raise fmt.FormatError(f"{spec.path}: {spec.length} bytes cannot hold a safetensors header")
             n = int.from_bytes(view[:8], "little")
             fmt.parse_safetensors_header(view[: min(spec.length, 8 + min(n, fmt.MAX_HEADER_BYTES))], spec.length)
+    except fmt.FormatError as e:
+        # The abort reason must say which file of the part is bad.
+        msg = str(e)
+        raise fmt.FormatError(msg if msg.startswith(spec.path) else f"{spec.path}: {msg}") from None
     finally:
         view.release()
 
