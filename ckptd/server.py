@@ -136,6 +136,8 @@ async def finish(d: Daemon, txn: tx.Transaction) -> None:
         spawn(d, cleanup_after_abort(d, txn))
     else:
         release_dead_segments(d, txn)
+    # A later save in the same output dir may have been waiting for this one to finish.
+    spawn(d, commit_ready(d, txn.output_dir))
 
 
 def spawn(d: Daemon, coro: Coroutine[Any, Any, None]) -> None:
@@ -240,7 +242,29 @@ async def run_part(d: Daemon, txn: tx.Transaction, part: tx.Part) -> None:
         return
     txn.pending_io -= 1
     d.stats.bytes_written += sum(r.size for r in part.records)
-    if tx.ready_to_commit(txn):
+    await commit_ready(d, txn.output_dir)
+
+
+def waits_for_earlier(d: Daemon, txn: tx.Transaction) -> bool:
+    """True while a transaction opened earlier in the same output dir is still live.
+
+    Commits in one output dir happen in the order the saves were handed over, so that "latest" only ever
+    moves forward and retention never removes a newer checkpoint because an older one finished last.
+    """
+    for other in d.txns.values():  # insertion order is opening order
+        if other is txn:
+            return False
+        if other.output_dir == txn.output_dir and not other.finished:
+            return True
+    return False
+
+
+async def commit_ready(d: Daemon, output_dir: Path) -> None:
+    for txn in list(d.txns.values()):
+        if txn.output_dir != output_dir:
+            continue
+        if waits_for_earlier(d, txn) or not tx.ready_to_commit(txn):
+            return
         await commit_txn(d, txn)
 
 
