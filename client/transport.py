@@ -189,6 +189,10 @@ class DaemonLink:
     def ensure_daemon(self, may_start: bool, timeout_s: float = DAEMON_START_TIMEOUT_S) -> None:
         """Make sure a daemon answers at the endpoint; local rank 0 (``may_start``) starts one if not."""
         if self.ping(1.0 if may_start else 2.0):
+            if self.process is not None and self.process.poll() is not None:
+                # The daemon this rank started died and another one (started elsewhere) answers now:
+                # it is not ours, so its liveness must not be judged by our dead child.
+                self.process = None
             return
         if may_start:
             self.process = start_embedded_daemon(self.endpoint)
