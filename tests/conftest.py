@@ -41,7 +41,8 @@ def stop_daemon(endpoint: str, timeout: float = 10.0) -> None:
                     pass
                 os.kill(pid, 0)
                 time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     path = proto.ipc_path(endpoint)
