@@ -165,24 +165,16 @@ def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: b
     total = 0
     for p in plans:
         comp = manifest.components.get(p.key)
-        required = p.component.required and strict
         if comp is None:
-            msg = f"{ckpt}: component {p.key!r} is not in this checkpoint (expected {p.filename})"
-            if required:
-                raise CheckpointError(
-                    msg + "; resume from a checkpoint that has it, mark it required=False, or load with strict=False"
-                )
-            _warn(f"{msg}; optional component {p.key!r} is not restored")
-            skipped.append(p.key)
-            continue
-        why = topology_mismatch(p, comp, manifest, topo)
-        if why is not None:
-            msg = f"{ckpt}: {why}"
-            if required:
-                raise CheckpointError(
-                    msg + "; resume with the topology it was saved with, or mark the component required=False"
-                )
-            _warn(f"{msg}; optional component {p.key!r} is not restored")
+            problem = f"component {p.key!r} is not in this checkpoint (expected {p.filename})"
+            advice = "resume from a checkpoint that has it, mark it required=False, or load with strict=False"
+        else:
+            problem = topology_mismatch(p, comp, manifest, topo)
+            advice = "resume with the topology it was saved with, or mark the component required=False"
+        if problem is not None:
+            if p.component.required and strict:
+                raise CheckpointError(f"{ckpt}: {problem}; {advice}")
+            _warn(f"{ckpt}: {problem}; optional component {p.key!r} is not restored")
             skipped.append(p.key)
             continue
         state, nbytes = read_component(ckpt, manifest, p, verify)
