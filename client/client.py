@@ -41,6 +41,7 @@ class SaveHandle:
     staged_s: float = 0.0
     bytes_staged: int = 0
     started_at: float = field(default_factory=time.monotonic)
+    last_beat: float = field(default_factory=time.monotonic, repr=False)
 
     def done(self) -> bool:
         """True once the save has committed or failed; never blocks."""
@@ -171,9 +172,9 @@ class CheckpointClient:
     def _heartbeat(self) -> None:
         now = time.monotonic()
         for h in list(self._inflight.values()):
-            if now - getattr(h, "_last_beat", h.started_at) < HEARTBEAT_S:
+            if now - h.last_beat < HEARTBEAT_S:
                 continue
-            h._last_beat = now  # type: ignore[attr-defined]
+            h.last_beat = now
             try:
                 reply = self._link.request(MsgType.QUERY, HEARTBEAT_TIMEOUT_S, txn=h.txn)
             except DaemonUnavailable as e:
