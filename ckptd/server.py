@@ -291,6 +291,9 @@ async def commit_txn(d: Daemon, txn: tx.Transaction) -> None:
             await loop.run_in_executor(d.commit_pool, tx.apply_retention, txn, limit)
         except Exception as e:  # retention must never fail a committed checkpoint
             logger.warning("retention failed after committing %s: %s", path, e)
+    if txn.trash:
+        # Before announcing the commit: a rank that sees "committed" also sees retention done.
+        await loop.run_in_executor(d.commit_pool, tx.empty_trash, txn)
     await finish(d, txn)
 
 

@@ -21,7 +21,9 @@ Once per transaction, when ``ready_to_commit``:
                            ``checkpoint-<step>`` (or swap it with an existing one by RENAME_EXCHANGE and
                            trash the old), fsync the parent.
     6. ``apply_retention`` keep the newest ``save_total_limit`` checkpoints, never the one just
-                           committed; deletion is a rename to ``.trash-*`` first, then removal.
+                           committed, by renaming the others to ``.trash-*``.
+    7. ``empty_trash``     remove the trash directories.
+    8. (server)            send ``committed`` to every rank of the transaction.
 
 At any point before 5 completes, ``abort`` removes the temp dir; earlier checkpoints are never touched.
 ``sweep_stale`` removes temp and trash directories that no live transaction owns (daemon start, and the
@@ -80,6 +82,7 @@ class Transaction:
     bytes_total: int = 0
     bytes_written: int = 0
     pending_io: int = 0
+    trash: list[Path] = field(default_factory=list)  # renamed out of sight, removed before notifying
 
     @property
     def root(self) -> Path:
@@ -277,8 +280,7 @@ def commit(txn: Transaction) -> Path:
         writer.rename_exchange(txn.temp_dir, final)
         trash = txn.root / fmt.trash_dirname(txn.step, secrets.token_hex(4))
         os.rename(txn.temp_dir, trash)
-        writer.fsync_dir(txn.root)
-        shutil.rmtree(trash, ignore_errors=True)
+        txn.trash.append(trash)
     writer.fsync_dir(txn.root)
     txn.state = TxnState.COMMITTED
     txn.path = final
@@ -301,12 +303,15 @@ def cleanup_aborted(txn: Transaction) -> None:
     shutil.rmtree(txn.temp_dir, ignore_errors=True)
 
 
-def remove_checkpoint(root: Path, path: Path, step: int) -> None:
-    """Delete a committed checkpoint so that no half-deleted directory is ever visible."""
+def trash_checkpoint(root: Path, path: Path, step: int) -> Path:
+    """Take a committed checkpoint out of sight by renaming it to a trash name (durably); returns that name.
+
+    Removal of the trash happens later (``empty_trash``), so no half-deleted directory is ever visible.
+    """
     trash = root / fmt.trash_dirname(step, secrets.token_hex(4))
     os.rename(path, trash)
     writer.fsync_dir(root)
-    shutil.rmtree(trash, ignore_errors=True)
+    return trash
 
 
 def apply_retention(txn: Transaction, limit: int) -> list[Path]:
@@ -317,13 +322,19 @@ def apply_retention(txn: Transaction, limit: int) -> list[Path]:
     removed = []
     for info in others[: max(0, excess)]:
         try:
-            remove_checkpoint(txn.root, info.path, info.step)
+            txn.trash.append(trash_checkpoint(txn.root, info.path, info.step))
             removed.append(info.path)
         except OSError as e:
             logger.warning("retention could not remove %s: %s", info.path, e)
     if removed:
         logger.info("retention (save_total_limit=%d) removed %s", limit, ", ".join(p.name for p in removed))
     return removed
+
+
+def empty_trash(txn: Transaction) -> None:
+    trash, txn.trash = txn.trash, []
+    for path in trash:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sweep_stale(output_dir: Path, live_txns: set[str]) -> list[Path]:
