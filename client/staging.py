@@ -8,6 +8,7 @@ writes ``header + data`` as a single range without re-serialising or copying aga
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 REGION_ALIGN = 4096  # each file starts on a page boundary of the slab
+BIG_COPY = 1 << 20  # bytes from which a tensor is copied on its own (multi-threaded) rather than batched
 GROWTH = 1.125  # headroom when a slab grows, so small state changes do not reallocate every save
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the slab at allocation, not in the first copy
 
@@ -121,10 +123,11 @@ class CachedTable:
     head_len: int = 0
     views_key: tuple[str, int] | None = None
     views: list[torch.Tensor | None] = field(default_factory=list)
+    big: list[bool] = field(default_factory=list)  # per view: large enough for a multi-threaded copy_
 
 
 # file path -> its cached table; one per client, so steady-state saves skip layout work
-LayoutCache = dict[str, CachedTable]
+LayoutCache = dict[str, Any]  # CachedTable per file, plus the ModelPlan
 HEADER_SLACK = 256  # bytes reserved in the header so small metadata changes keep the data offset
 
 
@@ -163,8 +166,10 @@ def _image(
     leaves: list[tuple[str, torch.Tensor]],
     metadata: dict[str, str],
     cache: LayoutCache,
+    signature: tuple[Any, ...] | None = None,
 ) -> FileImage:
-    signature = tuple((name, t.dtype, t.shape) for name, t in leaves)
+    if signature is None:
+        signature = tuple((name, t.dtype, t.shape) for name, t in leaves)
     ent = cache.get(path)
     if ent is None or ent.signature != signature:
         items = [(name, fmt.safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in leaves]
@@ -197,34 +202,79 @@ def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
+def tied_groups(tensors: list[torch.Tensor]) -> dict[int, list[int]]:
+    """``{first index: [alias indices]}`` for tensors that are the same memory (tied weights).
+
+    Screens by data pointer (cheap) and confirms candidates with the full storage/offset/shape/stride key,
+    so that a view starting at the same address (``a`` and ``a[:2]``) is not mistaken for a tie.
+    """
+    first: dict[int, int] = {}
+    candidates: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        j = first.setdefault(t.data_ptr(), i)
+        if j != i:
+            candidates.setdefault(j, []).append(i)
+    groups = {}
+    for j, members in candidates.items():
+        if tensors[j].numel() == 0:
+            continue
+        key = _tie_key(tensors[j])
+        same = [i for i in members if _tie_key(tensors[i]) == key]
+        if same:
+            groups[j] = same
+    return groups
+
+
+@dataclass
+class ModelPlan:
+    """The model's sharding, reused while names, dtypes, shapes and ties stay the same."""
+
+    signature: tuple[Any, ...]
+    generation: int  # distinguishes plans, so shard tables can be keyed by (generation, shard)
+    stored: list[int]  # indices of the tensors written (aliases of tied weights left out)
+    shards: list[list[int]]  # positions in ``stored``, per shard
+    index: bytes
+
+
+_plan_ids = itertools.count()
+_MODEL_PLAN = "\0model-plan"  # key of the model plan in a LayoutCache (no file is named like this)
+
+
 def model_images(
     p: ComponentPlan, state: dict[str, torch.Tensor], max_shard_size: int, cache: LayoutCache
 ) -> list[FileImage]:
     """The model as Hugging Face shards plus index; tensors that share memory (tied weights) stored once."""
-    stored: list[tuple[str, torch.Tensor]] = []
-    primary: dict[tuple[Any, ...], str] = {}
-    tied: dict[str, list[str]] = {}
-    for name, t in state.items():
-        if fmt.safetensors_dtype(t.dtype) is None or t.layout != torch.strided:
-            raise fmt.UnsupportedLeafError(f"model.{name}: tensor {t.dtype}/{t.layout} cannot be stored in safetensors")
-        k = _tie_key(t)
-        if t.numel() > 0 and k in primary:
-            tied.setdefault(primary[k], [primary[k]]).append(name)
-            continue
-        primary[k] = name
-        stored.append((name, t))
-    sizes = [t.numel() * t.element_size() for _, t in stored]
-    shards = fmt.plan_model_shards(sizes, max_shard_size)
+    names = list(state)
+    tensors = list(state.values())
+    ties = tied_groups(tensors)
+    signature = (max_shard_size, tuple((n, t.dtype, t.shape) for n, t in zip(names, tensors, strict=True)))
+    signature += (tuple((j, tuple(m)) for j, m in ties.items()),)
+    plan = cache.get(_MODEL_PLAN)
+    if not isinstance(plan, ModelPlan) or plan.signature != signature:
+        for name, t in state.items():
+            if fmt.safetensors_dtype(t.dtype) is None or t.layout != torch.strided:
+                raise fmt.UnsupportedLeafError(
+                    f"model.{name}: tensor {t.dtype}/{t.layout} cannot be stored in safetensors"
+                )
+        aliases = {i for members in ties.values() for i in members}
+        stored = [i for i in range(len(names)) if i not in aliases]
+        sizes = [tensors[i].numel() * tensors[i].element_size() for i in stored]
+        shards = fmt.plan_model_shards(sizes, max_shard_size)
+        weight_map = {
+            names[stored[k]]: fmt.model_shard_filename(si, len(shards)) for si, idx in enumerate(shards) for k in idx
+        }
+        tied = [[names[j]] + [names[i] for i in members] for j, members in ties.items()]
+        plan = ModelPlan(
+            signature, next(_plan_ids), stored, shards, fmt.build_model_index(weight_map, sum(sizes), tied)
+        )
+        cache[_MODEL_PLAN] = plan  # type: ignore[assignment]
     images = []
-    weight_map: dict[str, str] = {}
-    for si, idx in enumerate(shards):
-        fname = fmt.model_shard_filename(si, len(shards))
-        leaves = [stored[i] for i in idx]
-        for name, _ in leaves:
-            weight_map[name] = fname
-        images.append(_image(fname, p, leaves, {}, cache))
-    index = fmt.build_model_index(weight_map, sum(sizes), list(tied.values()))
-    images.append(FileImage(fmt.MODEL_INDEX_NAME, p.key, "index", index, [], None, len(index)))
+    for si, idx in enumerate(plan.shards):
+        leaves = [(names[plan.stored[k]], tensors[plan.stored[k]]) for k in idx]
+        # The plan's signature already covers these leaves: no need to recompute one per shard.
+        shard_sig = ("model-plan", plan.generation, si)
+        images.append(_image(fmt.model_shard_filename(si, len(plan.shards)), p, leaves, {}, cache, shard_sig))
+    images.append(FileImage(fmt.MODEL_INDEX_NAME, p.key, "index", plan.index, [], None, len(plan.index)))
     return images
 
 
@@ -276,6 +326,7 @@ def _views(slab: Slab, img: FileImage) -> list[torch.Tensor | None]:
                 dtype = fmt.torch_dtype(e.dtype)
                 views.append(slab.tensor[base + e.begin : base + e.end].view(dtype).view(e.shape))
         ent.views, ent.views_key = views, key
+        ent.big = [e.end - e.begin >= BIG_COPY for e in ent.table.entries]
     return ent.views
 
 
@@ -289,21 +340,26 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
             mv[img.offset : img.offset + len(img.head)] = img.head
     finally:
         mv.release()
-    cpu_dst: list[torch.Tensor] = []
-    cpu_src: list[torch.Tensor] = []
+    small_dst: list[torch.Tensor] = []
+    small_src: list[torch.Tensor] = []
+    big: list[tuple[torch.Tensor, torch.Tensor]] = []
     cuda: list[tuple[torch.Tensor, torch.Tensor]] = []
     for img in images:
         if img.cached is None:
             continue
-        for dst, src in zip(_views(slab, img), img.srcs, strict=True):
+        views = _views(slab, img)
+        for dst, src, is_big in zip(views, img.srcs, img.cached.big, strict=True):
             if dst is None:
                 continue
-            if src.device.type == "cuda":
+            if src.is_cuda:
                 cuda.append((dst, src))
+            elif is_big:
+                big.append((dst, src))
             else:
-                cpu_dst.append(dst)
-                cpu_src.append(src)
-            stats.tensors += 1
+                small_dst.append(dst)
+                small_src.append(src)
+        stats.tensors += len(img.srcs)
+        stats.bytes += img.size - len(img.head)
     with torch.no_grad():
         used: dict[int, Any] = {}
         for dst, src in cuda:
@@ -319,25 +375,18 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
             with torch.cuda.stream(stream):
                 dst.copy_(src, non_blocking=slab.pinned)
             stats.cuda_bytes += dst.nbytes
-        # The host copies run while the device-to-host copies are in flight.
-        if cpu_dst:
-            _copy_many(cpu_dst, cpu_src)
+        # The host copies run while the device-to-host copies are in flight. Large tensors go through
+        # copy_, which is multi-threaded; small ones in one dispatch.
+        for dst, src in big:
+            dst.copy_(src)
+        if len(small_dst) > 16 and hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(small_dst, small_src)
+        else:
+            for dst, src in zip(small_dst, small_src, strict=True):
+                dst.copy_(src)
         for stream in used.values():
             stream.synchronize()
-    stats.bytes = sum(d.nbytes for d in cpu_dst) + stats.cuda_bytes
     return stats
-
-
-def _copy_many(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    # One dispatch for many small tensors; large ones go through copy_, which is multi-threaded.
-    small = [(d, s) for d, s in zip(dsts, srcs, strict=True) if d.nbytes < (1 << 20)]
-    if len(small) > 1 and hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_([d for d, _ in small], [s for _, s in small])
-        big = [(d, s) for d, s in zip(dsts, srcs, strict=True) if d.nbytes >= (1 << 20)]
-    else:
-        big = list(zip(dsts, srcs, strict=True))
-    for d, s in big:
-        d.copy_(s)
 
 
 # -------------------------------------------------------------------------------------------- validation
