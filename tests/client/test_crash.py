@@ -7,7 +7,6 @@ staging slab is a /dev/shm segment, the checkpoint is written to disk, and the p
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import os
 import selectors
 import shutil
@@ -27,15 +26,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "trainer_script.py"
 
 
-def _trainer_module():
-    spec = importlib.util.spec_from_file_location("ckptd_tests_trainer_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-trainer = _trainer_module()
+import trainer_script as trainer  # noqa: E402 - tests/client is on sys.path (pytest rootdir-less modules)
 
 
 def _endpoint_lock_free(endpoint: str) -> bool:

@@ -3,10 +3,8 @@ strict/optional components, and what save_async accepts (bad leaves, bad keys, N
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +20,6 @@ from client import (
     list_checkpoints,
     verify_checkpoint,
 )
-
-HERE = Path(__file__).resolve().parent
-
-
-def _helpers():
-    name = "ckptd_tests_trainer_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "trainer_script.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sys.modules[name] = mod
-    return sys.modules[name]
-
-
-helpers = _helpers()
 
 
 class Captured:

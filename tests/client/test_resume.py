@@ -3,12 +3,10 @@ tools see it, retention, re-saving a step, and saves in flight back to back."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,22 +26,6 @@ from client import (
     list_checkpoints,
     verify_checkpoint,
 )
-
-HERE = Path(__file__).resolve().parent
-
-
-def _helpers():
-    name = "ckptd_tests_trainer_script"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "trainer_script.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sys.modules[name] = mod
-    return sys.modules[name]
-
-
-helpers = _helpers()
 
 
 def assert_same(a, b, path="state"):
