@@ -142,7 +142,7 @@ class CheckpointClient:
 
     def _ensure_daemon(self) -> None:
         try:
-            self._link.ensure_daemon(may_start=self._is_local_leader)
+            self._link.ensure_daemon(may_start=self._is_local_leader, output_dir=self.output_dir)
         except DaemonUnavailable as e:
             raise CheckpointError(str(e)) from None
         self._link_generation = self._link.generation

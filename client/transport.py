@@ -186,7 +186,9 @@ class DaemonLink:
             return None
         return self.process.poll() is None
 
-    def ensure_daemon(self, may_start: bool, timeout_s: float = DAEMON_START_TIMEOUT_S) -> None:
+    def ensure_daemon(
+        self, may_start: bool, output_dir: Path | None = None, timeout_s: float = DAEMON_START_TIMEOUT_S
+    ) -> None:
         """Make sure a daemon answers at the endpoint; local rank 0 (``may_start``) starts one if not."""
         if self.ping(1.0 if may_start else 2.0):
             if self.process is not None and self.process.poll() is not None:
@@ -195,7 +197,7 @@ class DaemonLink:
                 self.process = None
             return
         if may_start:
-            self.process = start_embedded_daemon(self.endpoint)
+            self.process = start_embedded_daemon(self.endpoint, output_dir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.ping(1.0):
@@ -217,12 +219,15 @@ def daemon_log_path(endpoint: str) -> Path:
     return Path(proto.runtime_dir()) / "ckptd-tcp.log"
 
 
-def start_embedded_daemon(endpoint: str) -> subprocess.Popen:
-    """Start ``python -m ckptd serve`` in its own session so that it outlives this trainer."""
+def start_embedded_daemon(endpoint: str, output_dir: Path | None = None) -> subprocess.Popen:
+    """Start ``python -m ckptd serve`` in its own session so that it outlives this trainer; it removes
+    the stale temp directories of ``output_dir`` (left by a daemon that died) as it starts."""
     log = daemon_log_path(endpoint)
     proto.ensure_private_dir(str(log.parent))
     cmd = [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint, "--embedded"]
     cmd += ["--idle-exit", str(EMBEDDED_IDLE_EXIT_S)]
+    if output_dir is not None:
+        cmd += ["--output-dir", str(output_dir)]
     logger.info("starting embedded ckptd: %s (log %s)", " ".join(cmd), log)
     with open(log, "ab") as out:
         return subprocess.Popen(
