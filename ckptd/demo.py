@@ -9,6 +9,7 @@ The daemon finishes the save the crashed trainer handed over; the resume starts 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -144,6 +145,9 @@ def run(cfg: DemoConfig, out: TextIO = sys.stdout) -> int:
         f"uninterrupted run bit for bit ({len(compared)}/{len(compared)})"
     )
     rep.line(f"ckptd demo: OK. Checkpoints are in {out_dir / fmt.CHECKPOINTS_DIRNAME}; try 'ckptd ls {out_dir}'")
+    # The private daemon exits by itself once idle; its log is only worth keeping when something failed.
+    with contextlib.suppress(OSError):
+        os.unlink(f"{proto.ipc_path(endpoint)}.log")
     return 0
 
 

@@ -85,15 +85,35 @@ def acquire_endpoint_lock(endpoint: str) -> int | None:
     if path is None:
         return None
     proto.ensure_private_dir(os.path.dirname(path))
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = path + ".lock"
+    for _ in range(5):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EndpointBusy(f"another ckptd already serves {endpoint}") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        # We locked a lock file that the previous daemon removed as it exited: take the new one.
         os.close(fd)
-        raise EndpointBusy(f"another ckptd already serves {endpoint}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+    raise EndpointBusy(f"could not take the lock {lock}; daemons keep starting and stopping at {endpoint}")
+
+
+def release_endpoint_lock(endpoint: str, fd: int | None) -> None:
+    """Remove the lock file while still holding it (so no other daemon can be holding it), then let go."""
+    path = proto.ipc_path(endpoint)
+    if fd is None or path is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + ".lock")
+    os.close(fd)
 
 
 async def send(d: Daemon, identity: bytes, msg_type: MsgType, req_id: int = 0, **body: object) -> None:
@@ -450,8 +470,7 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        if lock_fd is not None:
-            os.close(lock_fd)
+        release_endpoint_lock(config.endpoint, lock_fd)
     logger.info("ckptd exiting")
     return 0
 

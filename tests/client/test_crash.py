@@ -30,8 +30,11 @@ import trainer_script as trainer  # noqa: E402 - tests/client is on sys.path (py
 
 
 def _endpoint_lock_free(endpoint: str) -> bool:
-    """True when no process holds the daemon's endpoint lock (flock is released when the holder exits)."""
-    fd = os.open(trainer.lock_path(endpoint), os.O_RDWR)
+    """True when no process holds the daemon's endpoint lock (a daemon removes it as it exits)."""
+    try:
+        fd = os.open(trainer.lock_path(endpoint), os.O_RDWR)
+    except FileNotFoundError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
