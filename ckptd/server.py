@@ -175,10 +175,14 @@ async def cleanup_after_abort(d: Daemon, txn: tx.Transaction) -> None:
 
 
 def release_dead_segments(d: Daemon, txn: tx.Transaction) -> None:
-    """Unlink the slabs of trainers that died: nobody else will, and they pin RAM in /dev/shm."""
+    """Unlink the slabs of trainers that died: nobody else will, and they pin RAM in /dev/shm.
+
+    A slab that a later live transaction still reads from (the trainer handed over another save before it
+    died) is left to housekeeping, which unlinks it once no transaction uses it."""
+    in_use = {p.request.segment for t in d.txns.values() for p in t.parts.values()}
     for part in txn.parts.values():
         pid = part.request.pid
-        if not writer.pid_alive(pid):
+        if part.request.segment not in in_use and not writer.pid_alive(pid):
             seg = d.segments.pop(part.request.segment, None)
             if seg is not None:
                 seg.close()
