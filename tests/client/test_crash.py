@@ -195,3 +195,30 @@ def test_daemon_sigkilled_mid_write_aborts_that_save_and_next_save_commits(endpo
     assert torch.equal(blob_c.tensor, torch.full((1000,), 3.0))
     for k, v in model.state_dict().items():
         assert torch.equal(model_c.state_dict()[k], v), k
+
+
+def test_two_saves_handed_over_back_to_back_both_commit_after_trainer_sigkill(endpoint, output_dir, tmp_path):
+    """Both saves were handed over before the kill; the second reads the same slab as the first, so the
+    daemon must keep the dead trainer's slab mapped until no transaction uses it (then unlink it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", proto.ENDPOINT_ENV: endpoint}
+    cmd = [sys.executable, str(SCRIPT), "--out", str(output_dir), "--step", "7", "--then-step", "8"]
+    cmd += ["--seed", "5", "--blob-mb", "96"]
+    log = tmp_path / "trainer.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    try:
+        line = _read_marker(proc, timeout=90)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "step=8" in line, log.read_text()[-2000:]
+    root = output_dir / "checkpoints"
+    assert _poll(lambda: (root / "checkpoint-8").is_dir(), timeout=60), sorted(p.name for p in root.iterdir())
+    for step in (7, 8):
+        result = verify_checkpoint(root / f"checkpoint-{step}")
+        assert result, str(result)
+    assert find_latest_checkpoint(output_dir) == root / "checkpoint-8"
+    assert _poll(lambda: not _segments_of(proc.pid), timeout=15), _segments_of(proc.pid)

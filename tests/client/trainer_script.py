@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--step", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blob-mb", type=int, default=128)
+    ap.add_argument("--then-step", type=int, default=None, help="hand over a second save right after the first")
     args = ap.parse_args()
 
     from client import CheckpointClient
@@ -101,6 +102,10 @@ def main() -> int:
     model, blob = build_state(args.seed, args.blob_mb)
     client = CheckpointClient(args.out, components(model, blob))  # endpoint from $CKPTD_ENDPOINT
     handle = client.save_async(args.step, metadata={"writer_pid": os.getpid()})
+    if args.then_step is not None:
+        # Back to back: this waits for the daemon to release the slab, then hands over a second save
+        # while the first may still be syncing.
+        handle = client.save_async(args.then_step, metadata={"writer_pid": os.getpid()})
     print(f"{MARKER} step={handle.step} txn={handle.txn} pid={os.getpid()}", flush=True)
     # Keep "training" until the test kills us. Overwrite the state we just handed off first: the
     # checkpoint must hold the snapshot taken inside save_async, not whatever the tensors hold later.
