@@ -757,6 +757,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             endpoint=endpoint,
             idle_exit_s=args.idle_exit,
             writer_threads=args.writer_threads,
+            nice=args.nice,
             sweep_dirs=[Path(p).resolve() for p in args.output_dir],
         )
         return server.serve(config)
@@ -791,6 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after S seconds with no transaction and no live client",
     )
     s.add_argument("--writer-threads", type=int, default=4, metavar="N", help="parallel file writers (default 4)")
+    s.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        metavar="N",
+        help="lower the daemon's CPU priority by N (default 10) so that training keeps the cores; 0 keeps it",
+    )
     s.add_argument(
         "--output-dir",
         action="append",

@@ -41,6 +41,7 @@ class DaemonConfig:
     endpoint: str
     idle_exit_s: float | None = None  # exit after this long with nothing to do and no live client
     writer_threads: int = 4
+    nice: int = 10  # CPU priority below the trainer's: writing must not take cores from training
     sweep_dirs: list[Path] = field(default_factory=list)
 
 
@@ -421,6 +422,8 @@ async def housekeeping(d: Daemon) -> bool:
 
 async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) -> int:
     lock_fd = acquire_endpoint_lock(config.endpoint)
+    if config.nice > 0:
+        os.nice(config.nice)
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 1000)
