@@ -758,7 +758,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             idle_exit_s=args.idle_exit,
             writer_threads=args.writer_threads,
             nice=args.nice,
-            sweep_dirs=[Path(p).resolve() for p in args.output_dir],
+            sweep_dirs=[Path(os.path.abspath(p)) for p in args.output_dir],
         )
         return server.serve(config)
     except server.EndpointBusy as e:

@@ -93,7 +93,8 @@ class CheckpointClient:
             raise ValueError(f"save_total_limit must be a positive integer or None, got {save_total_limit!r}")
         if staging_slabs < 1:
             raise ValueError("staging_slabs must be at least 1")
-        self.output_dir = Path(output_dir).expanduser().resolve()
+        # Absolute but not resolved: paths handed back keep the form (and symlinks) the caller used.
+        self.output_dir = Path(os.path.abspath(os.path.expanduser(output_dir)))
         self.components = list(components)
         self.save_total_limit = save_total_limit
         self.max_shard_size = int(max_shard_size)
