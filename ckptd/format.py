@@ -29,8 +29,10 @@ import datetime as _dt
 import json
 import logging
 import math
+import mmap
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -779,6 +781,43 @@ def read_verified(
         return buf
     finally:
         os.close(fd)
+
+
+def map_verified(path: Path, record: FileRecord, *, verify_checksum: bool = True) -> mmap.mmap:
+    """Map a whole checkpoint file copy-on-write, checking its size always and its checksum when asked.
+
+    The mapping shares the page cache: no fresh buffer has to be allocated and faulted in, and no copy is
+    made until someone writes to a page (then only that page is copied; the file never changes). Tensors
+    built over it keep it alive. Files are never truncated in place (they are replaced by rename), so the
+    mapping stays valid even after the checkpoint is deleted.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing (manifest lists {record.size} bytes)") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != record.size:
+            raise FormatError(f"{path}: size mismatch (manifest {record.size} bytes, file {st.st_size} bytes)")
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            raise FormatError(f"{path}: not a non-empty regular file")
+        # No MAP_POPULATE: on a private writable mapping it would copy every page up front.
+        mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    if verify_checksum:
+        hasher = new_hasher()
+        view = memoryview(mm)
+        try:
+            for pos in range(0, len(view), READ_CHUNK):
+                hasher.update(view[pos : pos + READ_CHUNK])
+        finally:
+            view.release()
+        got = format_checksum(hasher)
+        if got != record.checksum:
+            mm.close()
+            raise FormatError(f"{path}: checksum mismatch (manifest {_short(record.checksum)}, file {_short(got)})")
+    return mm
 
 
 def _short(checksum: str) -> str:

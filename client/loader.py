@@ -34,7 +34,7 @@ class ReadResult:
     bytes_read: int
 
 
-def tensors_from_buffer(buf: bytearray, layout: fmt.SafetensorsLayout) -> dict[str, torch.Tensor]:
+def tensors_from_buffer(buf: Any, layout: fmt.SafetensorsLayout) -> dict[str, torch.Tensor]:
     base = len(layout.header)
     out = {}
     for e in layout.entries:
@@ -50,11 +50,19 @@ def tensors_from_buffer(buf: bytearray, layout: fmt.SafetensorsLayout) -> dict[s
 def read_safetensors(
     path: Path, record: fmt.FileRecord, verify: bool
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    buf = read_file(path, record, verify)
     try:
-        meta, layout = fmt.parse_safetensors_header(memoryview(buf), len(buf))
+        buf = fmt.map_verified(path, record, verify_checksum=verify)
+    except fmt.FormatError as e:
+        raise VerificationFailed(str(e)) from None
+    except OSError as e:
+        raise VerificationFailed(f"{path}: cannot be read ({e.strerror})") from None
+    view = memoryview(buf)
+    try:
+        meta, layout = fmt.parse_safetensors_header(view, len(buf))
     except fmt.FormatError as e:
         raise VerificationFailed(f"{path}: {e}") from None
+    finally:
+        view.release()
     return meta, tensors_from_buffer(buf, layout)
 
 
