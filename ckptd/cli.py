@@ -758,6 +758,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             idle_exit_s=args.idle_exit,
             writer_threads=args.writer_threads,
             nice=args.nice,
+            direct_io=args.direct_io,
             sweep_dirs=[Path(os.path.abspath(p)) for p in args.output_dir],
         )
         return server.serve(config)
@@ -792,6 +793,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after S seconds with no transaction and no live client",
     )
     s.add_argument("--writer-threads", type=int, default=4, metavar="N", help="parallel file writers (default 4)")
+    s.add_argument(
+        "--no-direct-io",
+        dest="direct_io",
+        action="store_false",
+        help="write through the page cache instead of O_DIRECT (default: O_DIRECT where the file system takes it)",
+    )
     s.add_argument(
         "--nice",
         type=int,

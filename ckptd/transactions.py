@@ -154,7 +154,7 @@ def prepare_temp_dir(txn: Transaction) -> None:
     txn.temp_dir.mkdir(mode=0o755, exist_ok=True)
 
 
-def write_part(txn: Transaction, part: Part) -> None:
+def write_part(txn: Transaction, part: Part, direct: bool = False) -> None:
     """Validate and write every file of a part (not yet fsynced). Runs on a writer thread."""
     assert part.segment is not None
     for spec in part.request.files:
@@ -162,7 +162,7 @@ def write_part(txn: Transaction, part: Part) -> None:
     for spec in part.request.files:
         if txn.state == TxnState.ABORTED:
             raise TxnError(f"transaction {txn.txn} aborted while writing: {txn.reason}")
-        f = writer.write_range(part.segment, spec, txn.temp_dir)
+        f = writer.write_range(part.segment, spec, txn.temp_dir, direct)
         part.open_files.append(f)
         txn.bytes_written += f.size
         part.records.append(

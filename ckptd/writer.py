@@ -125,23 +125,57 @@ class OpenFile:
     checksum: str
 
 
-def write_range(seg: Segment, spec: FileSpec, directory: Path) -> OpenFile:
-    """Write one file's range into ``directory`` (must not exist yet); returns it still open for fsync."""
+DIRECT_ALIGN = 4096
+DIRECT_CHUNK = 32 * 1024 * 1024  # O_DIRECT writes are synchronous: fewer, larger ones keep the disk busy
+
+
+def _set_direct(fd: int, on: bool) -> None:
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, (flags | os.O_DIRECT) if on else (flags & ~os.O_DIRECT))
+
+
+def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = False) -> OpenFile:
+    """Write one file's range into ``directory`` (must not exist yet); returns it still open for fsync.
+
+    With ``direct``, the page-aligned body goes out with O_DIRECT straight from the slab (no copy into the
+    page cache, no writeback work: less CPU taken from training); the unaligned tail, and any file system
+    that refuses O_DIRECT, fall back to ordinary writes.
+    """
     path = directory / spec.path
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     hasher = fmt.new_hasher()
     view = memoryview(seg.mm)
+    end = spec.offset + spec.length
+    direct_end = spec.offset
+    if direct and hasattr(os, "O_DIRECT") and spec.offset % DIRECT_ALIGN == 0:
+        direct_end = spec.offset + spec.length // DIRECT_ALIGN * DIRECT_ALIGN
+        if direct_end > spec.offset:
+            try:
+                _set_direct(fd, True)
+            except OSError:
+                direct_end = spec.offset
     try:
-        end = spec.offset + spec.length
         pos = spec.offset
         while pos < end:
-            chunk = view[pos : min(end, pos + WRITE_CHUNK)]
+            limit = direct_end if pos < direct_end else end
+            chunk = view[pos : min(limit, pos + (DIRECT_CHUNK if pos < direct_end else WRITE_CHUNK))]
             hasher.update(chunk)
             done = 0
             while done < len(chunk):
-                done += os.write(fd, chunk[done:])
+                try:
+                    done += os.write(fd, chunk[done:])
+                except OSError as e:
+                    if pos >= direct_end or e.errno != errno.EINVAL:
+                        raise
+                    # This file system does not take O_DIRECT after all: write the rest buffered.
+                    _set_direct(fd, False)
+                    direct_end = pos
             chunk.release()
             pos += done
+            if pos == direct_end and pos < end:
+                _set_direct(fd, False)
     except BaseException:
         os.close(fd)
         raise
