@@ -209,7 +209,6 @@ def get_segment(d: Daemon, req: proto.StageRequest) -> writer.Segment:
     if seg is None:
         seg = writer.open_segment(req.segment, req.segment_size, req.pid)
         d.segments[req.segment] = seg
-    seg.last_used = time.monotonic()
     return seg
 
 

@@ -13,8 +13,7 @@ import logging
 import mmap
 import os
 import stat
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd import format as fmt
@@ -36,7 +35,6 @@ class Segment:
     size: int
     mm: mmap.mmap
     owner_pid: int
-    last_used: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
         try:

@@ -316,7 +316,6 @@ class CheckpointClient:
         txn = votes[0][2]
         assert slab is not None
         slab.busy_txn = txn
-        slab.busy_since = time.monotonic()
         handle = SaveHandle(step=step, txn=txn, client=self)
         self._inflight[txn] = handle
         req = self._stage_request(step, txn, slab, images, metadata)

@@ -46,7 +46,6 @@ class Slab:
     tensor: torch.Tensor  # uint8 view of the whole mapping
     pinned: bool = False
     busy_txn: str | None = None  # the transaction whose bytes the daemon may still be reading
-    busy_since: float = 0.0
 
 
 def create_slab(size: int, rank: int) -> Slab:
@@ -406,14 +405,6 @@ def replication_digest(state: Any, key: str, level: ValidationLevel) -> str | No
             raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             h.update(memoryview(raw.numpy()))
     return fmt.format_checksum(h)
-
-
-def tensors_of(state: Any, key: str) -> list[torch.Tensor]:
-    return [leaf.tensor for leaf in fmt.flatten_state(state, key)[1]]
-
-
-def total_bytes(images: list[FileImage]) -> int:
-    return sum(img.size for img in images)
 
 
 def describe_size(n: int) -> str:
