@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainer_script import Captured  # tests/client is on sys.path for these modules
 
 from client import (
     CheckpointClient,
@@ -20,20 +21,6 @@ from client import (
     list_checkpoints,
     verify_checkpoint,
 )
-
-
-class Captured:
-    """Saves a given state and records what load_state_dict receives."""
-
-    def __init__(self, state) -> None:
-        self.state = state
-        self.loaded = None
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state) -> None:
-        self.loaded = state
 
 
 def _make(seed: int):

@@ -16,6 +16,7 @@ import torch
 import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
+from trainer_script import Captured  # tests/client is on sys.path for these modules
 
 from client import (
     CheckpointClient,
@@ -148,20 +149,6 @@ class TinyLM(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(torch.tanh(self.body(self.embed(ids)))))
-
-
-class Captured:
-    """Saves a given state dict and records what load_state_dict receives."""
-
-    def __init__(self, state) -> None:
-        self.state = state
-        self.loaded = None
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state) -> None:
-        self.loaded = state
 
 
 SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors\Z")

@@ -55,6 +55,20 @@ def process_gone(pid: int) -> bool:
 # --------------------------------------------------------------------------------- the trainer
 
 
+class Captured:
+    """Saves a given state and records what load_state_dict receives (shared by the client tests)."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.loaded = None
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state) -> None:
+        self.loaded = state
+
+
 class Blob:
     """A stateful holding one large tensor and a little nested metadata."""
 
