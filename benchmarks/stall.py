@@ -670,17 +670,7 @@ def run_main(args: argparse.Namespace, work: Path, endpoint: str, size: int, dty
         info.append(("ckptd first save (slab allocation)", fmt_s(res.first["ckptd_stall"])))
     print_targets(targets, info)
     bd = print_breakdown(ck.breakdown, "")
-    return {
-        "mode": "main",
-        "bytes": nbytes,
-        "tensors": args.tensors,
-        "samples_s": res.samples,
-        "warmup_s": res.first,
-        "median_s": {k: med(v) for k, v in res.samples.items()},
-        "targets": [t.row() for t in targets],
-        "info": dict(info),
-        "breakdown_median_s": bd,
-    }
+    return result_record("main", nbytes, args.tensors, res, targets, info, bd)
 
 
 def run_small(args: argparse.Namespace, work: Path, endpoint: str, size: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -760,10 +750,17 @@ def run_small(args: argparse.Namespace, work: Path, endpoint: str, size: int, dt
     ]
     print_targets(targets, info)
     bd = print_breakdown(clients[0].breakdown if clients else None, f", {n} tensors")
+    return result_record("small_tensors", nbytes, n, res, targets, info, bd)
+
+
+def result_record(
+    mode: str, nbytes: int, tensors: int, res: Any, targets: list[Any], info: list[Any], bd: Any
+) -> dict[str, Any]:
+    """What --json writes for one mode."""
     return {
-        "mode": "small_tensors",
+        "mode": mode,
         "bytes": nbytes,
-        "tensors": n,
+        "tensors": tensors,
         "samples_s": res.samples,
         "warmup_s": res.first,
         "median_s": {k: med(v) for k, v in res.samples.items()},
