@@ -19,7 +19,9 @@ Layout::
         <key>_state_group_<name>_<i>.safetensors PER_GROUP (instance i)
         <key>_state_node_<n>.safetensors         PER_NODE
       .tmp-checkpoint-<step>-<txn>/              in flight; invisible to readers
+      .tmp-checkpoint-<step>-<txn>.owner         who owns that temp dir (host, pid, start time, deadline)
       .trash-checkpoint-<step>-<token>/          being deleted; invisible to readers
+      .ckptd-lease.json                          the job that writes this output dir
 """
 
 from __future__ import annotations
@@ -107,6 +109,22 @@ def temp_dirname(step: int, txn: str) -> str:
 def parse_temp_dirname(name: str) -> tuple[int, str] | None:
     m = _TEMP_RE.match(name)
     return (int(m.group(1)), m.group(2)) if m else None
+
+
+# The lease naming the one job that writes an output dir (ckptd.ownership reads and writes it).
+LEASE_NAME = ".ckptd-lease.json"
+_OWNER_SUFFIX = ".owner"
+
+
+def temp_owner_name(step: int, txn: str) -> str:
+    """The record beside ``.tmp-checkpoint-<step>-<txn>`` naming the process that owns it (for sweeps)."""
+    return temp_dirname(step, txn) + _OWNER_SUFFIX
+
+
+def parse_temp_owner_name(name: str) -> tuple[int, str] | None:
+    if not name.endswith(_OWNER_SUFFIX):
+        return None
+    return parse_temp_dirname(name[: -len(_OWNER_SUFFIX)])
 
 
 def trash_dirname(step: int, token: str) -> str:

@@ -10,7 +10,8 @@ Rank -> daemon requests, each answered by exactly one reply carrying the request
     hello    {pid, version}                                   -> welcome {pid, version}
     stage    {txn, output_dir, step, rank, world_size,        -> accepted {txn} | error
               expected_ranks, timeout_s, pid, segment,
-              segment_size, files[], commit?}
+              segment_fd, segment_ino, segment_size,
+              files[], commit?, job?, deadline?}
     query    {txn}                                            -> txn_state {txn, state, path, reason}
     abort    {txn, reason}                                    -> txn_state
     status   {}                                               -> status_report {...}
@@ -23,6 +24,15 @@ Daemon -> rank notifications (``id`` 0), sent to every rank that staged a part o
     aborted   {txn, reason}        the transaction is gone; earlier checkpoints are untouched
 
 Any malformed request gets ``error {message}``; the daemon never crashes or hangs on one.
+
+The staging segment is a sealed memfd of the rank's process (``memfd_create`` + ``F_SEAL_SHRINK``): the
+daemon opens it as ``/proc/<pid>/fd/<segment_fd>`` while the rank waits for ``accepted``, checks that it is
+the inode ``segment_ino``, owned by this user and sealed against shrinking (so no read of it can ever
+SIGBUS), and keeps its own mapping. ``segment`` is the memfd's name, for logs only. A memfd has no name in
+/dev/shm, so a crash of either process can never leak it.
+
+``job`` names the job that owns ``output_dir`` (see ``ckptd.ownership``); ``deadline`` is the Unix time
+after which the save may no longer commit: a hand-off that reaches the daemon later is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import re
 import stat
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -126,9 +137,13 @@ class StageRequest:
     timeout_s: float
     pid: int
     segment: str
+    segment_fd: int
+    segment_ino: int
     segment_size: int
     files: list[FileSpec]
     commit: CommitInfo | None = None
+    job: str | None = None
+    deadline: float | None = None
 
 
 def pack(msg_type: MsgType, req_id: int = 0, **body: Any) -> bytes:
@@ -341,7 +356,9 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
     pid = _int(body, "pid", 1, 1 << 31)
     segment = _str(body, "segment", 200)
     if not segment.startswith(SEGMENT_PREFIX) or "/" in segment or ".." in segment:
-        raise ProtocolError(f"field 'segment' must be a /dev/shm name starting {SEGMENT_PREFIX!r}, got {segment!r}")
+        raise ProtocolError(f"field 'segment' must be a memfd name starting {SEGMENT_PREFIX!r}, got {segment!r}")
+    segment_fd = _int(body, "segment_fd", 0, 1 << 31)
+    segment_ino = _int(body, "segment_ino", 1, 1 << 63)
     segment_size = _int(body, "segment_size")
     files_raw = body.get("files")
     if not isinstance(files_raw, list) or len(files_raw) > MAX_FILES_PER_PART:
@@ -350,6 +367,14 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
     if len({f.path for f in files}) != len(files):
         raise ProtocolError("field 'files' names the same path twice")
     commit = None if body.get("commit") is None else parse_commit_info(body["commit"])
+    job = body.get("job")
+    if job is not None and not is_valid_job(job):
+        raise ProtocolError(f"field 'job' must be 1-128 letters, digits or '._:@-', got {job!r}")
+    deadline = body.get("deadline")
+    if deadline is not None and (
+        not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not math.isfinite(deadline)
+    ):
+        raise ProtocolError(f"field 'deadline' must be a Unix time, got {deadline!r}")
     return StageRequest(
         txn=txn,
         output_dir=output_dir,
@@ -360,10 +385,21 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
         timeout_s=float(timeout),
         pid=pid,
         segment=segment,
+        segment_fd=segment_fd,
+        segment_ino=segment_ino,
         segment_size=segment_size,
         files=files,
         commit=commit,
+        job=job,
+        deadline=None if deadline is None else float(deadline),
     )
+
+
+_JOB_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}\Z")
+
+
+def is_valid_job(job: object) -> bool:
+    return isinstance(job, str) and bool(_JOB_RE.match(job))
 
 
 def parse_txn(body: dict[str, Any]) -> str:
