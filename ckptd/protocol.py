@@ -81,11 +81,15 @@ class MsgType(str, enum.Enum):
 
 
 class TxnState(str, enum.Enum):
+    """A transaction's state; the transitions between them live in ``ckptd.transactions``."""
+
     OPEN = "open"  # waiting for parts
-    WRITING = "writing"  # all parts in, files being written
-    COMMITTING = "committing"
-    COMMITTED = "committed"
-    ABORTED = "aborted"
+    WRITING = "writing"  # all parts in, files being written and fsynced
+    PREPARED = "prepared"  # every part durable and the commit checked; waiting for its turn to commit
+    COMMITTING = "committing"  # manifest and rename under way; no abort accepted any more
+    COMMITTED = "committed"  # renamed into place: the point of no return is behind it
+    ABORTING = "aborting"  # failed; the temp dir is being removed
+    ABORTED = "aborted"  # failed, and nothing of it is left on disk
     UNKNOWN = "unknown"  # this daemon never saw the txn (e.g. it restarted)
 
 

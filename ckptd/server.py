@@ -1,8 +1,12 @@
 """The node daemon: one asyncio loop owns the ROUTER socket; writer threads move bytes to disk.
 
-The loop never blocks on I/O: it validates requests, tracks transactions, and sends replies and
-notifications. Writing, fsync and commit run on thread pools and report back to the loop. Transaction
-logic lives in transactions.py, byte movement in writer.py, message parsing in protocol.py.
+The loop never blocks on I/O: it validates requests, drives transactions through their states (the
+transitions themselves live in ``transactions.py``; this module never sets a state), and sends replies and
+notifications. Writing, fsync and commit run on thread pools and report back to the loop. Byte movement is
+in ``writer.py``, message parsing in ``protocol.py``, ownership records and sweeps in ``ownership.py``.
+
+Shutdown (SIGTERM/SIGINT): new saves are refused at once; saves already handed over completely get
+``grace`` seconds to commit; then the rest abort cleanly (temp dirs removed) and the daemon exits.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import logging
 import os
 import signal
 import time
-from collections import OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,15 +28,17 @@ import zmq
 import zmq.asyncio
 
 import ckptd
+from ckptd import ownership, writer
 from ckptd import protocol as proto
 from ckptd import transactions as tx
-from ckptd import writer
+from ckptd.faults import FaultInjector
 from ckptd.protocol import MsgType, ProtocolError, TxnState
 
 logger = logging.getLogger(__name__)
 
-FINISHED_KEPT = 1024  # finished transactions remembered for late queries
 TICK_S = 0.25
+SWEEP_EVERY_S = 60.0  # stale temp dirs of other daemons, orphaned legacy slabs
+DEFAULT_GRACE_S = 30.0
 
 
 @dataclass
@@ -46,6 +51,8 @@ class DaemonConfig:
     # so the write takes less CPU from training and finishes sooner; falls back where unsupported.
     direct_io: bool = True
     sweep_dirs: list[Path] = field(default_factory=list)
+    grace_s: float = DEFAULT_GRACE_S  # on SIGTERM: how long saves already handed over may take to commit
+    keys_dir: Path | None = None  # CURVE keys; required for tcp:// endpoints
 
 
 @dataclass
@@ -59,371 +66,443 @@ class Stats:
     last_commit_time: float | None = None
     last_commit_bytes: int = 0
     last_commit_seconds: float | None = None
-
-
-@dataclass
-class Daemon:
-    config: DaemonConfig
-    sock: zmq.asyncio.Socket
-    io_pool: ThreadPoolExecutor
-    commit_pool: ThreadPoolExecutor
-    txns: dict[str, tx.Transaction] = field(default_factory=dict)
-    finished: OrderedDict[str, tx.Transaction] = field(default_factory=OrderedDict)
-    segments: dict[str, writer.Segment] = field(default_factory=dict)
-    clients: set[int] = field(default_factory=set)
-    swept: set[Path] = field(default_factory=set)
-    prepared: dict[str, asyncio.Future] = field(default_factory=dict)  # txn -> its temp dir exists
-    stats: Stats = field(default_factory=Stats)
-    last_activity: float = field(default_factory=time.monotonic)
-    stopping: bool = False
-    tasks: set[asyncio.Task] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)  # post-commit failures (retention, fsync), newest last
 
 
 class EndpointBusy(RuntimeError):
     pass
 
 
-def acquire_endpoint_lock(endpoint: str) -> int | None:
-    """Hold an exclusive lock beside an IPC socket: a second daemon must not steal a live socket."""
-    path = proto.ipc_path(endpoint)
-    if path is None:
-        return None
-    proto.ensure_private_dir(os.path.dirname(path))
-    lock = path + ".lock"
-    for _ in range(5):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise EndpointBusy(f"another ckptd already serves {endpoint}") from None
-        try:
-            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return fd
-        # We locked a lock file that the previous daemon removed as it exited: take the new one.
-        os.close(fd)
-    raise EndpointBusy(f"could not take the lock {lock}; daemons keep starting and stopping at {endpoint}")
+class EndpointLock:
+    """An exclusive lock beside an IPC socket: a second daemon must not steal a live socket."""
 
-
-def release_endpoint_lock(endpoint: str, fd: int | None) -> None:
-    """Remove the lock file while still holding it (so no other daemon can be holding it), then let go."""
-    path = proto.ipc_path(endpoint)
-    if fd is None or path is None:
-        return
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path + ".lock")
-    os.close(fd)
-
-
-async def send(d: Daemon, identity: bytes, msg_type: MsgType, req_id: int = 0, **body: object) -> None:
-    try:
-        await d.sock.send_multipart([identity, proto.pack(msg_type, req_id, **body)])
-    except zmq.ZMQError as e:
-        logger.debug("reply to a departed client dropped: %s", e)
-
-
-async def notify_txn(d: Daemon, txn: tx.Transaction) -> None:
-    for identity in txn.identities():
-        if txn.state == TxnState.COMMITTED:
-            await send(d, identity, MsgType.COMMITTED, txn=txn.txn, step=txn.step, path=str(txn.path))
-        else:
-            await send(d, identity, MsgType.ABORTED, txn=txn.txn, reason=txn.reason or "aborted")
-
-
-def txn_state_body(d: Daemon, txn_id: str) -> dict[str, object]:
-    txn = d.txns.get(txn_id) or d.finished.get(txn_id)
-    if txn is None:
-        return {"txn": txn_id, "state": TxnState.UNKNOWN.value, "path": None, "reason": None}
-    return {
-        "txn": txn_id,
-        "state": txn.state.value,
-        "path": str(txn.path) if txn.path else None,
-        "reason": txn.reason,
-    }
-
-
-async def finish(d: Daemon, txn: tx.Transaction) -> None:
-    """Move a committed or aborted transaction out of the live set and tell its ranks."""
-    d.txns.pop(txn.txn, None)
-    d.prepared.pop(txn.txn, None)
-    d.finished[txn.txn] = txn
-    while len(d.finished) > FINISHED_KEPT:
-        d.finished.popitem(last=False)
-    await notify_txn(d, txn)
-    if txn.state == TxnState.ABORTED:
-        d.stats.aborts += 1
-        spawn(d, cleanup_after_abort(d, txn))
-    else:
-        release_dead_segments(d, txn)
-    # A later save in the same output dir may have been waiting for this one to finish.
-    spawn(d, commit_ready(d, txn.output_dir))
-
-
-def spawn(d: Daemon, coro: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.create_task(coro)
-    d.tasks.add(task)
-    task.add_done_callback(d.tasks.discard)
-
-
-async def cleanup_after_abort(d: Daemon, txn: tx.Transaction) -> None:
-    # Writer threads may still hold files of this transaction; remove the temp dir once they let go.
-    while txn.pending_io:
-        await asyncio.sleep(0.02)
-    await asyncio.get_running_loop().run_in_executor(d.commit_pool, tx.cleanup_aborted, txn)
-    release_dead_segments(d, txn)
-
-
-def release_dead_segments(d: Daemon, txn: tx.Transaction) -> None:
-    """Unlink the slabs of trainers that died: nobody else will, and they pin RAM in /dev/shm.
-
-    A slab that a later live transaction still reads from (the trainer handed over another save before it
-    died) is left to housekeeping, which unlinks it once no transaction uses it."""
-    in_use = {p.request.segment for t in d.txns.values() for p in t.parts.values()}
-    for part in txn.parts.values():
-        pid = part.request.pid
-        if part.request.segment not in in_use and not writer.pid_alive(pid):
-            seg = d.segments.pop(part.request.segment, None)
-            if seg is not None:
-                seg.close()
-            writer.unlink_segment(part.request.segment)
-            logger.info("trainer pid %d is gone; unlinked its segment %s", pid, part.request.segment)
-
-
-async def abort_txn(d: Daemon, txn: tx.Transaction, reason: str) -> None:
-    if txn.finished:
-        return
-    tx.abort(txn, reason)
-    await finish(d, txn)
-
-
-def get_segment(d: Daemon, req: proto.StageRequest) -> writer.Segment:
-    seg = d.segments.get(req.segment)
-    if seg is not None and (seg.size < req.segment_size or not writer.segment_is_current(seg)):
-        d.segments.pop(req.segment).close()
-        seg = None
-    if seg is None:
-        seg = writer.open_segment(req.segment, req.segment_size, req.pid)
-        d.segments[req.segment] = seg
-    return seg
-
-
-async def handle_stage(d: Daemon, identity: bytes, req_id: int, body: dict) -> None:
-    req = proto.parse_stage(body)
-    txn = d.txns.get(req.txn)
-    if txn is None and req.txn in d.finished:
-        old = d.finished[req.txn]
-        raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}: {old.reason or ''}".rstrip(": "))
-    # Map the segment before touching any transaction: a part whose bytes cannot be read must neither
-    # open a transaction (and its temp dir) nor leave a half-joined one behind (commit info, WRITING
-    # state) that no timeout would ever end.
-    try:
-        segment = get_segment(d, req) if req.files else None
-    except (OSError, ValueError) as e:
-        raise tx.TxnError(str(e)) from None
-    if txn is None:
-        txn = tx.open_transaction(req)
-        # Directory work (sweep, mkdir) runs off the loop and off the rank's stall: the rank only waits
-        # for validation; its part's writer waits for this future.
-        loop = asyncio.get_running_loop()
-        sweep = txn.output_dir not in d.swept
-        d.swept.add(txn.output_dir)
-        live = set(d.txns) | {txn.txn}
-        d.prepared[txn.txn] = loop.run_in_executor(d.commit_pool, prepare, txn, sweep, live)
-        d.txns[req.txn] = txn
-        logger.info(
-            "txn %s opened: step %d in %s, ranks %s", txn.txn, txn.step, txn.output_dir, sorted(txn.expected_ranks)
-        )
-    part = tx.join(txn, req, identity)
-    part.segment = segment
-    d.stats.bytes_staged += sum(f.length for f in req.files)
-    await send(d, identity, MsgType.ACCEPTED, req_id, txn=req.txn, rank=req.rank)
-    spawn(d, run_part(d, txn, part))
-
-
-def prepare(txn: tx.Transaction, sweep: bool, live: set[str]) -> None:
-    if sweep:
-        tx.sweep_stale(txn.output_dir, live)
-    tx.prepare_temp_dir(txn)
-
-
-async def run_part(d: Daemon, txn: tx.Transaction, part: tx.Part) -> None:
-    loop = asyncio.get_running_loop()
-    txn.pending_io += 1
-    try:
-        await asyncio.shield(d.prepared[txn.txn])
-        if part.segment is not None:
-            await loop.run_in_executor(d.io_pool, tx.write_part, txn, part, d.config.direct_io)
-        else:
-            part.written = True
-        await send(d, part.identity, MsgType.RELEASED, txn=txn.txn, rank=part.rank)
-        await loop.run_in_executor(d.io_pool, tx.sync_part, part)
-    except Exception as e:  # any write error aborts the whole transaction, never the daemon
-        txn.pending_io -= 1
-        await send(d, part.identity, MsgType.RELEASED, txn=txn.txn, rank=part.rank)
-        await abort_txn(d, txn, f"rank {part.rank}: writing failed: {e}")
-        return
-    txn.pending_io -= 1
-    d.stats.bytes_written += sum(r.size for r in part.records)
-    await commit_ready(d, txn.output_dir)
-
-
-def waits_for_earlier(d: Daemon, txn: tx.Transaction) -> bool:
-    """True while a transaction opened earlier in the same output dir is still live.
-
-    Commits in one output dir happen in the order the saves were handed over, so that "latest" only ever
-    moves forward and retention never removes a newer checkpoint because an older one finished last.
-    """
-    for other in d.txns.values():  # insertion order is opening order
-        if other is txn:
-            return False
-        if other.output_dir == txn.output_dir and not other.finished:
-            return True
-    return False
-
-
-async def commit_ready(d: Daemon, output_dir: Path) -> None:
-    for txn in list(d.txns.values()):
-        if txn.output_dir != output_dir:
-            continue
-        if waits_for_earlier(d, txn) or not tx.ready_to_commit(txn):
+    def __init__(self, endpoint: str) -> None:
+        self.path = proto.ipc_path(endpoint)
+        self.fd: int | None = None
+        if self.path is None:
             return
-        await commit_txn(d, txn)
+        proto.ensure_private_dir(os.path.dirname(self.path))
+        lock = self.path + ".lock"
+        for _ in range(5):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise EndpointBusy(f"another ckptd already serves {endpoint}") from None
+            try:
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return
+            # We locked a lock file that the previous daemon removed as it exited: take the new one.
+            os.close(fd)
+        raise EndpointBusy(f"could not take the lock {lock}; daemons keep starting and stopping at {endpoint}")
+
+    def release(self) -> None:
+        """Remove the lock file while still holding it (so no other daemon can be holding it), then let go."""
+        if self.fd is None or self.path is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path + ".lock")
+        os.close(self.fd)
+        self.fd = None
 
 
-async def commit_txn(d: Daemon, txn: tx.Transaction) -> None:
-    loop = asyncio.get_running_loop()
-    # Set before yielding to the loop, so a second part finishing now cannot start a second commit.
-    txn.state = TxnState.COMMITTING
-    try:
-        path = await loop.run_in_executor(d.commit_pool, tx.commit, txn)
-    except Exception as e:
-        txn.state = TxnState.OPEN  # let abort() record it
-        await abort_txn(d, txn, f"commit failed: {e}")
-        return
-    elapsed = (txn.committed_at or time.monotonic()) - txn.opened_at
-    logger.info("committed %s (%d bytes in %.3f s)", path, txn.bytes_total, elapsed)
-    d.stats.commits += 1
-    d.stats.last_commit_path = str(path)
-    d.stats.last_commit_time = time.time()
-    d.stats.last_commit_bytes = txn.bytes_total
-    d.stats.last_commit_seconds = elapsed
-    limit = txn.commit_info.save_total_limit if txn.commit_info else None
-    if limit:
+class Daemon:
+    """One node daemon: its socket, its transactions, the slabs it maps, and its worker pools."""
+
+    def __init__(self, config: DaemonConfig, sock: zmq.asyncio.Socket, faults: FaultInjector | None = None) -> None:
+        self.config = config
+        self.sock = sock
+        self.faults = faults or FaultInjector()
+        self.io_pool = ThreadPoolExecutor(max(1, config.writer_threads), thread_name_prefix="ckptd-writer")
+        self.commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit")
+        self.ledger = tx.Ledger()
+        self.segments: dict[tuple[int, int, int], writer.Segment] = {}
+        self.clients: dict[int, ownership.ProcessIdentity | None] = {}
+        self.swept: set[Path] = set()
+        self.dirs_seen: set[Path] = set()
+        self.prepared: dict[str, asyncio.Future] = {}  # txn -> its temp dir exists
+        self.identity = ownership.ProcessIdentity.current()
+        self.stats = Stats()
+        self.last_activity = time.monotonic()
+        self.last_sweep = time.monotonic()
+        self.stopping_since: float | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    # -- messages out ---------------------------------------------------------------------------------
+
+    async def send(self, identity: bytes, msg_type: MsgType, req_id: int = 0, **body: object) -> None:
         try:
-            await loop.run_in_executor(d.commit_pool, tx.apply_retention, txn, limit)
-        except Exception as e:  # retention must never fail a committed checkpoint
-            logger.warning("retention failed after committing %s: %s", path, e)
-    if txn.trash:
+            await self.sock.send_multipart([identity, proto.pack(msg_type, req_id, **body)])
+        except zmq.ZMQError as e:
+            logger.debug("reply to a departed client dropped: %s", e)
+
+    async def notify(self, txn: tx.Transaction) -> None:
+        for identity in txn.identities():
+            if txn.state == TxnState.COMMITTED:
+                await self.send(identity, MsgType.COMMITTED, txn=txn.txn, step=txn.step, path=str(txn.path))
+            else:
+                await self.send(identity, MsgType.ABORTED, txn=txn.txn, reason=txn.reason or "aborted")
+
+    def txn_state_body(self, txn_id: str) -> dict[str, object]:
+        txn = self.ledger.get(txn_id)
+        if txn is None:
+            return {"txn": txn_id, "state": TxnState.UNKNOWN.value, "path": None, "reason": None}
+        return {
+            "txn": txn_id,
+            "state": txn.state.value,
+            "path": str(txn.path) if txn.path else None,
+            "reason": txn.reason,
+        }
+
+    # -- tasks ----------------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("daemon task failed", exc_info=task.exception())
+
+    async def run_io(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    # -- the life of a transaction --------------------------------------------------------------------
+
+    async def handle_stage(self, identity: bytes, req_id: int, body: dict) -> None:
+        req = proto.parse_stage(body)
+        txn = self.ledger.live.get(req.txn)
+        if txn is None:
+            old = self.ledger.finished.get(req.txn)
+            if old is not None:
+                raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}" + _reason(old))
+            if self.stopping_since is not None:
+                raise tx.TxnError("the daemon is shutting down and takes no new saves; retry against a new daemon")
+        # Map the segment before touching any transaction: a part whose bytes cannot be read must neither
+        # open a transaction (and its temp dir) nor leave a half-joined one behind.
+        try:
+            segment = self.get_segment(req) if req.files else None
+        except (OSError, ValueError) as e:
+            raise tx.TxnError(str(e)) from None
+        if txn is None:
+            txn = tx.Transaction.open(req, self.faults)
+            self.ledger.admit(txn)
+            # Directory work (sweep, mkdir) runs off the loop and off the rank's stall: the rank only waits
+            # for validation; its part's writer waits for this future.
+            sweep = txn.output_dir not in self.swept
+            self.swept.add(txn.output_dir)
+            self.dirs_seen.add(txn.output_dir)
+            live = self.ledger.live_ids()
+            self.prepared[txn.txn] = asyncio.ensure_future(
+                self.run_io(self.commit_pool, txn.prepare_dir, sweep, live, self.identity)
+            )
+            logger.info(
+                "txn %s opened: step %d in %s, ranks %s, job %s",
+                txn.txn,
+                txn.step,
+                txn.output_dir,
+                sorted(txn.expected_ranks),
+                txn.job,
+            )
+        part = txn.join(req, identity)
+        part.segment = segment
+        self.stats.bytes_staged += sum(f.length for f in req.files)
+        await self.send(identity, MsgType.ACCEPTED, req_id, txn=req.txn, rank=req.rank)
+        self.spawn(self.run_part(txn, part))
+
+    def get_segment(self, req: proto.StageRequest) -> writer.Segment:
+        key = (req.pid, req.segment_fd, req.segment_ino)
+        seg = self.segments.get(key)
+        if seg is not None and seg.size < req.segment_size:
+            self.segments.pop(key).close()
+            seg = None
+        if seg is None:
+            seg = writer.open_segment(req.segment, req.pid, req.segment_fd, req.segment_ino, req.segment_size)
+            self.segments[key] = seg
+        return seg
+
+    async def run_part(self, txn: tx.Transaction, part: tx.Part) -> None:
+        txn.io_begin()
+        try:
+            await asyncio.shield(self.prepared[txn.txn])
+            if part.segment is not None:
+                await self.run_io(self.io_pool, txn.write_part, part, self.config.direct_io)
+            else:
+                part.written = True
+            await self.send(part.identity, MsgType.RELEASED, txn=txn.txn, rank=part.rank)
+            await self.run_io(self.io_pool, txn.sync_part, part)
+        except Exception as e:  # any write error aborts the whole transaction, never the daemon
+            await self.send(part.identity, MsgType.RELEASED, txn=txn.txn, rank=part.rank)
+            txn.io_end()
+            await self.abort(txn, f"rank {part.rank}: writing failed: {tx.describe_error(e)}")
+            return
+        txn.io_end()
+        txn.part_durable(part)
+        self.stats.bytes_written += sum(r.size for r in part.records)
+        if txn.state == TxnState.WRITING and not txn.try_prepare() and txn.state == TxnState.ABORTING:
+            await self.after_abort(txn)
+            return
+        await self.commit_ready(txn.output_dir)
+
+    async def commit_ready(self, output_dir: Path) -> None:
+        """Commit the transactions of ``output_dir`` that are PREPARED, in hand-over order."""
+        while True:
+            txn = self.ledger.next_in_line(output_dir)
+            if txn is None or txn.state != TxnState.PREPARED:
+                return
+            if txn.expired():
+                await self.abort(txn, "its deadline passed while it waited to commit")
+                continue
+            await self.commit(txn)
+
+    async def commit(self, txn: tx.Transaction) -> None:
+        txn.begin_commit()  # before yielding to the loop: no second commit, no abort from now on
+        outcome = await self.run_io(self.commit_pool, txn.commit)
+        txn.finish_commit(outcome)
+        if txn.state == TxnState.ABORTING:
+            await self.after_abort(txn)
+            return
+        elapsed = (txn.committed_at or time.monotonic()) - txn.opened_at
+        logger.info("committed %s (%d bytes in %.3f s)", txn.path, txn.bytes_total, elapsed)
+        s = self.stats
+        s.commits += 1
+        s.last_commit_path = str(txn.path)
+        s.last_commit_time = time.time()
+        s.last_commit_bytes = txn.bytes_total
+        s.last_commit_seconds = elapsed
+        limit = txn.commit_info.save_total_limit if txn.commit_info else None
+        if limit:
+            try:
+                await self.run_io(self.commit_pool, txn.apply_retention, limit)
+            except Exception as e:  # retention must never fail a committed checkpoint
+                txn.warnings.append(f"retention failed: {tx.describe_error(e)}")
+                logger.warning("retention failed after committing %s: %s", txn.path, e)
         # Before announcing the commit: a rank that sees "committed" also sees retention done.
-        await loop.run_in_executor(d.commit_pool, tx.empty_trash, txn)
-    await finish(d, txn)
+        try:
+            await self.run_io(self.commit_pool, txn.empty_trash)
+        except Exception as e:
+            txn.warnings.append(f"removing trash failed: {tx.describe_error(e)}")
+        for w in txn.warnings:
+            s.warnings.append(f"{txn.path}: {w}")
+        del s.warnings[:-32]
+        await self.retire(txn)
+
+    async def abort(self, txn: tx.Transaction, reason: str) -> None:
+        if txn.begin_abort(reason):
+            await self.after_abort(txn)
+
+    async def after_abort(self, txn: tx.Transaction) -> None:
+        """ABORTING: wait for in-flight writes to let go, remove the temp dir, then tell the ranks."""
+        self.stats.aborts += 1
+        await txn.io_idle.wait()
+        prepared = self.prepared.get(txn.txn)
+        if prepared is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(prepared)
+        try:
+            await self.run_io(self.commit_pool, txn.cleanup)
+        except Exception as e:
+            logger.warning("cleanup of aborted %s failed (a later sweep removes it): %s", txn.temp_dir, e)
+        txn.finish_abort()
+        await self.retire(txn)
+
+    async def retire(self, txn: tx.Transaction) -> None:
+        """Move a committed or aborted transaction out of the live set and tell its ranks."""
+        self.ledger.retire(txn)
+        self.prepared.pop(txn.txn, None)
+        await self.notify(txn)
+        self.drop_stale_segments()
+        # A later save in the same output dir may have been waiting for this one to finish.
+        self.spawn(self.commit_ready(txn.output_dir))
+
+    def drop_stale_segments(self) -> None:
+        """Unmap slabs that no live transaction reads and their rank no longer holds: the mapping is all
+        that keeps a dead or replaced slab's memory alive."""
+        in_use = {
+            (p.request.pid, p.request.segment_fd, p.request.segment_ino)
+            for t in self.ledger.live.values()
+            for p in t.parts.values()
+        }
+        for key, seg in list(self.segments.items()):
+            if key not in in_use and not writer.segment_is_current(seg):
+                self.segments.pop(key).close()
+                logger.debug("dropped the mapping of slab %s (pid %d)", seg.name, seg.pid)
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def status_body(self) -> dict[str, object]:
+        s = self.stats
+        now = time.monotonic()
+        return {
+            "pid": os.getpid(),
+            "version": ckptd.__version__,
+            "endpoint": self.config.endpoint,
+            "uptime_s": time.time() - s.started_at,
+            "stopping": self.stopping_since is not None,
+            "in_flight": [
+                {
+                    "txn": t.txn,
+                    "step": t.step,
+                    "output_dir": str(t.output_dir),
+                    "job": t.job,
+                    "state": t.state.value,
+                    "ranks_in": sorted(t.parts),
+                    "ranks_expected": sorted(t.expected_ranks),
+                    "bytes_staged": t.bytes_total,
+                    "bytes_written": t.bytes_written,
+                    "age_s": now - t.opened_at,
+                    "deadline_in_s": t.deadline - now,
+                }
+                for t in self.ledger.live.values()
+            ],
+            "bytes_staged": s.bytes_staged,
+            "bytes_written": s.bytes_written,
+            "commits": s.commits,
+            "aborts": s.aborts,
+            "last_commit": s.last_commit_path,
+            "last_commit_time": s.last_commit_time,
+            "last_commit_bytes": s.last_commit_bytes,
+            "last_commit_seconds": s.last_commit_seconds,
+            "warnings": list(s.warnings),
+            "clients": sorted(self.clients),
+            "output_dirs": sorted(str(p) for p in self.dirs_seen),
+        }
+
+    async def dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            if frames:
+                await self.send(frames[0], MsgType.ERROR, message=f"expected one message frame, got {len(frames) - 1}")
+            return
+        identity, frame = frames
+        req_id = 0
+        try:
+            msg_type, req_id, body = proto.unpack(frame)
+            if msg_type == MsgType.HELLO:
+                pid = proto.parse_pid(body)
+                self.clients[pid] = ownership.ProcessIdentity.of_pid(pid)
+                await self.send(identity, MsgType.WELCOME, req_id, pid=os.getpid(), version=ckptd.__version__)
+            elif msg_type == MsgType.STAGE:
+                await self.handle_stage(identity, req_id, body)
+            elif msg_type == MsgType.QUERY:
+                await self.send(identity, MsgType.TXN_STATE, req_id, **self.txn_state_body(proto.parse_txn(body)))
+            elif msg_type == MsgType.ABORT:
+                txn_id, reason = proto.parse_txn(body), proto.parse_reason(body)
+                txn = self.ledger.live.get(txn_id)
+                if txn is not None:
+                    # Refused in COMMITTING and after: the reply carries the real state instead.
+                    await self.abort(txn, reason)
+                await self.send(identity, MsgType.TXN_STATE, req_id, **self.txn_state_body(txn_id))
+            elif msg_type == MsgType.STATUS:
+                await self.send(identity, MsgType.STATUS_REPORT, req_id, **self.status_body())
+            elif msg_type == MsgType.BYE:
+                self.clients.pop(proto.parse_pid(body), None)
+                await self.send(identity, MsgType.BYE_OK, req_id)
+            else:
+                raise ProtocolError(f"message type {msg_type.value!r} is sent by the daemon, not to it")
+        except (ProtocolError, tx.TxnError) as e:
+            logger.warning("rejected request: %s", e)
+            await self.send(identity, MsgType.ERROR, req_id, message=str(e))
+        except Exception as e:  # a bug or an OS error on one request must not take the daemon down
+            logger.exception("request failed")
+            await self.send(identity, MsgType.ERROR, req_id, message=f"daemon error: {type(e).__name__}: {e}")
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+
+    async def housekeeping(self) -> bool:
+        """Deadlines, dead clients, sweeps, shutdown and idle exit. Returns True when the daemon should exit."""
+        now = time.monotonic()
+        for txn in list(self.ledger.live.values()):
+            if not txn.expired(now):
+                continue
+            if txn.state in tx.ABORTABLE:
+                missing = txn.missing_ranks()
+                if missing:
+                    why = f"rank(s) {missing} did not stage within the timeout"
+                elif txn.commit_info is None:
+                    why = "no rank sent the commit information within the timeout"
+                else:
+                    why = "its files were not durable within the timeout"
+                self.spawn(self.abort(txn, why))
+            elif now - txn.deadline > 60 and int(now - txn.deadline) % 60 == 0:
+                logger.warning(
+                    "txn %s is %s %.0f s past its deadline (I/O stuck)", txn.txn, txn.state.value, now - txn.deadline
+                )
+        self.clients = {pid: who for pid, who in self.clients.items() if _client_alive(pid, who)}
+        self.drop_stale_segments()
+        if now - self.last_sweep > SWEEP_EVERY_S:
+            self.last_sweep = now
+            self.spawn(self.sweep(list(self.dirs_seen)))
+        if self.stopping_since is not None:
+            if now - self.stopping_since > self.config.grace_s:
+                for txn in list(self.ledger.live.values()):
+                    self.spawn(
+                        self.abort(
+                            txn, f"the daemon was asked to stop and its grace of {self.config.grace_s:g} s ran out"
+                        )
+                    )
+            return not self.ledger.live and not self.tasks
+        if self.ledger.live or self.tasks:
+            self.last_activity = now
+            return False
+        idle = self.config.idle_exit_s
+        return idle is not None and not self.clients and now - self.last_activity > idle
+
+    async def sweep(self, dirs: list[Path]) -> None:
+        live = self.ledger.live_ids()
+        for out in dirs:
+            try:
+                await self.run_io(self.commit_pool, ownership.sweep_stale, out, live)
+            except OSError as e:
+                logger.warning("sweeping %s failed: %s", out, e)
+        await self.run_io(self.commit_pool, writer.sweep_legacy_slabs)
+
+    def stop(self) -> None:
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+            logger.info(
+                "stopping: no new saves; %d in flight get %.0f s to commit", len(self.ledger.live), self.config.grace_s
+            )
+
+    def close(self) -> None:
+        self.io_pool.shutdown(wait=True)
+        self.commit_pool.shutdown(wait=True)
+        for seg in self.segments.values():
+            seg.close()
+        self.segments.clear()
 
 
-def status_body(d: Daemon) -> dict[str, object]:
-    s = d.stats
-    return {
-        "pid": os.getpid(),
-        "version": ckptd.__version__,
-        "endpoint": d.config.endpoint,
-        "uptime_s": time.time() - s.started_at,
-        "in_flight": [
-            {
-                "txn": t.txn,
-                "step": t.step,
-                "output_dir": str(t.output_dir),
-                "state": t.state.value,
-                "ranks_in": sorted(t.parts),
-                "ranks_expected": sorted(t.expected_ranks),
-                "bytes_staged": t.bytes_total,
-                "bytes_written": t.bytes_written,
-                "age_s": time.monotonic() - t.opened_at,
-            }
-            for t in d.txns.values()
-        ],
-        "bytes_staged": s.bytes_staged,
-        "bytes_written": s.bytes_written,
-        "commits": s.commits,
-        "aborts": s.aborts,
-        "last_commit": s.last_commit_path,
-        "last_commit_time": s.last_commit_time,
-        "last_commit_bytes": s.last_commit_bytes,
-        "last_commit_seconds": s.last_commit_seconds,
-        "clients": sorted(d.clients),
-    }
+def _reason(txn: tx.Transaction) -> str:
+    return f": {txn.reason}" if txn.reason else ""
 
 
-async def dispatch(d: Daemon, frames: list[bytes]) -> None:
-    if len(frames) != 2:
-        if frames:
-            await send(d, frames[0], MsgType.ERROR, message=f"expected one message frame, got {len(frames) - 1}")
-        return
-    identity, frame = frames
-    req_id = 0
+def _client_alive(pid: int, who: ownership.ProcessIdentity | None) -> bool:
+    if who is not None:
+        return who.alive() is not False
     try:
-        msg_type, req_id, body = proto.unpack(frame)
-        if msg_type == MsgType.HELLO:
-            d.clients.add(proto.parse_pid(body))
-            await send(d, identity, MsgType.WELCOME, req_id, pid=os.getpid(), version=ckptd.__version__)
-        elif msg_type == MsgType.STAGE:
-            await handle_stage(d, identity, req_id, body)
-        elif msg_type == MsgType.QUERY:
-            await send(d, identity, MsgType.TXN_STATE, req_id, **txn_state_body(d, proto.parse_txn(body)))
-        elif msg_type == MsgType.ABORT:
-            txn_id, reason = proto.parse_txn(body), proto.parse_reason(body)
-            if txn_id in d.txns:
-                await abort_txn(d, d.txns[txn_id], reason)
-            await send(d, identity, MsgType.TXN_STATE, req_id, **txn_state_body(d, txn_id))
-        elif msg_type == MsgType.STATUS:
-            await send(d, identity, MsgType.STATUS_REPORT, req_id, **status_body(d))
-        elif msg_type == MsgType.BYE:
-            d.clients.discard(proto.parse_pid(body))
-            await send(d, identity, MsgType.BYE_OK, req_id)
-        else:
-            raise ProtocolError(f"message type {msg_type.value!r} is sent by the daemon, not to it")
-    except (ProtocolError, tx.TxnError) as e:
-        logger.warning("rejected request: %s", e)
-        await send(d, identity, MsgType.ERROR, req_id, message=str(e))
-    except Exception as e:  # a bug or an OS error on one request must not take the daemon down
-        logger.exception("request failed")
-        await send(d, identity, MsgType.ERROR, req_id, message=f"daemon error: {type(e).__name__}: {e}")
-
-
-async def housekeeping(d: Daemon) -> bool:
-    """Timeouts, dead clients, idle exit. Returns True when the daemon should exit."""
-    now = time.monotonic()
-    for txn in list(d.txns.values()):
-        if txn.state == TxnState.OPEN and now > txn.deadline and tx.missing_ranks(txn):
-            await abort_txn(d, txn, f"rank(s) {tx.missing_ranks(txn)} did not stage within the timeout")
-        elif txn.state == TxnState.OPEN and now > txn.deadline and txn.commit_info is None:
-            await abort_txn(d, txn, "no rank sent the commit information within the timeout")
-    d.clients = {pid for pid in d.clients if writer.pid_alive(pid)}
-    in_use = {p.request.segment for t in d.txns.values() for p in t.parts.values()}
-    for name, seg in list(d.segments.items()):
-        if name in in_use:
-            continue
-        if not writer.pid_alive(seg.owner_pid):
-            d.segments.pop(name).close()
-            writer.unlink_segment(name)
-        elif not writer.segment_is_current(seg):
-            # The client closed or replaced (grew) its slab: drop our mapping so the memory is freed.
-            d.segments.pop(name).close()
-    busy = bool(d.txns) or bool(d.tasks)
-    if busy:
-        d.last_activity = now
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    if d.stopping:
+    except PermissionError:
         return True
-    idle = d.config.idle_exit_s
-    return idle is not None and not d.clients and now - d.last_activity > idle
+    return True
 
 
 async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) -> int:
-    lock_fd = acquire_endpoint_lock(config.endpoint)
+    security = None
+    if config.endpoint.startswith("tcp://"):
+        from ckptd import security as sec
+
+        keys = sec.load_keys(config.keys_dir)
+    lock = EndpointLock(config.endpoint)
     if config.nice > 0:
         os.nice(config.nice)
     ctx = zmq.asyncio.Context()
@@ -431,6 +510,8 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_BYTES)
+    if config.endpoint.startswith("tcp://"):
+        security = sec.secure_server_socket(ctx, sock, keys)
     path = proto.ipc_path(config.endpoint)
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
@@ -440,19 +521,14 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
         sock.bind(config.endpoint)
     finally:
         os.umask(old_umask)
-    d = Daemon(
-        config=config,
-        sock=sock,
-        io_pool=ThreadPoolExecutor(max(1, config.writer_threads), thread_name_prefix="ckptd-writer"),
-        commit_pool=ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit"),
-    )
+    d = Daemon(config, sock, FaultInjector.from_env())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, lambda: setattr(d, "stopping", True))
-    for out in config.sweep_dirs:
-        await loop.run_in_executor(d.commit_pool, tx.sweep_stale, out, set())
-        d.swept.add(out)
+            loop.add_signal_handler(sig, d.stop)
+    d.dirs_seen.update(config.sweep_dirs)
+    await d.sweep(list(config.sweep_dirs))
+    d.swept.update(config.sweep_dirs)
     logger.info("ckptd %s serving %s (pid %d)", ckptd.__version__, config.endpoint, os.getpid())
     if ready is not None:
         ready.set()
@@ -462,24 +538,23 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
             if await sock.poll(int(TICK_S * 1000)):
                 frames = await sock.recv_multipart()
                 d.last_activity = time.monotonic()
-                await dispatch(d, frames)
+                await d.dispatch(frames)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
-                if await housekeeping(d):
+                if await d.housekeeping():
                     break
     finally:
-        for txn in list(d.txns.values()):
-            await abort_txn(d, txn, "daemon shutting down")
-        d.io_pool.shutdown(wait=True)
-        d.commit_pool.shutdown(wait=True)
-        for seg in d.segments.values():
-            seg.close()
+        for txn in list(d.ledger.live.values()):
+            await d.abort(txn, "daemon shutting down")
+        d.close()
+        if security is not None:
+            security.stop()
         sock.close(linger=500)
         ctx.term()
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        release_endpoint_lock(config.endpoint, lock_fd)
+        lock.release()
     logger.info("ckptd exiting")
     return 0
 

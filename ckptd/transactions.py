@@ -1,55 +1,102 @@
 """Transactions: how a set of staged parts becomes one committed checkpoint, or nothing at all.
 
-A transaction ``txn`` belongs to one ``(output_dir, step)``. Its states (``protocol.TxnState``)::
+This module is the one owner of transaction state: every state change happens in a method of
+``Transaction`` (the server dispatches, schedules I/O and sends messages, and never sets a state). A
+transaction ``txn`` belongs to one ``(output_dir, step)``. Its states (``protocol.TxnState``)::
 
-    OPEN ──(every expected rank's part written)──> WRITING done ──> COMMITTING ──> COMMITTED
-      │                                                                  │
-      └──(timeout, write error, a rank aborts, bad part)──> ABORTED <────┘ (rename or fsync failed)
+    OPEN ──(every expected rank joined)──> WRITING ──(every part durable, commit checked)──> PREPARED
+      │                                       │                                               │
+      │                                       │                          (its turn in the output dir)
+      │                                       │                                               v
+      │                                       │          COMMITTED <──(rename done)── COMMITTING
+      │                                       │                                               │
+      └───────────────────────────────────────┴──(deadline, write error, rank abort, refused, │
+                                                  shutdown)──> ABORTING <──(failed before ────┘
+                                                                   │       the rename)
+                                                      (temp dir removed)
+                                                                   v
+                                                                ABORTED
 
-Order of calls, by role (the server drives these; each blocking step runs on a worker thread):
+Legal transitions are exactly ``LEGAL`` below; anything else raises ``IllegalTransition``. COMMITTED and
+ABORTED are final. Notably:
 
-Per part (one per rank of this node), in order:
-    1. ``join``            first part opens the transaction and its temp dir
-                           ``.tmp-checkpoint-<step>-<txn>``; later parts must agree on step, output_dir,
-                           world size and the expected ranks.
-    2. ``write_part``      every file of the part: validate its header, write its range, hash it.
-    3. (server)            send ``released`` to the rank: its slab may be reused from now on.
-    4. ``sync_part``       fsync every file of the part.
+* An ``abort`` request in COMMITTING is refused (answered with the real state): the commit is already
+  deciding, and its outcome is what every rank hears.
+* The rename of the temp dir to ``checkpoint-<step>`` is the **point of no return**: before it any
+  failure aborts; after it the outcome is COMMITTED whatever happens next. A failure to fsync the parent,
+  to trash a swapped-out checkpoint, or to apply retention is logged and kept in ``warnings`` (``status``
+  shows it), never turned into an abort.
+* Every state has a deadline (``deadline``, from the rank's ``timeout_s`` and absolute ``deadline``):
+  OPEN, WRITING and PREPARED abort when it passes; COMMITTING re-checks it just before the rename; a
+  COMMITTING or ABORTING transaction stuck in I/O past it is reported by the server.
+* ``aborted`` is announced only after the temp dir is gone (ABORTED), so a rank that sees it also sees
+  the disk space back.
 
-Once per transaction, when ``ready_to_commit``:
-    5. ``commit``          write and fsync the manifest, fsync the temp dir, rename it to
-                           ``checkpoint-<step>`` (or swap it with an existing one by RENAME_EXCHANGE and
-                           trash the old), fsync the parent.
-    6. ``apply_retention`` keep the newest ``save_total_limit`` checkpoints, never the one just
-                           committed, by renaming the others to ``.trash-*``.
-    7. ``empty_trash``     remove the trash directories.
-    8. (server)            send ``committed`` to every rank of the transaction.
+Order of calls (the server drives these; the ones marked *I/O* run on a worker thread, the rest on the
+daemon's event loop):
 
-At any point before 5 completes, ``abort`` removes the temp dir; earlier checkpoints are never touched.
-``sweep_stale`` removes temp and trash directories that no live transaction owns (daemon start, and the
-first transaction in an output dir).
+Per part (one per rank of this node):
+    1. ``Ledger.open`` / ``join``    the first part opens the transaction; ``prepare_dir`` (*I/O*)
+                                     sweeps stale entries and creates ``.tmp-checkpoint-<step>-<txn>``
+                                     beside its owner record.
+    2. ``write_part`` (*I/O*)        every file of the part: validate its header, write its range, hash it.
+    3. (server)                      sends ``released``: the rank's slab may be reused from now on.
+    4. ``sync_part`` (*I/O*)         fsync every file of the part; then ``part_durable``.
+
+Once per transaction:
+    5. ``try_prepare``               every part durable and the commit info in: check that it can be a
+                                     checkpoint (at least one component, every component's files written
+                                     and fsynced here by its writers) -> PREPARED, or ABORTING if not.
+    6. ``begin_commit``              its turn (commits in one output dir go in hand-over order).
+    7. ``commit`` (*I/O*)            manifest, fsyncs, the rename (or RENAME_EXCHANGE on a re-save).
+    8. ``finish_commit``             -> COMMITTED, or ABORTING if it failed before the rename.
+    9. ``apply_retention``, ``empty_trash`` (*I/O*, COMMITTED only) then the server notifies the ranks.
+
+On failure: ``begin_abort`` -> (in-flight I/O drains) ``cleanup`` (*I/O*) -> ``finish_abort``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ckptd
 from ckptd import format as fmt
-from ckptd import writer
+from ckptd import ownership, writer
+from ckptd.faults import FaultInjector, FaultPoint
 from ckptd.protocol import CommitInfo, StageRequest, TxnState
 
 logger = logging.getLogger(__name__)
 
+S = TxnState
+LEGAL: dict[TxnState, frozenset[TxnState]] = {
+    S.OPEN: frozenset({S.WRITING, S.ABORTING}),
+    S.WRITING: frozenset({S.PREPARED, S.ABORTING}),
+    S.PREPARED: frozenset({S.COMMITTING, S.ABORTING}),
+    S.COMMITTING: frozenset({S.COMMITTED, S.ABORTING}),
+    S.ABORTING: frozenset({S.ABORTED}),
+    S.COMMITTED: frozenset(),
+    S.ABORTED: frozenset(),
+}
+ABORTABLE = frozenset({S.OPEN, S.WRITING, S.PREPARED})
+FINISHED_KEPT = 1024  # finished transactions remembered for late queries
+MAX_LIVE = 256  # live transactions per daemon: more is a runaway client, not a training job
+
 
 class TxnError(Exception):
-    """A part that cannot join its transaction; the text is sent back to the rank."""
+    """A request a transaction cannot take; the text is sent back to the rank."""
+
+
+class IllegalTransition(RuntimeError):
+    """A state change that ``LEGAL`` does not allow: a bug in the caller, never a client's fault."""
 
 
 @dataclass
@@ -61,7 +108,17 @@ class Part:
     records: list[fmt.FileRecord] = field(default_factory=list)
     open_files: list[writer.OpenFile] = field(default_factory=list)
     written: bool = False
-    synced: bool = False
+    durable: bool = False
+
+
+@dataclass(frozen=True)
+class CommitOutcome:
+    """What ``commit`` did: ``renamed`` is True once the point of no return is behind."""
+
+    renamed: bool
+    path: Path | None = None
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -71,18 +128,53 @@ class Transaction:
     step: int
     world_size: int
     expected_ranks: frozenset[int]
-    deadline: float
+    deadline: float  # time.monotonic() after which it may not commit
+    deadline_unix: float  # the same instant in wall-clock time, for records other processes read
+    job: str | None = None
+    faults: FaultInjector = field(default_factory=FaultInjector)
     state: TxnState = TxnState.OPEN
     parts: dict[int, Part] = field(default_factory=dict)
     commit_info: CommitInfo | None = None
     reason: str | None = None
     path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
     opened_at: float = field(default_factory=time.monotonic)
     committed_at: float | None = None
     bytes_total: int = 0
     bytes_written: int = 0
     pending_io: int = 0
+    io_idle: asyncio.Event = field(default_factory=asyncio.Event)
     trash: list[Path] = field(default_factory=list)  # renamed out of sight, removed before notifying
+
+    def __post_init__(self) -> None:
+        self.io_idle.set()
+
+    @classmethod
+    def open(cls, req: StageRequest, faults: FaultInjector | None = None) -> Transaction:
+        """A new OPEN transaction for the first part of ``req``; its deadline is the earlier of
+        ``timeout_s`` from now and the rank's absolute ``deadline``."""
+        now, now_unix = time.monotonic(), time.time()
+        budget = req.timeout_s
+        if req.deadline is not None:
+            budget = min(budget, req.deadline - now_unix)
+        if budget <= 0:
+            raise TxnError(
+                f"the hand-off of step {req.step} arrived {-budget:.1f} s after its deadline (the daemon was "
+                "stopped or overloaded); the rank has given up on it, nothing was written"
+            )
+        return cls(
+            txn=req.txn,
+            output_dir=Path(req.output_dir),
+            step=req.step,
+            world_size=req.world_size,
+            expected_ranks=frozenset(req.expected_ranks),
+            deadline=now + budget,
+            deadline_unix=now_unix + budget,
+            job=req.job,
+            faults=faults or FaultInjector(),
+        )
+
+    # -- names ----------------------------------------------------------------------------------------
 
     @property
     def root(self) -> Path:
@@ -103,253 +195,414 @@ class Transaction:
     def identities(self) -> list[bytes]:
         return [p.identity for p in self.parts.values()]
 
+    def missing_ranks(self) -> list[int]:
+        return sorted(self.expected_ranks - set(self.parts))
 
-def open_transaction(req: StageRequest) -> Transaction:
-    txn = Transaction(
-        txn=req.txn,
-        output_dir=Path(req.output_dir),
-        step=req.step,
-        world_size=req.world_size,
-        expected_ranks=frozenset(req.expected_ranks),
-        deadline=time.monotonic() + req.timeout_s,
-    )
-    return txn
+    def expired(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) > self.deadline
 
+    # -- transitions ----------------------------------------------------------------------------------
 
-def join(txn: Transaction, req: StageRequest, identity: bytes) -> Part:
-    """Add a rank's part; raises TxnError if it disagrees with the transaction it names."""
-    if txn.finished:
-        raise TxnError(
-            f"transaction {txn.txn} is already {txn.state.value}" + (f": {txn.reason}" if txn.reason else "")
-        )
-    mismatch = []
-    if Path(req.output_dir) != txn.output_dir:
-        mismatch.append(f"output_dir {req.output_dir} vs {txn.output_dir}")
-    if req.step != txn.step:
-        mismatch.append(f"step {req.step} vs {txn.step}")
-    if req.world_size != txn.world_size:
-        mismatch.append(f"world_size {req.world_size} vs {txn.world_size}")
-    if frozenset(req.expected_ranks) != txn.expected_ranks:
-        mismatch.append("expected_ranks differ")
-    if mismatch:
-        raise TxnError(f"rank {req.rank} disagrees with transaction {txn.txn}: {'; '.join(mismatch)}")
-    if req.rank in txn.parts:
-        raise TxnError(f"rank {req.rank} already staged its part of transaction {txn.txn}")
-    if req.commit is not None:
-        if txn.commit_info is not None:
-            raise TxnError(f"transaction {txn.txn} received commit info twice")
-        txn.commit_info = req.commit
-    part = Part(req.rank, identity, req)
-    txn.parts[req.rank] = part
-    if set(txn.parts) == set(txn.expected_ranks):
-        txn.state = TxnState.WRITING
-    txn.bytes_total += sum(f.length for f in req.files)
-    return part
+    def _move(self, new: TxnState) -> None:
+        if new not in LEGAL[self.state]:
+            raise IllegalTransition(f"transaction {self.txn}: {self.state.value} -> {new.value} is not a legal move")
+        logger.debug("txn %s: %s -> %s", self.txn, self.state.value, new.value)
+        self.state = new
 
-
-def prepare_temp_dir(txn: Transaction) -> None:
-    root = txn.root
-    root.mkdir(parents=True, exist_ok=True)
-    # No fsync here: the temp dir only has to be durable once it is renamed, and commit fsyncs then.
-    txn.temp_dir.mkdir(mode=0o755, exist_ok=True)
-
-
-def write_part(txn: Transaction, part: Part, direct: bool = False) -> None:
-    """Validate and write every file of a part (not yet fsynced). Runs on a writer thread."""
-    assert part.segment is not None
-    for spec in part.request.files:
-        writer.validate_file_bytes(part.segment, spec)
-    for spec in part.request.files:
-        if txn.state == TxnState.ABORTED:
-            raise TxnError(f"transaction {txn.txn} aborted while writing: {txn.reason}")
-        f = writer.write_range(part.segment, spec, txn.temp_dir, direct)
-        part.open_files.append(f)
-        txn.bytes_written += f.size
-        part.records.append(
-            fmt.FileRecord(
-                path=spec.path,
-                size=f.size,
-                checksum=f.checksum,
-                component=spec.component,
-                kind=spec.kind,
-                rank=spec.rank,
-                group_instance=spec.group_instance,
-                node=spec.node,
-                written_by=part.rank,
+    def join(self, req: StageRequest, identity: bytes) -> Part:
+        """Add a rank's part; raises TxnError if it disagrees with the transaction it names."""
+        if self.state != TxnState.OPEN:
+            raise TxnError(
+                f"transaction {self.txn} is already {self.state.value}" + (f": {self.reason}" if self.reason else "")
             )
-        )
-    part.written = True
+        mismatch = []
+        if Path(req.output_dir) != self.output_dir:
+            mismatch.append(f"output_dir {req.output_dir} vs {self.output_dir}")
+        if req.step != self.step:
+            mismatch.append(f"step {req.step} vs {self.step}")
+        if req.world_size != self.world_size:
+            mismatch.append(f"world_size {req.world_size} vs {self.world_size}")
+        if frozenset(req.expected_ranks) != self.expected_ranks:
+            mismatch.append("expected_ranks differ")
+        if req.job != self.job:
+            mismatch.append(f"job {req.job!r} vs {self.job!r}")
+        if mismatch:
+            raise TxnError(f"rank {req.rank} disagrees with transaction {self.txn}: {'; '.join(mismatch)}")
+        if req.rank in self.parts:
+            raise TxnError(f"rank {req.rank} already staged its part of transaction {self.txn}")
+        if req.commit is not None:
+            if self.commit_info is not None:
+                raise TxnError(f"transaction {self.txn} received commit info twice")
+            self.commit_info = req.commit
+        part = Part(req.rank, identity, req)
+        self.parts[req.rank] = part
+        self.bytes_total += sum(f.length for f in req.files)
+        if set(self.parts) == set(self.expected_ranks):
+            self._move(TxnState.WRITING)
+        return part
 
+    def part_durable(self, part: Part) -> None:
+        part.durable = True
 
-def sync_part(part: Part) -> None:
-    """fsync (and close) every file a part wrote."""
-    files, part.open_files = part.open_files, []
-    errors = []
-    for f in files:
+    def try_prepare(self) -> bool:
+        """WRITING -> PREPARED once every part is durable and the commit info is in and passes the checks;
+        -> ABORTING if it cannot be a checkpoint. Returns True when PREPARED."""
+        if self.state == TxnState.PREPARED:
+            return True
+        if self.state != TxnState.WRITING or self.commit_info is None:
+            return False
+        if not all(p.durable for p in self.parts.values()):
+            return False
+        problem = self.refusal()
+        if problem is not None:
+            self.begin_abort(f"the daemon refuses to commit it: {problem}")
+            return False
+        self._move(TxnState.PREPARED)
+        return True
+
+    def refusal(self) -> str | None:
+        """Why this transaction cannot be a checkpoint, or None. A commit must name at least one component,
+        every component must have files, written and fsynced in this transaction by exactly the ranks the
+        commit names as its writers, and every file must belong to a named component."""
+        info = self.commit_info
+        assert info is not None
+        if not info.components:
+            return "the commit names no component"
+        by_component: dict[str, set[int]] = {}
+        for part in self.parts.values():
+            if not part.durable:
+                return f"rank {part.rank}'s files are not durable"
+            for rec in part.records:
+                by_component.setdefault(rec.component, set()).add(rec.written_by)
+        declared = {c.key for c in info.components}
+        stray = sorted(set(by_component) - declared)
+        if stray:
+            return f"files were staged for components the commit does not name: {stray}"
+        for c in info.components:
+            writers = by_component.get(c.key)
+            if not writers:
+                return f"component {c.key!r} has no file written in this transaction"
+            expected = set(c.ranks) & self.expected_ranks
+            if writers != expected:
+                return (
+                    f"component {c.key!r} was written by ranks {sorted(writers)}, the commit names {sorted(expected)}"
+                )
+        return None
+
+    def begin_commit(self) -> None:
+        self._move(TxnState.COMMITTING)
+
+    def finish_commit(self, outcome: CommitOutcome) -> None:
+        """Record what ``commit`` did: COMMITTED once renamed (whatever failed after), else ABORTING."""
+        if not outcome.renamed:
+            self._move(TxnState.ABORTING)
+            self.reason = f"commit failed: {outcome.error}"
+            logger.warning(
+                "transaction %s (step %d in %s) aborted: %s", self.txn, self.step, self.output_dir, self.reason
+            )
+            return
+        self._move(TxnState.COMMITTED)
+        self.path = outcome.path
+        self.committed_at = time.monotonic()
+        self.warnings.extend(outcome.warnings)
+
+    def begin_abort(self, reason: str) -> bool:
+        """OPEN/WRITING/PREPARED -> ABORTING. Returns False (and changes nothing) in any other state: an
+        abort during COMMITTING is refused, one after the rename is too late, and a second one is moot."""
+        if self.state not in ABORTABLE:
+            return False
+        self._move(TxnState.ABORTING)
+        self.reason = reason
+        logger.warning("transaction %s (step %d in %s) aborted: %s", self.txn, self.step, self.output_dir, reason)
+        return True
+
+    def finish_abort(self) -> None:
+        self._move(TxnState.ABORTED)
+
+    # -- in-flight I/O accounting (the server's workers) ----------------------------------------------
+
+    def io_begin(self) -> None:
+        self.pending_io += 1
+        self.io_idle.clear()
+
+    def io_end(self) -> None:
+        self.pending_io -= 1
+        if self.pending_io == 0:
+            self.io_idle.set()
+
+    # -- I/O (worker threads) -------------------------------------------------------------------------
+
+    def prepare_dir(self, sweep: bool, live: set[str], owner: ownership.ProcessIdentity) -> None:
+        """Create ``checkpoints/`` durably if needed, record the owner, and create the temp dir."""
+        _make_dirs_durably(self.root)
+        if sweep:
+            ownership.sweep_stale(self.output_dir, live)
+        ownership.write_temp_owner(self.root, self.step, self.txn, owner, self.job, self.deadline_unix)
         try:
-            writer.fsync_and_close(f)
+            os.mkdir(self.temp_dir, 0o755)
+        except FileExistsError:
+            raise TxnError(
+                f"{self.temp_dir} already exists: a rank gave up on this save (its tombstone) or another daemon "
+                "owns it; this transaction cannot commit"
+            ) from None
+
+    def write_part(self, part: Part, direct: bool = False) -> None:
+        """Validate and write every file of a part (not yet fsynced)."""
+        assert part.segment is not None
+        for spec in part.request.files:
+            writer.validate_file_bytes(part.segment, spec)
+        for spec in part.request.files:
+            if self.state == TxnState.ABORTING:
+                raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}")
+            f = writer.write_range(part.segment, spec, self.temp_dir, direct)
+            part.open_files.append(f)
+            self.faults.hit(FaultPoint.AFTER_FILE_WRITE)
+            self.bytes_written += f.size
+            part.records.append(
+                fmt.FileRecord(
+                    path=spec.path,
+                    size=f.size,
+                    checksum=f.checksum,
+                    component=spec.component,
+                    kind=spec.kind,
+                    rank=spec.rank,
+                    group_instance=spec.group_instance,
+                    node=spec.node,
+                    written_by=part.rank,
+                )
+            )
+        part.written = True
+
+    def sync_part(self, part: Part) -> None:
+        """fsync (and close) every file a part wrote."""
+        files, part.open_files = part.open_files, []
+        error: OSError | None = None
+        for f in files:
+            try:
+                self.faults.hit(FaultPoint.BEFORE_FILE_FSYNC)
+                writer.fsync_and_close(f)
+                self.faults.hit(FaultPoint.AFTER_FILE_FSYNC)
+            except OSError as e:
+                error = error or e
+                _close_quietly(f.fd)
+        if error is not None:
+            raise error
+
+    def build_manifest(self) -> fmt.Manifest:
+        info = self.commit_info
+        assert info is not None
+        files: dict[str, fmt.FileRecord] = {}
+        for rank in sorted(self.parts):
+            for rec in self.parts[rank].records:
+                if rec.path in files:
+                    raise TxnError(f"{rec.path} was staged by both rank {files[rec.path].written_by} and rank {rank}")
+                files[rec.path] = rec
+        by_component: dict[str, list[str]] = {}
+        for rec in files.values():
+            by_component.setdefault(rec.component, []).append(rec.path)
+        components = {}
+        for spec in info.components:
+            paths = sorted(by_component.pop(spec.key, []))
+            components[spec.key] = fmt.ComponentRecord(
+                key=spec.key,
+                sharing_pattern=spec.sharing_pattern,
+                ranks=spec.ranks,
+                replicated_across=spec.replicated_across,
+                group_name=spec.group_name,
+                group_instances=spec.group_instances,
+                size_bytes=sum(files[p].size for p in paths),
+                checksum=fmt.combine_checksums(files[p].checksum for p in paths) if paths else None,
+                required=spec.required,
+                metadata=spec.metadata,
+                files=paths,
+            )
+        if by_component:
+            raise TxnError(f"files staged for undeclared components {sorted(by_component)}")
+        return fmt.Manifest(
+            format=fmt.FORMAT_VERSION,
+            checkpoint_path=str(self.final_dir),
+            step=self.step,
+            txn=self.txn,
+            world_size=self.world_size,
+            timestamp=fmt.now_timestamp(),
+            components=components,
+            files=files,
+            topology=info.topology,
+            metadata=info.metadata,
+            pytorch_version=info.pytorch_version,
+            ckptd_version=ckptd.__version__,
+        )
+
+    def commit(self) -> CommitOutcome:
+        """Make the temp dir the committed ``checkpoint-<step>``: atomic, durable, never a mixed state.
+
+        Never raises: a failure before the rename comes back as ``renamed=False`` (abort), one after it as a
+        warning of a committed outcome."""
+        assert self.state == TxnState.COMMITTING
+        try:
+            manifest = self.build_manifest()
+            self.faults.hit(FaultPoint.BEFORE_MANIFEST)
+            writer.write_small_file(self.temp_dir / fmt.MANIFEST_NAME, manifest.to_json())
+            self.faults.hit(FaultPoint.AFTER_MANIFEST)
+            writer.fsync_dir(self.temp_dir)
+            if time.time() > self.deadline_unix:
+                raise TxnError(f"its deadline passed {time.time() - self.deadline_unix:.1f} s before the rename")
+            if self.job is not None and not ownership.lease_allows(self.output_dir, self.job):
+                holder = ownership.read_lease(self.output_dir)
+                raise TxnError(
+                    f"{self.output_dir} now belongs to job {getattr(holder, 'job', '?')!r}, not {self.job!r}"
+                )
+            self.faults.hit(FaultPoint.BEFORE_RENAME)
+            exchanged = self._rename_into_place()
+        except Exception as e:  # noqa: BLE001 - every failure before the rename is an abort, reported as such
+            return CommitOutcome(renamed=False, error=describe_error(e))
+        # The point of no return is behind us: from here on, failures are warnings of a committed checkpoint.
+        warnings: list[str] = []
+        if exchanged:
+            try:
+                self.faults.hit(FaultPoint.BETWEEN_RENAMES)
+                trash = self.root / fmt.trash_dirname(self.step, secrets.token_hex(4))
+                os.rename(self.temp_dir, trash)  # the swapped-out old checkpoint
+                self.trash.append(trash)
+            except OSError as e:
+                warnings.append(
+                    f"the replaced {self.final_dir.name} stays at {self.temp_dir.name}: {describe_error(e)}"
+                )
+        try:
+            self.faults.hit(FaultPoint.AFTER_RENAME)
+            writer.fsync_dir(self.root)
         except OSError as e:
-            errors.append(e)
-    if errors:
-        raise errors[0]
-    part.synced = True
+            warnings.append(f"fsync of {self.root} after the rename failed: {describe_error(e)}")
+        for w in warnings:
+            logger.warning("committed %s, but %s", self.final_dir, w)
+        return CommitOutcome(renamed=True, path=self.final_dir, warnings=tuple(warnings))
 
-
-def close_part_files(part: Part) -> None:
-    for f in part.open_files:
+    def _rename_into_place(self) -> bool:
+        """Rename (or, re-saving a step, swap) the temp dir into place; True when it swapped."""
         try:
-            os.close(f.fd)
-        except OSError:
-            pass
-    part.open_files = []
-
-
-def ready_to_commit(txn: Transaction) -> bool:
-    return (
-        txn.state in (TxnState.OPEN, TxnState.WRITING)
-        and txn.commit_info is not None
-        and set(txn.parts) == set(txn.expected_ranks)
-        and all(p.synced for p in txn.parts.values())
-    )
-
-
-def missing_ranks(txn: Transaction) -> list[int]:
-    return sorted(txn.expected_ranks - set(txn.parts))
-
-
-def build_manifest(txn: Transaction) -> fmt.Manifest:
-    info = txn.commit_info
-    assert info is not None
-    files: dict[str, fmt.FileRecord] = {}
-    for rank in sorted(txn.parts):
-        for rec in txn.parts[rank].records:
-            if rec.path in files:
-                raise TxnError(f"{rec.path} was staged by both rank {files[rec.path].written_by} and rank {rank}")
-            files[rec.path] = rec
-    by_component: dict[str, list[str]] = {}
-    for rec in files.values():
-        by_component.setdefault(rec.component, []).append(rec.path)
-    components = {}
-    for spec in info.components:
-        paths = sorted(by_component.pop(spec.key, []))
-        components[spec.key] = fmt.ComponentRecord(
-            key=spec.key,
-            sharing_pattern=spec.sharing_pattern,
-            ranks=spec.ranks,
-            replicated_across=spec.replicated_across,
-            group_name=spec.group_name,
-            group_instances=spec.group_instances,
-            size_bytes=sum(files[p].size for p in paths),
-            checksum=fmt.combine_checksums(files[p].checksum for p in paths) if paths else None,
-            required=spec.required,
-            metadata=spec.metadata,
-            files=paths,
-        )
-    if by_component:
-        raise TxnError(f"files staged for undeclared components {sorted(by_component)}")
-    return fmt.Manifest(
-        format=fmt.FORMAT_VERSION,
-        checkpoint_path=str(txn.final_dir),
-        step=txn.step,
-        txn=txn.txn,
-        world_size=txn.world_size,
-        timestamp=fmt.now_timestamp(),
-        components=components,
-        files=files,
-        topology=info.topology,
-        metadata=info.metadata,
-        pytorch_version=info.pytorch_version,
-        ckptd_version=ckptd.__version__,
-    )
-
-
-def commit(txn: Transaction) -> Path:
-    """Make the temp dir the committed ``checkpoint-<step>``; atomic, durable, never a mixed state."""
-    txn.state = TxnState.COMMITTING
-    manifest = build_manifest(txn)
-    writer.write_small_file(txn.temp_dir / fmt.MANIFEST_NAME, manifest.to_json())
-    writer.fsync_dir(txn.temp_dir)
-    final = txn.final_dir
-    try:
-        os.rename(txn.temp_dir, final)
-    except OSError as e:
-        if not final.exists():
-            raise
+            os.rename(self.temp_dir, self.final_dir)
+            return False
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.final_dir.is_dir():
+                raise
         # Re-saving an existing step: swap, so the old one is visible until the new one is.
-        logger.info("replacing existing %s (%s)", final, e.strerror)
-        writer.rename_exchange(txn.temp_dir, final)
-        trash = txn.root / fmt.trash_dirname(txn.step, secrets.token_hex(4))
-        os.rename(txn.temp_dir, trash)
-        txn.trash.append(trash)
-    writer.fsync_dir(txn.root)
-    txn.state = TxnState.COMMITTED
-    txn.path = final
-    txn.committed_at = time.monotonic()
-    return final
+        logger.info("replacing existing %s", self.final_dir)
+        writer.rename_exchange(self.temp_dir, self.final_dir)
+        return True
 
+    def apply_retention(self, limit: int) -> list[Path]:
+        """Keep the ``limit`` newest committed checkpoints, always including the one just committed.
 
-def abort(txn: Transaction, reason: str) -> None:
-    """Mark aborted; remove the temp dir once no write is in flight (the server calls cleanup later)."""
-    if txn.finished:
-        return
-    txn.state = TxnState.ABORTED
-    txn.reason = reason
-    logger.warning("transaction %s (step %d in %s) aborted: %s", txn.txn, txn.step, txn.output_dir, reason)
-
-
-def cleanup_aborted(txn: Transaction) -> None:
-    for part in txn.parts.values():
-        close_part_files(part)
-    shutil.rmtree(txn.temp_dir, ignore_errors=True)
-
-
-def trash_checkpoint(root: Path, path: Path, step: int) -> Path:
-    """Take a committed checkpoint out of sight by renaming it to a trash name (durably); returns that name.
-
-    Removal of the trash happens later (``empty_trash``), so no half-deleted directory is ever visible.
-    """
-    trash = root / fmt.trash_dirname(step, secrets.token_hex(4))
-    os.rename(path, trash)
-    writer.fsync_dir(root)
-    return trash
-
-
-def apply_retention(txn: Transaction, limit: int) -> list[Path]:
-    """Keep the ``limit`` newest committed checkpoints, always including the one just committed."""
-    found, _ = fmt.scan_checkpoints(txn.output_dir)
-    others = [c for c in found if c.step != txn.step]
-    excess = len(others) - (limit - 1)
-    removed = []
-    for info in others[: max(0, excess)]:
-        try:
-            txn.trash.append(trash_checkpoint(txn.root, info.path, info.step))
-            removed.append(info.path)
-        except OSError as e:
-            logger.warning("retention could not remove %s: %s", info.path, e)
-    if removed:
-        logger.info("retention (save_total_limit=%d) removed %s", limit, ", ".join(p.name for p in removed))
-    return removed
-
-
-def empty_trash(txn: Transaction) -> None:
-    trash, txn.trash = txn.trash, []
-    for path in trash:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def sweep_stale(output_dir: Path, live_txns: set[str]) -> list[Path]:
-    """Remove temp/trash directories that no live transaction of this daemon owns."""
-    root = fmt.checkpoints_root(output_dir)
-    removed = []
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
+        Runs only after a commit that passed ``refusal``; a failure is a warning, never an abort."""
+        if self.state != TxnState.COMMITTED:
+            raise IllegalTransition(f"retention after a {self.state.value} transaction {self.txn}")
+        found, _ = fmt.scan_checkpoints(self.output_dir)
+        others = [c for c in found if c.step != self.step]
+        excess = len(others) - (limit - 1)
+        removed = []
+        for info in others[: max(0, excess)]:
+            try:
+                self.faults.hit(FaultPoint.RETENTION)
+                trash = self.root / fmt.trash_dirname(info.step, secrets.token_hex(4))
+                os.rename(info.path, trash)
+                writer.fsync_dir(self.root)
+                self.trash.append(trash)
+                removed.append(info.path)
+            except OSError as e:
+                self.warnings.append(f"retention could not remove {info.path.name}: {describe_error(e)}")
+                logger.warning("retention could not remove %s: %s", info.path, e)
+        if removed:
+            logger.info("retention (save_total_limit=%d) removed %s", limit, ", ".join(p.name for p in removed))
         return removed
-    for name in names:
-        temp = fmt.parse_temp_dirname(name)
-        if (temp is not None and temp[1] not in live_txns) or fmt.is_trash_dirname(name):
-            shutil.rmtree(root / name, ignore_errors=True)
-            removed.append(root / name)
-    if removed:
-        logger.info("removed stale %s", ", ".join(p.name for p in removed))
-    return removed
+
+    def empty_trash(self) -> None:
+        trash, self.trash = self.trash, []
+        for path in trash:
+            shutil.rmtree(path, ignore_errors=True)
+        ownership.remove_temp_owner(self.root, self.step, self.txn)
+
+    def cleanup(self) -> None:
+        """After an abort, once no write is in flight: remove the temp dir, then its owner record."""
+        for part in self.parts.values():
+            for f in part.open_files:
+                _close_quietly(f.fd)
+            part.open_files = []
+        if self.temp_dir.is_dir() and not self.temp_dir.is_symlink():
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        ownership.remove_temp_owner(self.root, self.step, self.txn)
+
+
+class Ledger:
+    """Every transaction this daemon knows: the live ones in hand-over order, and the recently finished."""
+
+    def __init__(self, max_live: int = MAX_LIVE, finished_kept: int = FINISHED_KEPT) -> None:
+        self.live: dict[str, Transaction] = {}  # insertion order is hand-over order
+        self.finished: OrderedDict[str, Transaction] = OrderedDict()
+        self.max_live = max_live
+        self.finished_kept = finished_kept
+
+    def get(self, txn_id: str) -> Transaction | None:
+        return self.live.get(txn_id) or self.finished.get(txn_id)
+
+    def admit(self, txn: Transaction) -> None:
+        """Add a newly opened transaction; refuses one too many, or one of a second job in the same dir."""
+        if len(self.live) >= self.max_live:
+            raise TxnError(
+                f"the daemon already has {len(self.live)} saves in flight (limit {self.max_live}); wait for them "
+                "to commit before handing over more"
+            )
+        for other in self.live.values():
+            if other.output_dir == txn.output_dir and other.job != txn.job:
+                raise TxnError(
+                    f"{txn.output_dir} is being written by job {other.job!r} (step {other.step}); job {txn.job!r} "
+                    "may not write the same output_dir at the same time; give each job its own output_dir"
+                )
+        self.live[txn.txn] = txn
+
+    def retire(self, txn: Transaction) -> None:
+        self.live.pop(txn.txn, None)
+        self.finished[txn.txn] = txn
+        while len(self.finished) > self.finished_kept:
+            self.finished.popitem(last=False)
+
+    def next_in_line(self, output_dir: Path) -> Transaction | None:
+        """The oldest live transaction of ``output_dir``: commits there go in hand-over order, so that
+        "latest" only moves forward and retention never removes a newer checkpoint."""
+        for txn in self.live.values():
+            if txn.output_dir == output_dir:
+                return txn
+        return None
+
+    def live_ids(self) -> set[str]:
+        return set(self.live)
+
+
+def _make_dirs_durably(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of every directory created, so a new ``checkpoints/`` survives power loss."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            continue
+        writer.fsync_dir(d.parent)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def describe_error(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        name = errno.errorcode.get(e.errno, str(e.errno))
+        text = e.strerror or str(e)
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{name}: {text}{where}"
+    return str(e) or type(e).__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -22,19 +23,27 @@ from ckptd.protocol import FileSpec
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
+LEGACY_SLAB_PREFIX = "ckptd-"  # /dev/shm slabs of ckptd before slabs became memfds
 # Small enough that a chunk is still in cache when it is written after being hashed.
 WRITE_CHUNK = 8 * 1024 * 1024
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+_F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
 
 
 @dataclass
 class Segment:
-    """A read-only mapping of a rank's staging slab, cached by the daemon across saves."""
+    """A read-only mapping of a rank's staging slab (a sealed memfd), cached by the daemon across saves."""
 
     name: str
+    pid: int
+    fd_number: int  # the slab's fd number in the rank's process
     inode: int
     size: int
     mm: mmap.mmap
-    owner_pid: int
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.pid, self.fd_number, self.inode)
 
     def close(self) -> None:
         try:
@@ -44,56 +53,93 @@ class Segment:
             logger.debug("segment %s still referenced at close", self.name)
 
 
-def open_segment(name: str, min_size: int, owner_pid: int) -> Segment:
-    """Map ``/dev/shm/<name>`` read-only; the mapping stays valid even if the trainer dies and unlinks it."""
-    path = os.path.join(SHM_DIR, name)
+def open_segment(name: str, pid: int, fd_number: int, inode: int, min_size: int) -> Segment:
+    """Map a rank's slab read-only through ``/proc/<pid>/fd/<fd_number>``.
+
+    The rank is alive and waiting for our answer while this runs. The slab must be the memfd it named
+    (inode), belong to this user, and be sealed against shrinking: a truncated mapping would kill the daemon
+    with SIGBUS mid-write, and the seal makes truncation impossible for every process. Our mapping stays
+    valid after the rank exits or closes its fd; the kernel frees the memory when both are gone."""
+    path = f"/proc/{pid}/fd/{fd_number}"
     try:
-        # O_NONBLOCK: opening a FIFO planted under the segment's name must fail below, not block the loop.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+        # O_NONBLOCK: if the fd is a FIFO, opening it must fail below, not block the loop.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
         raise OSError(
-            errno.ENOENT, f"shared-memory segment {path} does not exist; the trainer may have exited"
+            e.errno,
+            f"cannot open the staging slab {name} of pid {pid} (fd {fd_number}): {e.strerror}; the trainer may "
+            "have exited or given up on this save, or runs in another PID namespace than the daemon",
         ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"shared-memory segment {path} is not a regular file")
+            raise ValueError(f"staging slab {name} (pid {pid}, fd {fd_number}) is not a memfd")
+        if st.st_ino != inode:
+            raise ValueError(
+                f"staging slab {name}: pid {pid}'s fd {fd_number} is inode {st.st_ino}, the request names {inode} "
+                "(the trainer replaced its slab, or the request is stale)"
+            )
         if st.st_uid != os.getuid():
-            raise PermissionError(f"shared-memory segment {path} belongs to uid {st.st_uid}, not this daemon's user")
+            raise PermissionError(f"staging slab {name} belongs to uid {st.st_uid}, not this daemon's user")
+        try:
+            seals = fcntl.fcntl(fd, _F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if not seals & _F_SEAL_SHRINK:
+            raise ValueError(
+                f"staging slab {name} is not sealed against shrinking (F_SEAL_SHRINK); the daemon reads only "
+                "sealed memfds, which no process can truncate under it"
+            )
         if st.st_size < min_size:
-            raise ValueError(f"shared-memory segment {path} holds {st.st_size} bytes, the request names {min_size}")
+            raise ValueError(f"staging slab {name} holds {st.st_size} bytes, the request names {min_size}")
         if st.st_size == 0:
-            raise ValueError(f"shared-memory segment {path} is empty")
+            raise ValueError(f"staging slab {name} is empty")
         # No MAP_POPULATE: faulting the pages in belongs to the writer threads, not to the rank's stall.
         mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        return Segment(name, st.st_ino, st.st_size, mm, owner_pid)
+        return Segment(name, pid, fd_number, st.st_ino, st.st_size, mm)
     finally:
         os.close(fd)
 
 
 def segment_is_current(seg: Segment) -> bool:
+    """Whether the rank still holds this slab under the same fd (else our mapping only pins memory)."""
     try:
-        st = os.stat(os.path.join(SHM_DIR, seg.name))
-    except FileNotFoundError:
+        return os.stat(f"/proc/{seg.pid}/fd/{seg.fd_number}").st_ino == seg.inode
+    except OSError:
         return False
-    return st.st_ino == seg.inode and st.st_size == seg.size
 
 
-def unlink_segment(name: str) -> None:
+def sweep_legacy_slabs() -> list[str]:
+    """Unlink /dev/shm slabs of older ckptd versions that no live process has open or mapped."""
+    prefix = f"{LEGACY_SLAB_PREFIX}{os.getuid()}-"
     try:
-        os.unlink(os.path.join(SHM_DIR, name))
-    except FileNotFoundError:
-        pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    used: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(line.split("/dev/shm/", 1)[1].split(" ")[0] for line in f if "/dev/shm/" in line)
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    used.add(target[len("/dev/shm/") :])
+        except OSError:
+            continue
+    removed = []
+    for name in names:
+        if name not in used:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    if removed:
+        logger.info("removed %d orphaned /dev/shm slab(s) of an older ckptd: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def validate_file_bytes(seg: Segment, spec: FileSpec) -> None:
@@ -128,8 +174,6 @@ DIRECT_CHUNK = 32 * 1024 * 1024  # O_DIRECT writes are synchronous: fewer, large
 
 
 def _set_direct(fd: int, on: bool) -> None:
-    import fcntl
-
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, (flags | os.O_DIRECT) if on else (flags & ~os.O_DIRECT))
 

@@ -6,6 +6,7 @@ Every receive polls with a timeout, so a daemon that hangs fails a test instead 
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import mmap
@@ -31,6 +32,7 @@ import zmq
 from safetensors import safe_open
 
 from ckptd import format as fmt
+from ckptd import ownership
 from ckptd import protocol as proto
 from ckptd.protocol import CommitInfo, ComponentSpec, FileSpec, MsgType, StageRequest
 
@@ -116,18 +118,17 @@ class Peer:
 
 
 class Shm:
-    """A real /dev/shm segment, created and mapped the way a client's slab is."""
+    """A real staging slab, created and mapped the way a client's is: a memfd sealed against shrinking."""
 
-    def __init__(self, size: int) -> None:
-        self.name = f"{proto.SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-test-{secrets.token_hex(4)}"
-        self.path = f"/dev/shm/{self.name}"
+    def __init__(self, size: int, sealed: bool = True) -> None:
+        self.name = f"{proto.SEGMENT_PREFIX}test-{secrets.token_hex(4)}"
         self.size = size
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
+        self.fd = os.memfd_create(self.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        if sealed:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        self.ino = os.fstat(self.fd).st_ino
+        self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.next_offset = 0
 
     def put(self, data: bytes, align: int = 4096) -> int:
@@ -141,8 +142,8 @@ class Shm:
     def close(self) -> None:
         self.mm.close()
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
+            os.close(self.fd)
+        except OSError:
             pass
 
 
@@ -198,8 +199,12 @@ def stage_req(
     expected: list[int] | None = None,
     timeout_s: float = 10.0,
     commit: CommitInfo | None = None,
-    segment: str | None = None,
+    segment_fd: int | None = None,
+    segment_ino: int | None = None,
     segment_size: int | None = None,
+    segment: str | None = None,
+    deadline: float | None = None,
+    job: str | None = None,
 ) -> StageRequest:
     expected = expected or [0]
     return StageRequest(
@@ -212,9 +217,13 @@ def stage_req(
         timeout_s=timeout_s,
         pid=os.getpid(),
         segment=segment or shm.name,
+        segment_fd=shm.fd if segment_fd is None else segment_fd,
+        segment_ino=shm.ino if segment_ino is None else segment_ino,
         segment_size=shm.size if segment_size is None else segment_size,
         files=files,
         commit=commit,
+        job=job,
+        deadline=deadline,
     )
 
 
@@ -330,8 +339,8 @@ class Harness:
         self.peers.append(p)
         return p
 
-    def shm(self, size: int = 1 << 20) -> Shm:
-        s = Shm(size)
+    def shm(self, size: int = 1 << 20, sealed: bool = True) -> Shm:
+        s = Shm(size, sealed)
         self.segments.append(s)
         return s
 
@@ -508,14 +517,20 @@ def test_hostile_stage_requests_are_rejected_and_write_nothing_outside_the_txn_d
     data = st_bytes({"w": torch.ones(4, dtype=torch.float32)})
     off = shm.put(data)
     small = harness.shm(4096)  # real, but smaller than the requests below claim
-    link = f"/dev/shm/{proto.SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-test-link-{secrets.token_hex(4)}"
+    unsealed = harness.shm(64 * 1024, sealed=False)  # could be truncated under the daemon: SIGBUS
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"\x00" * (64 * 1024))
-    os.symlink(victim, link)
-    fifo = f"/dev/shm/{proto.SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-test-fifo-{secrets.token_hex(4)}"
+    plain_fd = os.open(victim, os.O_RDONLY)  # a regular file, not a memfd: cannot be sealed
+    fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # opening it for reading would block until a writer comes: the daemon must not wait
-    shm_dir = f"/dev/shm/{proto.SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-test-dir-{secrets.token_hex(4)}"
-    os.mkdir(shm_dir)
+    fifo_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    closed_fd = os.open(victim, os.O_RDONLY)
+    os.close(closed_fd)
+
+    def seg(fd: int, **kw: Any) -> dict[str, Any]:
+        return {"segment_fd": fd, "segment_ino": os.fstat(fd).st_ino, **kw}
+
     comp = commit_info(ComponentSpec("weights", "global", [0]))
 
     def spec(
@@ -535,11 +550,13 @@ def test_hostile_stage_requests_are_rejected_and_write_nothing_outside_the_txn_d
         ("segment with slash", {"segment": "ckptd-x/../../etc/passwd"}, "field 'segment'"),
         ("segment with slash only", {"segment": "ckptd-a/b"}, "field 'segment'"),
         ("segment without prefix", {"segment": "psm_1234"}, "field 'segment'"),
-        ("missing segment", {"segment": f"ckptd-missing-{secrets.token_hex(4)}"}, "does not exist"),
-        ("segment smaller than claimed", {"segment": small.name}, "holds 4096 bytes, the request names 65536"),
-        ("segment is a symlink", {"segment": os.path.basename(link)}, "Too many levels of symbolic links"),
-        ("segment is a FIFO", {"segment": os.path.basename(fifo)}, "is not a regular file"),
-        ("segment is a directory", {"segment": os.path.basename(shm_dir)}, "is not a regular file"),
+        ("segment fd not open", {"segment_fd": closed_fd}, "cannot open the staging slab"),
+        ("segment inode differs", {"segment_ino": shm.ino + 1}, "the request names"),
+        ("segment smaller than claimed", seg(small.fd, segment_size=64 * 1024), "holds 4096 bytes"),
+        ("segment not sealed", seg(unsealed.fd), "not sealed against shrinking"),
+        ("segment is a plain file", seg(plain_fd), "not sealed against shrinking"),
+        ("segment is a FIFO", seg(fifo_fd), "is not a memfd"),
+        ("segment is a directory", seg(dir_fd), "is not a memfd"),
         ("relative output_dir", {"output_dir": "rel/out"}, "must be an absolute path"),
         ("expected ranks without me", {"expected": [1], "rank": 0}, "field 'expected_ranks'"),
     ]
@@ -566,9 +583,8 @@ def test_hostile_stage_requests_are_rejected_and_write_nothing_outside_the_txn_d
             assert entries(output_dir / "checkpoints") == set(), (label, entries(output_dir / "checkpoints"))
             assert entries(output_dir) <= {"checkpoints"}, label
     finally:
-        os.unlink(link)
-        os.unlink(fifo)
-        os.rmdir(shm_dir)
+        for fd in (plain_fd, fifo_fd, dir_fd):
+            os.close(fd)
 
     assert victim.read_bytes() == b"\x00" * (64 * 1024)
     assert entries(daemon.cwd) == set(), "the daemon wrote into its working directory"
@@ -702,10 +718,10 @@ def test_part_rejected_for_unreadable_segment_leaves_multi_rank_txn_to_time_out(
         expected=[0, 1],
         commit=info,
         timeout_s=1.0,
-        segment=f"ckptd-gone-{secrets.token_hex(4)}",
+        segment_ino=s0.ino + 1,  # rank 0 replaced its slab: the request is stale
     )
     t, _, body = r0.stage(req0)
-    assert t == MsgType.ERROR and "does not exist" in body["message"], body
+    assert t == MsgType.ERROR and "the request names" in body["message"], body
     reason = r1.notice(MsgType.ABORTED, txn, timeout_s=5)["reason"]
     assert "[0]" in reason, reason
     wait_until(lambda: entries(output_dir / "checkpoints") == set(), 3, "removal of the temp dir")
@@ -754,16 +770,16 @@ def test_write_error_efbig_aborts_cleanly_and_keeps_earlier_checkpoint(harness: 
     assert_alive_and_committing(harness, daemon, output_dir, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the daemon reads segments through mmap, so a same-user process that shrinks the "
-    "segment while it is being written kills the daemon with SIGBUS instead of aborting the transaction",
-)
-def test_segment_truncated_during_write_aborts_instead_of_killing_daemon(harness: Harness, output_dir: Path) -> None:
+def test_slab_cannot_be_truncated_under_a_write_so_the_daemon_cannot_die_of_sigbus(
+    harness: Harness, output_dir: Path
+) -> None:
+    """A same-user process that shrank a mapped slab mid-write used to kill the daemon with SIGBUS (and every
+    save in flight on the node). The daemon now reads only memfds sealed against shrinking: the truncation
+    itself fails, the save commits, and an unsealed slab is refused before any byte is read."""
     daemon = harness.start()
     peer = harness.peer()
     size = 64 << 20
-    shm = harness.shm(size)  # sparse: the daemon reads zero pages until the truncation
+    shm = harness.shm(size)
     n = size - 4096
     layout = fmt.build_safetensors_layout([("w", "U8", [n])])
     shm.put(layout.header)
@@ -771,26 +787,46 @@ def test_segment_truncated_during_write_aborts_instead_of_killing_daemon(harness
     req = stage_req(shm, output_dir, 1, [spec], commit=commit_info(ComponentSpec("weights", "global", [0])))
     t, _, body = peer.stage(req)
     assert t == MsgType.ACCEPTED, body
-    os.truncate(shm.path, 0)
-    deadline = time.monotonic() + COMMIT_TIMEOUT_S
-    while True:
-        assert daemon.proc.poll() is None, f"daemon died with {daemon.proc.returncode}"
-        m = peer._recv(0.1)
-        if m is not None and m[0] in (MsgType.COMMITTED, MsgType.ABORTED):
-            break
-        assert time.monotonic() < deadline, "no outcome for the transaction"
-    assert m[0] == MsgType.ABORTED and m[2]["txn"] == req.txn, m
-    wait_until(lambda: no_temp_or_trash(output_dir), 5, "removal of the temp dir")
+    with pytest.raises(PermissionError):
+        os.ftruncate(shm.fd, 0)
+    with pytest.raises(PermissionError):
+        os.truncate(f"/proc/{os.getpid()}/fd/{shm.fd}", 0)  # what another process of the user would do
+    assert Path(peer.notice(MsgType.COMMITTED, req.txn)["path"]).name == "checkpoint-1"
+    assert daemon.proc.poll() is None
+    unsealed = harness.shm(1 << 20, sealed=False)
+    unsealed.put(layout.header[:0] or st_bytes({"w": torch.ones(2)}))
+    req = stage_req(
+        unsealed,
+        output_dir,
+        2,
+        [global_file(unsealed, "weights", st_bytes({"w": torch.ones(2)}))],
+        commit=commit_info(ComponentSpec("weights", "global", [0])),
+    )
+    t, _, body = peer.stage(req)
+    assert t == MsgType.ERROR and "not sealed against shrinking" in body["message"], body
 
 
 # ------------------------------------------------------------------------------------------ 6. stale dirs
 
 
+def _dead_process() -> ownership.ProcessIdentity:
+    """The identity of a process that has exited (its pid may be reused; its start time cannot be)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    me = ownership.ProcessIdentity.of_pid(proc.pid)
+    proc.wait()
+    assert me is not None
+    return me
+
+
 def _plant_stale(output_dir: Path) -> tuple[Path, bytes]:
+    """A temp dir whose owner died (with its owner record), a trash dir, a committed checkpoint, look-alikes;
+    and a temp dir of a live owner (this test process) that no sweep may touch."""
     root = output_dir / "checkpoints"
-    for name in (".tmp-checkpoint-7-deadbeef", ".trash-checkpoint-3-abcd"):
+    for name in (".tmp-checkpoint-7-deadbeef", ".trash-checkpoint-3-abcd", ".tmp-checkpoint-8-a11ve"):
         (root / name).mkdir(parents=True)
         (root / name / "weights_state.safetensors").write_bytes(b"partial")
+    ownership.write_temp_owner(root, 7, "deadbeef", _dead_process(), None, time.time() + 300)
+    ownership.write_temp_owner(root, 8, "a11ve", ownership.ProcessIdentity.current(), None, time.time() + 300)
     kept = root / "checkpoint-5"
     kept.mkdir()
     content = b"committed bytes that nobody may touch"
@@ -801,10 +837,13 @@ def _plant_stale(output_dir: Path) -> tuple[Path, bytes]:
     return kept, content
 
 
+LIVE_TEMP = (".tmp-checkpoint-8-a11ve", ".tmp-checkpoint-8-a11ve.owner")
+
+
 def test_daemon_start_with_output_dir_sweeps_stale_temp_and_trash_dirs(harness: Harness, output_dir: Path) -> None:
     kept, content = _plant_stale(output_dir)
     harness.start("--output-dir", str(output_dir))  # ready = it answered hello, after its start-up sweep
-    assert entries(output_dir / "checkpoints") == {"checkpoint-5", ".tmp-other", "notes.txt"}
+    assert entries(output_dir / "checkpoints") == {"checkpoint-5", ".tmp-other", "notes.txt", *LIVE_TEMP}
     assert (kept / "weights_state.safetensors").read_bytes() == content
 
 
@@ -816,7 +855,13 @@ def test_first_transaction_in_output_dir_sweeps_stale_temp_and_trash_dirs(
     peer = harness.peer()
     shm = harness.shm(64 * 1024)
     global_save(peer, shm, output_dir, 9, {"w": torch.ones(3)})
-    assert entries(output_dir / "checkpoints") == {"checkpoint-5", "checkpoint-9", ".tmp-other", "notes.txt"}
+    assert entries(output_dir / "checkpoints") == {
+        "checkpoint-5",
+        "checkpoint-9",
+        ".tmp-other",
+        "notes.txt",
+        *LIVE_TEMP,
+    }
     assert (kept / "weights_state.safetensors").read_bytes() == content
 
 
