@@ -1,25 +1,88 @@
-"""Who owns what: processes judged by (host, boot, pid, start time), temp-dir owner records, sweeps, leases.
+"""Who owns what in an output dir, judged without trusting a pid alone.
 
-Interim version written by the daemon owner so the daemon imports; the client-side owner replaces it with
-the full lease implementation.
+Three kinds of record live beside the checkpoints, in ``<output_dir>/checkpoints/``:
+
+``.ckptd-lease.json`` (the lease)
+    The one job that writes this output dir: its job id, and the process of its global rank 0 (host, boot
+    id, pid namespace, pid, start time). ``Lease.acquire`` takes it when ``CheckpointClient`` is built:
+    at once for another process of the same job (a torchrun elastic restart) or for a holder that is
+    provably dead (same host, boot and pid namespace, and its pid is gone or now has another start time);
+    never from another live job, which gets ``LeaseHeld``. A holder on another host counts as alive until
+    its lease has gone unrefreshed for ``LEASE_TIMEOUT_S``. The daemon asks ``lease_allows`` right before
+    each commit.
+
+``.tmp-checkpoint-<step>-<txn>.owner`` (temp-dir owner records)
+    Written by the daemon before it creates the temp dir: the daemon process, the job and the save's
+    deadline. ``sweep_stale`` removes a temp dir only when its owner is provably gone: the daemon process is
+    dead (or it is the sweeping daemon itself, which knows its own live transactions), or the deadline has
+    passed by ``SWEEP_MARGIN_S`` (provable on any node), or there is no record and the dir is older than the
+    margin. Two daemons sweeping one directory therefore never remove each other's live temp dirs.
+
+``.tmp-checkpoint-<step>-<txn>`` as a regular file (a tombstone)
+    Left by ``veto_commit`` when a rank gives up on a save whose temp dir does not exist yet: the daemon's
+    later ``mkdir`` of the temp dir fails, so the save can never commit. Sweeps remove tombstones once their
+    deadline has passed by the margin, when no daemon may commit the save any more.
+
+Identity of a process: ``ProcessIdentity`` (host, boot id, pid namespace, pid, start time, the 22nd field
+of ``/proc/<pid>/stat``), so a reused pid is never mistaken for the process that wrote a record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import socket
+import stat
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ckptd import format as fmt
+from ckptd.protocol import is_valid_job
 
 logger = logging.getLogger(__name__)
 
-SWEEP_MARGIN_S = 600.0
+LEASE_TIMEOUT_S = 120.0  # a holder on another host counts as alive this long after its last refresh
+LEASE_REFRESH_S = 30.0  # how often a holder refreshes (CheckpointClient does it from a thread)
+SWEEP_MARGIN_S = 600.0  # after a deadline (or, with no record, after the last change) a temp dir is dead
+RECORD_VERSION = 1
+MAX_RECORD_BYTES = 64 * 1024  # a lease or owner record is a few hundred bytes; refuse anything huge
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # read bound when the veto looks for a manifest's txn
+JOB_ENV = "CKPTD_JOB_ID"
+LEASE_LOCK_NAME = fmt.LEASE_NAME.replace(".json", ".lock")
+_LEASE_TMP_NAME = fmt.LEASE_NAME + ".tmp"
+_VETO_ATTEMPTS = 8
+
+
+class OwnershipError(RuntimeError):
+    """An output dir or a transaction belongs to someone else; the text says who and what to do."""
+
+
+class LeaseHeld(OwnershipError):
+    """Another live job holds the output dir's lease."""
+
+    def __init__(self, message: str, holder: LeaseRecord) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class LeaseLost(OwnershipError):
+    """The lease this process held was taken over (or removed) by someone else."""
+
+
+# ------------------------------------------------------------------------------------------ identity
 
 
 def _boot_id() -> str:
@@ -27,114 +90,906 @@ def _boot_id() -> str:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
     except OSError:
-        return ""
+        return "unknown"
 
 
-def _start_time(pid: int) -> int | None:
+def _pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: pids of one namespace mean nothing in another
+    (containers on one host share its boot id and, with host networking, its host name)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
+        return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return None
-    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of ``/proc/<pid>/stat`` (after the command name, which may hold spaces and parentheses)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rsplit(b")", 1)[-1].decode("ascii", "replace").split()
 
 
 @dataclass(frozen=True)
 class ProcessIdentity:
+    """A process named so that a reused pid can never pass for it.
+
+    ``start_time`` is the process's start in clock ticks after boot (field 22 of ``/proc/<pid>/stat``);
+    ``boot_id`` and ``pid_ns`` (the inode of the pid namespace the pid is numbered in) tell whether this
+    machine can judge the pid at all.
+
+    Example:
+        >>> me = ProcessIdentity.current()
+        >>> me.alive()
+        True
+        >>> ProcessIdentity.from_json(me.to_json()) == me
+        True
+    """
+
     host: str
     boot_id: str
     pid: int
     start_time: int
+    pid_ns: int | None = None
 
     @classmethod
     def current(cls) -> ProcessIdentity:
-        pid = os.getpid()
-        return cls(socket.gethostname(), _boot_id(), pid, _start_time(pid) or 0)
+        """This process.
+
+        Example:
+            >>> ProcessIdentity.current().pid == os.getpid()
+            True
+        """
+        me = cls.of_pid(os.getpid())
+        if me is None:  # /proc is not mounted: no start time can be read for anyone
+            return cls(socket.gethostname(), _boot_id(), os.getpid(), 0, _pid_namespace())
+        return me
 
     @classmethod
     def of_pid(cls, pid: int) -> ProcessIdentity | None:
-        st = _start_time(pid)
-        return None if st is None else cls(socket.gethostname(), _boot_id(), pid, st)
+        """The process that has ``pid`` now (in this machine's view), or None if there is none or it is a
+        zombie.
+
+        Args:
+            pid: a process id in this process's pid namespace.
+
+        Example:
+            >>> ProcessIdentity.of_pid(os.getpid()).start_time > 0
+            True
+        """
+        fields = _stat_fields(pid)
+        if fields is None or len(fields) < 20 or fields[0] in ("Z", "X"):
+            return None
+        return cls(socket.gethostname(), _boot_id(), pid, int(fields[19]), _pid_namespace())
 
     def is_local(self) -> bool:
-        return self.host == socket.gethostname() and self.boot_id == _boot_id()
+        """Whether this machine can judge the process: same host, same boot, same pid namespace.
+
+        Example:
+            >>> ProcessIdentity.current().is_local()
+            True
+        """
+        if self.host != socket.gethostname() or self.boot_id != _boot_id():
+            return False
+        mine = _pid_namespace()
+        return self.pid_ns is None or mine is None or self.pid_ns == mine
 
     def alive(self) -> bool | None:
-        if self.host != socket.gethostname():
-            return None
-        if self.boot_id != _boot_id():
-            return False
-        return _start_time(self.pid) == self.start_time
+        """True if the process still runs; False if it provably does not (its pid is gone, a zombie, or
+        belongs to a process with another start time); None if it runs elsewhere and cannot be judged here.
 
-    def to_json(self) -> dict:
+        Example:
+            >>> ProcessIdentity.current().alive()
+            True
+        """
+        if not self.is_local():
+            return None
+        now = ProcessIdentity.of_pid(self.pid)
+        return now is not None and now.start_time == self.start_time
+
+    def same_process(self, other: ProcessIdentity) -> bool:
+        """Whether two identities name the same process (the host name alone may differ in spelling).
+
+        Example:
+            >>> ProcessIdentity.current().same_process(ProcessIdentity.current())
+            True
+        """
+        return (self.boot_id, self.pid_ns, self.pid, self.start_time) == (
+            other.boot_id,
+            other.pid_ns,
+            other.pid,
+            other.start_time,
+        ) and self.host == other.host
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict; ``from_json`` reads it back.
+
+        Example:
+            >>> sorted(ProcessIdentity.current().to_json())
+            ['boot_id', 'host', 'pid', 'pid_ns', 'start_time']
+        """
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> ProcessIdentity:
-        return cls(str(d["host"]), str(d["boot_id"]), int(d["pid"]), int(d["start_time"]))
+    def from_json(cls, obj: Any) -> ProcessIdentity:
+        """Parse ``to_json``'s dict; raises ValueError naming the bad field.
+
+        Args:
+            obj: the dict (for example a field of a lease or owner record).
+
+        Example:
+            >>> ProcessIdentity.from_json({"host": "h", "boot_id": "b", "pid": 1, "start_time": 5}).pid
+            1
+        """
+        if not isinstance(obj, dict):
+            raise ValueError(f"a process identity must be a JSON object, got {type(obj).__name__}")
+        host, boot, pid, start, ns = (obj.get(k) for k in ("host", "boot_id", "pid", "start_time", "pid_ns"))
+        if not isinstance(host, str) or not isinstance(boot, str):
+            raise ValueError("a process identity needs string fields 'host' and 'boot_id'")
+        for name, v in (("pid", pid), ("start_time", start)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"process identity field {name!r} must be a non-negative integer, got {v!r}")
+        if ns is not None and (not isinstance(ns, int) or isinstance(ns, bool)):
+            raise ValueError(f"process identity field 'pid_ns' must be an integer or null, got {ns!r}")
+        return cls(host, boot, pid, start, ns)
 
 
-def write_temp_owner(root: Path, step: int, txn: str, owner: ProcessIdentity, job: str | None, deadline: float) -> None:
-    data = json.dumps({"owner": owner.to_json(), "job": job, "deadline": deadline}).encode()
-    path = root / fmt.temp_owner_name(step, txn)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+# ------------------------------------------------------------------------------------------------ job
+
+
+def _job_token(raw: str) -> str:
+    """``raw`` made into a valid job id (``protocol.is_valid_job``): odd characters become '_', and an
+    over-long id keeps its head and a hash of the whole."""
+    token = re.sub(r"[^A-Za-z0-9._:@-]", "_", raw)
+    if len(token) > 128:
+        token = token[:111] + "-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return token
+
+
+def current_job_id(environ: dict[str, str] | None = None) -> str:
+    """The id of the job this process belongs to, for the output dir's lease.
+
+    In order: ``$CKPTD_JOB_ID`` (explicit); ``slurm-$SLURM_JOB_ID`` (kept across a requeue and across
+    relaunches inside one allocation, so the job step is left out); ``torchelastic-$TORCHELASTIC_RUN_ID``
+    (torchrun's rendezvous id, the same for every elastic restart of one launch; ``none``, torchrun's
+    default without a rendezvous id, does not count); otherwise this process alone,
+    ``pid-<host>-<pid>-<start time>``.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+
+    Raises:
+        ValueError: ``$CKPTD_JOB_ID`` is not 1-128 letters, digits or ``._:@-``.
+
+    Example:
+        >>> current_job_id({"CKPTD_JOB_ID": "llama-7b-run3"})
+        'llama-7b-run3'
+        >>> current_job_id({"TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "4242"})
+        'slurm-4242'
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get(JOB_ENV)
+    if explicit:
+        if not is_valid_job(explicit):
+            raise ValueError(
+                f"${JOB_ENV}={explicit!r} is not a valid job id: expected 1-128 letters, digits or '._:@-'; change it"
+            )
+        return explicit
+    slurm = env.get("SLURM_JOB_ID")
+    if slurm:
+        return _job_token(f"slurm-{slurm}")
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return _job_token(f"torchelastic-{run_id}")
+    me = ProcessIdentity.current()
+    return _job_token(f"pid-{me.host}-{me.pid}-{me.start_time}")
+
+
+# ---------------------------------------------------------------------------------------- file helpers
+
+
+def _read_small(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes | None:
+    """The bytes of a regular file of at most ``limit`` bytes; None if it is missing, not a regular file
+    (a FIFO, a symlink, a directory) or too large. Never blocks and never reads without bound."""
     try:
-        os.write(fd, data)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        chunks = []
+        total = 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return None if total > limit else b"".join(chunks)
+    except OSError:
+        return None
     finally:
         os.close(fd)
 
 
-def remove_temp_owner(root: Path, step: int, txn: str) -> None:
+def _write_new(path: Path, data: bytes, exclusive: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o644)
     try:
-        os.unlink(root / fmt.temp_owner_name(step, txn))
-    except FileNotFoundError:
-        pass
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
-def _owner_gone(record_path: Path, entry: Path, now: float) -> bool:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        rec = json.loads(record_path.read_bytes()[: 1 << 16])
-        owner = ProcessIdentity.from_json(rec["owner"])
-        deadline = float(rec["deadline"])
-    except (OSError, ValueError, KeyError, TypeError):
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(path: Path) -> None:
+    """``mkdir -p`` that fsyncs the parent of every directory it creates, so it survives a power cut.
+
+    Args:
+        path: the directory to create (for example ``<output_dir>/checkpoints``).
+
+    Example:
+        >>> make_dirs_durably(Path("/tmp/ckptd-doc/out/checkpoints"))
+    """
+    missing = []
+    p = Path(path)
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
         try:
-            return now - os.lstat(entry).st_mtime > SWEEP_MARGIN_S
-        except OSError:
-            return True
-    return owner.alive() is False or now > deadline + SWEEP_MARGIN_S
+            os.mkdir(d, 0o755)
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
 
 
-def sweep_stale(output_dir: Path, live_txns: set[str], now: float | None = None) -> list[Path]:
-    root = fmt.checkpoints_root(output_dir)
-    now = time.time() if now is None else now
+def _remove(path: Path) -> bool:
+    """Remove a file or a directory tree (never following a symlink); True if something was removed."""
     try:
-        names = os.listdir(root)
+        st = os.lstat(path)
     except FileNotFoundError:
-        return []
-    removed = []
-    for name in names:
-        path = root / name
-        temp = fmt.parse_temp_dirname(name)
-        if temp is not None:
-            if temp[1] in live_txns or not _owner_gone(root / fmt.temp_owner_name(*temp), path, now):
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            remove_temp_owner(root, *temp)
-            removed.append(path)
-        elif fmt.is_trash_dirname(name):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    if removed:
-        logger.info("removed stale %s", ", ".join(p.name for p in removed))
-    return removed
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+        return not os.path.lexists(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
 
 
-def read_lease(output_dir: Path) -> object | None:
+# ------------------------------------------------------------------------------------- owner records
+
+
+@dataclass(frozen=True)
+class OwnerRecord:
+    """Who owns a temp dir (``kind`` "temp", written by the daemon) or a tombstone (``kind`` "tombstone",
+    written by a rank that gave up on the save), and until when the save may commit."""
+
+    owner: ProcessIdentity
+    step: int
+    txn: str
+    job: str | None
+    deadline: float | None
+    kind: str = "temp"
+    created: float = 0.0
+    version: int = RECORD_VERSION
+
+    def to_bytes(self) -> bytes:
+        body = {**asdict(self), "owner": self.owner.to_json()}
+        return (json.dumps(body, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OwnerRecord:
+        """Parse a record; raises ValueError saying what is wrong."""
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not a JSON owner record ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError("an owner record must be a JSON object")
+        step, txn, job, deadline = raw.get("step"), raw.get("txn"), raw.get("job"), raw.get("deadline")
+        if not isinstance(step, int) or isinstance(step, bool) or not fmt.is_valid_txn(txn):
+            raise ValueError("an owner record needs an integer 'step' and a valid 'txn'")
+        if job is not None and not is_valid_job(job):
+            raise ValueError(f"owner record field 'job' is invalid: {job!r}")
+        if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
+            raise ValueError(f"owner record field 'deadline' must be a Unix time, got {deadline!r}")
+        created = raw.get("created", 0.0)
+        return cls(
+            owner=ProcessIdentity.from_json(raw.get("owner")),
+            step=step,
+            txn=txn,
+            job=job,
+            deadline=None if deadline is None else float(deadline),
+            kind=str(raw.get("kind", "temp")),
+            created=float(created) if isinstance(created, (int, float)) else 0.0,
+            version=int(raw.get("version", RECORD_VERSION)),
+        )
+
+
+def _read_record(path: Path) -> OwnerRecord | None:
+    data = _read_small(path)
+    if data is None:
+        return None
+    try:
+        return OwnerRecord.from_bytes(data)
+    except ValueError as e:
+        logger.warning("ignoring the unreadable owner record %s: %s", path, e)
+        return None
+
+
+def write_temp_owner(
+    root: Path, step: int, txn: str, owner: ProcessIdentity, job: str | None, deadline: float | None
+) -> Path:
+    """Record who owns ``<root>/.tmp-checkpoint-<step>-<txn>``; call it BEFORE creating the temp dir, so a
+    sweep never sees the dir without its owner.
+
+    Args:
+        root: the ``checkpoints`` directory of the output dir.
+        step: the checkpoint step.
+        txn: the transaction id.
+        owner: the process that owns the temp dir (the daemon writing it).
+        job: the job id of the save, if the rank sent one.
+        deadline: Unix time after which the save may not commit (None: unknown).
+
+    Returns:
+        The record's path (``<root>/.tmp-checkpoint-<step>-<txn>.owner``).
+
+    Example:
+        >>> write_temp_owner(root, 7, "ab12", ProcessIdentity.current(), "job1", time.time() + 300)
+        PosixPath('.../checkpoints/.tmp-checkpoint-7-ab12.owner')
+    """
+    rec = OwnerRecord(owner, step, txn, job, deadline, "temp", time.time())
+    path = Path(root) / fmt.temp_owner_name(step, txn)
+    _write_new(path, rec.to_bytes(), exclusive=False)
+    return path
+
+
+def remove_temp_owner(root: Path, step: int, txn: str) -> None:
+    """Remove the owner record of a temp dir that is gone (committed, or aborted and removed).
+
+    Args:
+        root: the ``checkpoints`` directory of the output dir.
+        step: the checkpoint step.
+        txn: the transaction id.
+
+    Example:
+        >>> remove_temp_owner(root, 7, "ab12")
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(root) / fmt.temp_owner_name(step, txn))
+
+
+def _provably_gone(rec: OwnerRecord | None, mtime: float, now: float, me: ProcessIdentity) -> str | None:
+    """Why the owner of an entry is provably gone, or None if it may still be alive."""
+    if rec is None:
+        age = now - mtime
+        return f"no owner record and unchanged for {age:.0f} s" if age > SWEEP_MARGIN_S else None
+    if rec.deadline is not None and now > rec.deadline + SWEEP_MARGIN_S:
+        return f"its deadline passed {now - rec.deadline:.0f} s ago"
+    if rec.kind == "tombstone":
+        # A tombstone must outlive every daemon that may still try to commit the save: only the deadline
+        # (checked above) or, without one, its age ends it; the rank that wrote it being dead proves nothing.
+        age = now - mtime
+        if rec.deadline is None and age > SWEEP_MARGIN_S:
+            return f"a tombstone without a deadline, {age:.0f} s old"
+        return None
+    if rec.owner.same_process(me):
+        # The sweeping daemon owns it and does not list it as live: it is its own leftover.
+        return "this daemon owns it and has no such transaction"
+    if rec.owner.alive() is False:
+        return f"its owner {rec.owner.describe()} is no longer running"
     return None
 
 
-def lease_allows(output_dir: Path, job: str) -> bool:
-    return True
+def sweep_stale(output_dir: str | os.PathLike, live_txns: set[str], now: float | None = None) -> list[Path]:
+    """Remove the temp dirs, tombstones and trash dirs of ``output_dir`` that nobody can still own.
+
+    A temp dir (or tombstone) goes only when its transaction is not in ``live_txns`` and its owner is
+    provably gone (see the module docstring); trash dirs always go; an owner record whose temp dir is gone
+    goes with its owner. Whatever another live daemon (on this node or another) owns is left alone.
+
+    Args:
+        output_dir: the output dir (its ``checkpoints`` directory is swept).
+        live_txns: the transactions the calling daemon is running (empty for ``ckptd gc``).
+        now: the Unix time to judge deadlines by (default: now).
+
+    Returns:
+        The paths removed.
+
+    Example:
+        >>> sweep_stale("/data/run1", live_txns={"9f3a01c2"})
+        [PosixPath('/data/run1/checkpoints/.tmp-checkpoint-40-77aa01b2')]
+    """
+    root = fmt.checkpoints_root(output_dir)
+    now = time.time() if now is None else now
+    me = ProcessIdentity.current()
+    try:
+        names = sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed: list[Path] = []
+    reasons: list[str] = []
+    for name in names:
+        path = root / name
+        if fmt.is_trash_dirname(name):
+            if _remove(path):
+                removed.append(path)
+            continue
+        temp = fmt.parse_temp_dirname(name)
+        owner_of = fmt.parse_temp_owner_name(name)
+        if temp is not None:
+            step, txn = temp
+            if txn in live_txns:
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            owner_path = root / fmt.temp_owner_name(step, txn)
+            if stat.S_ISREG(st.st_mode):
+                why = _provably_gone(_read_record(path) or _untimed_tombstone(step, txn), st.st_mtime, now, me)
+            else:
+                why = _provably_gone(_read_record(owner_path), st.st_mtime, now, me)
+            if why is None:
+                continue
+            if _remove(path):
+                removed.append(path)
+                reasons.append(f"{name} ({why})")
+            owner_rec = _read_record(owner_path)
+            if owner_path.exists() and _provably_gone(owner_rec, _mtime(owner_path, now), now, me) is not None:
+                _remove(owner_path)
+        elif owner_of is not None:
+            step, txn = owner_of
+            if txn in live_txns or os.path.lexists(root / fmt.temp_dirname(step, txn)):
+                continue  # judged together with its temp dir
+            why = _provably_gone(_read_record(path), _mtime(path, now), now, me)
+            if why is not None and _remove(path):
+                removed.append(path)
+    if reasons:
+        logger.info("swept %s: %s", root, "; ".join(reasons))
+    return removed
+
+
+def _untimed_tombstone(step: int, txn: str) -> OwnerRecord:
+    """Stand-in for a tombstone file whose content cannot be read: judged by age alone."""
+    return OwnerRecord(ProcessIdentity("", "", 0, 0), step, txn, None, None, "tombstone")
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return default
+
+
+# ------------------------------------------------------------------------------------------------ veto
+
+
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails with EEXIST instead of replacing ``dst`` (Linux renameat2 RENAME_NOREPLACE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+        os.rename(src, dst)
+        return
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(-100, os.fsencode(src), -100, os.fsencode(dst), _RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src))
+
+
+def _manifest_txn(directory: Path) -> str | None:
+    """The ``txn`` named by the manifest inside ``directory``, or None (no readable manifest)."""
+    data = _read_small(directory / fmt.MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    if data is None:
+        return None
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    txn = raw.get("txn") if isinstance(raw, dict) else None
+    return txn if isinstance(txn, str) else None
+
+
+def veto_commit(
+    output_dir: str | os.PathLike,
+    step: int,
+    txn: str,
+    deadline: float | None,
+    owner: ProcessIdentity | None = None,
+) -> bool:
+    """Make transaction ``txn`` impossible to commit, or find out that it already has.
+
+    The daemon commits by renaming ``.tmp-checkpoint-<step>-<txn>`` into place; that rename is the point of
+    no return, and this function races it through the file system only:
+
+    - the temp dir exists: rename it to a trash name. If it held a manifest of another transaction, the
+      daemon had just swapped it out for ours (a re-save of an existing step): the commit happened. Else the
+      daemon's rename can no longer find it: vetoed.
+    - it does not exist: create a tombstone, a regular file at its path (``O_EXCL``), so the daemon's later
+      ``mkdir`` fails; then, if ``checkpoint-<step>`` holds our manifest, the commit happened before (the
+      tombstone is removed again).
+
+    Args:
+        output_dir: the save's output dir.
+        step: the save's step.
+        txn: its transaction id.
+        deadline: Unix time after which no daemon may commit it; kept in the tombstone, which sweeps remove
+            ``SWEEP_MARGIN_S`` after it.
+        owner: who vetoes (default: this process), recorded in the tombstone.
+
+    Returns:
+        True if ``txn`` can never commit; False if it had already committed (``checkpoint-<step>`` is it).
+
+    Raises:
+        OSError: the file system refused every attempt (for example a read-only output dir); the text says
+            that the save may still commit.
+
+    Example:
+        >>> veto_commit("/data/run1", 40, "9f3a01c2", time.time() + 300)
+        True
+    """
+    root = fmt.checkpoints_root(output_dir)
+    temp = root / fmt.temp_dirname(step, txn)
+    final = root / fmt.checkpoint_dirname(step)
+    tomb = OwnerRecord(owner or ProcessIdentity.current(), step, txn, None, deadline, "tombstone", time.time())
+    last_error: OSError | None = None
+    for _ in range(_VETO_ATTEMPTS):
+        try:
+            st = os.lstat(temp)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            # A tombstone is already there (another rank, or an earlier call): the daemon can create nothing.
+            return _committed(final, txn) is False
+        if st is not None:
+            trash = root / fmt.trash_dirname(step, "v" + txn + secrets.token_hex(4))
+            try:
+                os.rename(temp, trash)
+            except FileNotFoundError:
+                continue  # gone meanwhile (committed, or removed): look again
+            except OSError as e:
+                last_error = e
+                break
+            try:
+                moved = os.lstat(trash)
+            except FileNotFoundError:  # a sweep removed our trash at once; judge by checkpoint-<step>
+                return _committed(final, txn) is False
+            if stat.S_ISREG(moved.st_mode):
+                # A tombstone appeared between lstat and rename and we moved it: put it back (never over
+                # something new) and look again.
+                try:
+                    _rename_noreplace(trash, temp)
+                except OSError:
+                    _remove(trash)
+                continue
+            old = _manifest_txn(trash) if stat.S_ISDIR(moved.st_mode) else None
+            _remove(trash)
+            if (old is not None and old != txn) or _committed(final, txn):
+                logger.info("step %d (txn %s) had committed before the veto", step, txn)
+                return False
+            logger.warning("vetoed step %d (txn %s): its temp dir is gone, it can never commit", step, txn)
+            return True
+        try:
+            _write_new(temp, tomb.to_bytes(), exclusive=True)
+        except FileExistsError:
+            continue  # the daemon created the temp dir just now: rename it away
+        except FileNotFoundError:
+            make_dirs_durably(root)
+            continue
+        except OSError as e:
+            last_error = e
+            break
+        if _committed(final, txn):
+            _remove(temp)
+            logger.info("step %d (txn %s) had committed before the veto", step, txn)
+            return False
+        logger.warning("vetoed step %d (txn %s) with a tombstone at %s", step, txn, temp)
+        return True
+    raise OSError(
+        last_error.errno if last_error else errno.EAGAIN,
+        f"could not veto the commit of step {step} (txn {txn}) in {root}: "
+        f"{last_error.strerror if last_error else 'the temp dir kept changing'}; the save may still commit; "
+        "check that the output dir is writable",
+    )
+
+
+def _committed(final: Path, txn: str) -> bool:
+    return _manifest_txn(final) == txn
+
+
+# ----------------------------------------------------------------------------------------------- lease
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The content of ``checkpoints/.ckptd-lease.json``: the job writing the output dir and its holder."""
+
+    job: str
+    holder: ProcessIdentity
+    acquired: float
+    refreshed: float
+    version: int = RECORD_VERSION
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "job": self.job,
+            **self.holder.to_json(),
+            "acquired": self.acquired,
+            "refreshed": self.refreshed,
+            "version": self.version,
+        }
+        return (json.dumps(body, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LeaseRecord:
+        """Parse a lease; raises ValueError saying what is wrong."""
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not a JSON lease ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError("a lease must be a JSON object")
+        job = raw.get("job")
+        if not is_valid_job(job):
+            raise ValueError(f"lease field 'job' is invalid: {job!r}")
+        times = [raw.get("acquired", raw.get("refreshed")), raw.get("refreshed")]
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+            raise ValueError("lease fields 'acquired' and 'refreshed' must be Unix times")
+        return cls(job, ProcessIdentity.from_json(raw), float(times[0]), float(times[1]), int(raw.get("version", 1)))
+
+    def holder_alive(self, now: float, timeout_s: float = LEASE_TIMEOUT_S) -> bool | None:
+        """False if the holder is provably gone (same machine: dead or pid reused; elsewhere: unrefreshed for
+        ``timeout_s``); True if it runs here; None if it runs elsewhere and refreshed recently."""
+        alive = self.holder.alive()
+        if alive is None and now - self.refreshed > timeout_s:
+            return False
+        return alive
+
+    def describe(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired))
+        return (
+            f"job {self.job!r} ({self.holder.describe()}, holding it since {since}, "
+            f"last refreshed {max(0.0, now - self.refreshed):.0f} s ago)"
+        )
+
+
+def lease_path(output_dir: str | os.PathLike) -> Path:
+    return fmt.checkpoints_root(output_dir) / fmt.LEASE_NAME
+
+
+def read_lease(output_dir: str | os.PathLike) -> LeaseRecord | None:
+    """The lease of ``output_dir``, or None if there is none (or it cannot be read, which is logged).
+
+    Args:
+        output_dir: the output dir.
+
+    Example:
+        >>> read_lease("/data/run1").job
+        'torchelastic-3f1c...'
+    """
+    path = lease_path(output_dir)
+    data = _read_small(path)
+    if data is None:
+        if os.path.lexists(path):
+            logger.warning("ignoring %s: not a small regular file", path)
+        return None
+    try:
+        return LeaseRecord.from_bytes(data)
+    except ValueError as e:
+        logger.warning("ignoring the unreadable lease %s: %s", path, e)
+        return None
+
+
+def lease_allows(output_dir: str | os.PathLike, job: str, now: float | None = None) -> bool:
+    """Whether a save of ``job`` may commit in ``output_dir``: no lease, ``job``'s own lease, or a lease
+    whose holder is provably gone. False when another job holds it and may be alive (the daemon then
+    aborts instead of committing).
+
+    Args:
+        output_dir: the output dir.
+        job: the job id the save was staged with.
+        now: the Unix time to judge the lease's age by (default: now).
+
+    Example:
+        >>> lease_allows("/data/run1", "slurm-4242")
+        True
+    """
+    rec = read_lease(output_dir)
+    if rec is None or rec.job == job:
+        return True
+    return rec.holder_alive(time.time() if now is None else now) is False
+
+
+@contextlib.contextmanager
+def _lease_lock(root: Path) -> Iterator[None]:
+    """An exclusive flock on ``<root>/.ckptd-lease.lock`` around a read-decide-write of the lease.
+
+    The lock file is removed while still locked, so the directory stays clean; a process that locked a
+    file removed meanwhile sees another inode at the path and tries again."""
+    path = root / LEASE_LOCK_NAME
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                continue
+            try:
+                yield
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            return
+        finally:
+            os.close(fd)
+    raise OSError(errno.EAGAIN, f"could not lock {path}: other processes keep taking it; try again")
+
+
+def _write_lease(root: Path, rec: LeaseRecord) -> None:
+    """Replace the lease atomically and durably (temp file, fsync, rename over, fsync the directory)."""
+    tmp = root / _LEASE_TMP_NAME
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        data = memoryview(rec.to_bytes())
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, root / fmt.LEASE_NAME)
+    _fsync_dir(root)
+
+
+class Lease:
+    """The lease this process holds on an output dir: ``acquire``, ``refresh`` now and then, ``release``.
+
+    Example:
+        >>> lease = Lease.acquire("/data/run1", current_job_id())
+        >>> lease.refresh()
+        >>> lease.release()
+        True
+    """
+
+    def __init__(self, output_dir: Path, record: LeaseRecord, timeout_s: float) -> None:
+        self.output_dir = Path(output_dir)
+        self.record = record
+        self.timeout_s = timeout_s
+        self.released = False
+
+    @property
+    def job(self) -> str:
+        return self.record.job
+
+    @property
+    def path(self) -> Path:
+        return lease_path(self.output_dir)
+
+    @classmethod
+    def acquire(
+        cls,
+        output_dir: str | os.PathLike,
+        job: str,
+        *,
+        holder: ProcessIdentity | None = None,
+        timeout_s: float = LEASE_TIMEOUT_S,
+    ) -> Lease:
+        """Take the lease of ``output_dir`` for ``job`` (creating ``checkpoints/`` durably if needed).
+
+        Taken at once when there is none, when it is ``job``'s own (a restart of the same job), or when its
+        holder is provably gone (with a logged warning and a ``RuntimeWarning``).
+
+        Args:
+            output_dir: the output dir.
+            job: this job's id (``current_job_id()``).
+            holder: the holding process (default: this one).
+            timeout_s: how long a holder on another host counts as alive after its last refresh.
+
+        Raises:
+            LeaseHeld: another job holds it and may be alive; the text names it and says what to do.
+            ValueError: ``job`` is not a valid job id.
+
+        Example:
+            >>> Lease.acquire("/data/run1", "slurm-4242").job
+            'slurm-4242'
+        """
+        if not is_valid_job(job):
+            raise ValueError(f"job id {job!r} is invalid: expected 1-128 letters, digits or '._:@-'")
+        holder = holder or ProcessIdentity.current()
+        root = fmt.checkpoints_root(output_dir)
+        make_dirs_durably(root)
+        with _lease_lock(root):
+            now = time.time()
+            old = read_lease(output_dir)
+            if old is not None and old.job != job and not old.holder.same_process(holder):
+                alive = old.holder_alive(now, timeout_s)
+                if alive is not False:
+                    raise LeaseHeld(
+                        f"{output_dir} is being written by {old.describe(now)}; this job is {job!r}. Use another "
+                        f"output_dir, stop that job, or, to take it over deliberately, set ${JOB_ENV}={old.job} "
+                        f"(a holder on another host also expires {timeout_s:.0f} s after its last refresh)",
+                        old,
+                    )
+                text = (
+                    f"taking over the lease of {output_dir} from {old.describe(now)}, which is no longer running; "
+                    f"this job is {job!r}"
+                )
+                logger.warning("%s", text)
+                warnings.warn(text, RuntimeWarning, stacklevel=3)
+            elif old is not None and old.job == job and not old.holder.same_process(holder):
+                logger.info("taking over the lease of %s from an earlier process of job %r", output_dir, job)
+            rec = LeaseRecord(job, holder, now, now)
+            _write_lease(root, rec)
+        return cls(Path(output_dir), rec, timeout_s)
+
+    def refresh(self) -> None:
+        """Rewrite the lease's ``refreshed`` time, if it is still ours.
+
+        Raises:
+            LeaseLost: another job (or process) took the lease over, or it was removed.
+
+        Example:
+            >>> lease.refresh()
+        """
+        root = fmt.checkpoints_root(self.output_dir)
+        with _lease_lock(root):
+            cur = read_lease(self.output_dir)
+            if cur is None or cur.job != self.job or not cur.holder.same_process(self.record.holder):
+                who = cur.describe() if cur is not None else "nobody (the lease file is gone)"
+                raise LeaseLost(
+                    f"the lease of {self.output_dir} now names {who}, not this job {self.job!r}; saves of this "
+                    "job cannot commit there any more; stop one of the two jobs"
+                )
+            rec = LeaseRecord(self.job, self.record.holder, cur.acquired, time.time())
+            _write_lease(root, rec)
+            self.record = rec
+
+    def release(self) -> bool:
+        """Remove the lease if it is still ours; True if it was.
+
+        Example:
+            >>> lease.release()
+            True
+        """
+        if self.released:
+            return False
+        self.released = True
+        root = fmt.checkpoints_root(self.output_dir)
+        try:
+            with _lease_lock(root):
+                cur = read_lease(self.output_dir)
+                if cur is None or cur.job != self.job or not cur.holder.same_process(self.record.holder):
+                    return False
+                os.unlink(root / fmt.LEASE_NAME)
+                return True
+        except FileNotFoundError:  # the output dir is gone
+            return False
