@@ -516,10 +516,15 @@ class Transaction:
         return removed
 
     def empty_trash(self) -> None:
+        """Remove what the commit took out of sight; the owner record goes last, once nothing is left."""
         trash, self.trash = self.trash, []
+        # After a committed re-save whose trash rename failed, the old checkpoint still sits at the temp name.
+        if self.temp_dir.is_dir() and not self.temp_dir.is_symlink():
+            trash.append(self.temp_dir)
         for path in trash:
             shutil.rmtree(path, ignore_errors=True)
-        ownership.remove_temp_owner(self.root, self.step, self.txn)
+        if not os.path.lexists(self.temp_dir):
+            ownership.remove_temp_owner(self.root, self.step, self.txn)
 
     def cleanup(self) -> None:
         """After an abort, once no write is in flight: remove the temp dir, then its owner record."""

@@ -283,6 +283,7 @@ class Harness:
         preexec_fn: Callable[[], None] | None = None,
         wait_ready: bool = True,
         endpoint: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
         n = len(self.daemons)
         cwd = self.tmp / f"daemon-cwd-{n}"
@@ -297,7 +298,7 @@ class Harness:
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
                 preexec_fn=preexec_fn,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         d = Daemon(proc, ep, log, cwd)
         self.daemons.append(d)
