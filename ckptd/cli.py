@@ -522,46 +522,37 @@ def remove_tree(path: Path) -> None:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from ckptd import ownership
+
     out = output_dir_arg(args.output_dir)
     endpoint = endpoint_arg(args.endpoint)
-    # List first, then ask: a temp dir that exists now belongs to a transaction the daemon still lists,
-    # or to one that has finished (and whose dir is gone or garbage) by the time it answers.
     extras = scan_extras(out)
     if not extras:
         print(f"nothing to remove in {fmt.checkpoints_root(out)}")
         return EXIT_OK
+    # The local daemon's live transactions are kept whatever their records say; every other entry is judged
+    # by its owner record (host, pid and start time, deadline), so gc on any node removes only what a
+    # provably gone owner left behind, and never another live daemon's temp dir.
     status = request_status(endpoint, args.timeout)
-    live: dict[str, dict[str, Any]] = {}
+    live: set[str] = set()
     if status is not None:
-        live = {t.get("txn"): t for t in status.get("in_flight", []) if isinstance(t, dict)}
-    elif not args.force:
-        print(
-            f"ckptd gc: no daemon answered at {endpoint} within {args.timeout:g} s, so no transaction is known "
-            f"to be live; temp dirs younger than --min-age {args.min_age:g} s are kept (--force removes them)",
-            file=sys.stderr,
-        )
-    verb = "would remove" if args.dry_run else "removed"
-    failures = 0
+        live = {str(t.get("txn")) for t in status.get("in_flight", []) if isinstance(t, dict)}
+    if args.dry_run:
+        for e in extras:
+            print(f"{e.name}: {e.kind}, {human_bytes(e.size_bytes)}, modified {human_age(e.age_s)} ago")
+        print("(dry run: a real run removes those whose owner is provably gone)")
+        return EXIT_OK
+    try:
+        removed = ownership.sweep_stale(out, live)
+    except OSError as err:
+        raise CliError(f"cannot sweep {fmt.checkpoints_root(out)}: {err}; check its permissions") from None
+    gone = {p.name for p in removed}
     for e in extras:
-        if e.kind == "temp" and e.txn in live:
-            t = live[e.txn]
-            print(f"kept {e.name}: in flight (txn {e.txn}, state {t.get('state')}, daemon pid {status['pid']})")
-            continue
-        if e.kind == "temp" and status is None and not args.force and (e.age_s or 0.0) < args.min_age:
-            print(f"kept {e.name}: modified {human_age(e.age_s)} ago, younger than --min-age {args.min_age:g} s")
-            continue
-        why = "stale temp dir" if e.kind == "temp" else "trash"
-        if not args.dry_run:
-            try:
-                remove_tree(e.path)
-            except OSError as err:
-                failures += 1
-                print(
-                    f"ckptd gc: cannot remove {e.path}: {err.strerror or err}; check its permissions", file=sys.stderr
-                )
-                continue
-        print(f"{verb} {e.name}: {why}, {human_bytes(e.size_bytes)}, modified {human_age(e.age_s)} ago")
-    return EXIT_USAGE if failures else EXIT_OK
+        if e.name in gone:
+            print(f"removed {e.name}: {e.kind}, {human_bytes(e.size_bytes)}")
+        else:
+            print(f"kept {e.name}: its owner may still be running (see its .owner record)")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------- status
@@ -760,6 +751,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             nice=args.nice,
             direct_io=args.direct_io,
             sweep_dirs=[Path(os.path.abspath(p)) for p in args.output_dir],
+            grace_s=args.grace,
+            keys_dir=Path(args.keys) if args.keys else None,
         )
         return server.serve(config)
     except server.EndpointBusy as e:
@@ -793,6 +786,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after S seconds with no transaction and no live client",
     )
     s.add_argument("--writer-threads", type=int, default=4, metavar="N", help="parallel file writers (default 4)")
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, give saves already handed over S seconds to commit, then abort the rest (default 30)",
+    )
+    s.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="CURVE key directory ('ckptd keygen DIR'); required for tcp:// endpoints (default $CKPTD_KEYS)",
+    )
     s.add_argument(
         "--no-direct-io",
         dest="direct_io",

@@ -9,7 +9,8 @@ the point is reached (1-based, default 1), for example::
     CKPTD_TEST_FAULTS="after_file_write=enospc@2,retention=eio"
 
 Actions: ``crash`` kills the daemon with SIGKILL on the spot (as a power cut would leave the process, not
-the page cache); ``enospc``, ``eio`` and ``eacces`` raise the ``OSError`` the kernel would.
+the page cache); ``enospc``, ``eio`` and ``eacces`` raise the ``OSError`` the kernel would; ``stall`` sleeps
+``STALL_S`` seconds there (a slow disk), so that a test can act while the daemon is at that point.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
 ENV = "CKPTD_TEST_FAULTS"
+STALL_S = 3.0
 
 
 class FaultPoint(str, enum.Enum):
@@ -44,6 +47,7 @@ class FaultAction(str, enum.Enum):
     ENOSPC = "enospc"
     EIO = "eio"
     EACCES = "eacces"
+    STALL = "stall"
 
 
 _ERRNO = {FaultAction.ENOSPC: errno.ENOSPC, FaultAction.EIO: errno.EIO, FaultAction.EACCES: errno.EACCES}
@@ -96,5 +100,8 @@ class FaultInjector:
         logger.warning("injected fault: %s at %s (hit %d)", action.value, point.value, n)
         if action == FaultAction.CRASH:
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == FaultAction.STALL:
+            time.sleep(STALL_S)
+            return
         code = _ERRNO[action]
         raise OSError(code, f"{os.strerror(code)} (injected at {point.value})")

@@ -457,8 +457,10 @@ class Daemon:
         return idle is not None and not self.clients and now - self.last_activity > idle
 
     async def sweep(self, dirs: list[Path]) -> None:
-        live = self.ledger.live_ids()
         for out in dirs:
+            # Taken afresh for each dir: a transaction admitted later creates its temp dir on the same
+            # one-thread pool, so after this sweep of the dir, never during it.
+            live = self.ledger.live_ids()
             try:
                 await self.run_io(self.commit_pool, ownership.sweep_stale, out, live)
             except OSError as e:

@@ -279,6 +279,9 @@ class Transaction:
         if stray:
             return f"files were staged for components the commit does not name: {stray}"
         for c in info.components:
+            outside = sorted(r for r in c.ranks if r >= self.world_size)
+            if outside:
+                return f"component {c.key!r} names writer rank(s) {outside} outside world size {self.world_size}"
             writers = by_component.get(c.key)
             if not writers:
                 return f"component {c.key!r} has no file written in this transaction"
@@ -334,7 +337,7 @@ class Transaction:
 
     def prepare_dir(self, sweep: bool, live: set[str], owner: ownership.ProcessIdentity) -> None:
         """Create ``checkpoints/`` durably if needed, record the owner, and create the temp dir."""
-        _make_dirs_durably(self.root)
+        ownership.make_dirs_durably(self.root)
         if sweep:
             ownership.sweep_stale(self.output_dir, live)
         ownership.write_temp_owner(self.root, self.step, self.txn, owner, self.job, self.deadline_unix)
@@ -580,21 +583,6 @@ class Ledger:
 
     def live_ids(self) -> set[str]:
         return set(self.live)
-
-
-def _make_dirs_durably(path: Path) -> None:
-    """mkdir -p, fsyncing the parent of every directory created, so a new ``checkpoints/`` survives power loss."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o755)
-        except FileExistsError:
-            continue
-        writer.fsync_dir(d.parent)
 
 
 def _close_quietly(fd: int) -> None:
