@@ -952,24 +952,28 @@ class Lease:
         return cls(Path(output_dir), rec, timeout_s)
 
     def refresh(self) -> None:
-        """Rewrite the lease's ``refreshed`` time, if it is still ours.
+        """Rewrite the lease's ``refreshed`` time, if it is still ours (or take it again if it is gone).
 
         Raises:
-            LeaseLost: another job (or process) took the lease over, or it was removed.
+            LeaseLost: another job (or another process) took the lease over.
 
         Example:
             >>> lease.refresh()
         """
         root = fmt.checkpoints_root(self.output_dir)
+        make_dirs_durably(root)
         with _lease_lock(root):
             cur = read_lease(self.output_dir)
-            if cur is None or cur.job != self.job or not cur.holder.same_process(self.record.holder):
-                who = cur.describe() if cur is not None else "nobody (the lease file is gone)"
+            if cur is not None and (cur.job != self.job or not cur.holder.same_process(self.record.holder)):
                 raise LeaseLost(
-                    f"the lease of {self.output_dir} now names {who}, not this job {self.job!r}; saves of this "
-                    "job cannot commit there any more; stop one of the two jobs"
+                    f"the lease of {self.output_dir} now names {cur.describe()}, not this job {self.job!r} "
+                    f"({self.record.holder.describe()}); saves of this job cannot commit there any more; stop one "
+                    "of the two jobs"
                 )
-            rec = LeaseRecord(self.job, self.record.holder, cur.acquired, time.time())
+            if cur is None:
+                # Removed by hand, or released by another client of this same process: nobody else holds it.
+                logger.info("the lease of %s was gone; taking it again for job %r", self.output_dir, self.job)
+            rec = LeaseRecord(self.job, self.record.holder, cur.acquired if cur else time.time(), time.time())
             _write_lease(root, rec)
             self.record = rec
 

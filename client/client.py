@@ -1,14 +1,29 @@
-"""CheckpointClient: the rank-side API (save_async / wait / load / close)."""
+"""CheckpointClient: the rank-side API (save_async / wait / load / close).
+
+Every collective call (the constructor, ``save_async``, ``load``) keeps the ranks in lockstep: whatever
+fails on one rank before a collective is carried into it as that rank's vote, so every rank raises the
+same CheckpointError at the same point instead of leaving the others blocked in a collective.
+
+A save's staging slab is freed only by the daemon's word (``released``, ``committed``, ``aborted``). A rank
+that gives up on a save any other way (no heartbeat answer, lost connection, a hand-off that timed out)
+abandons the slab to the daemon (unmaps and closes it, never reuses it) and vetoes the commit through the
+file system (``ckptd.ownership.veto_commit``), so a daemon that wakes up later can neither read reused
+bytes nor commit the save.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
 import secrets
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,17 +31,21 @@ from typing import Any
 import torch
 
 from ckptd import format as fmt
+from ckptd import ownership
 from ckptd import protocol as proto
 from ckptd.protocol import MsgType, TxnState
 from client import loader, planning, staging
 from client.components import CheckpointError, StateComponent, ValidationLevel
-from client.transport import DaemonLink, DaemonUnavailable
+from client.transport import DAEMON_START_TIMEOUT_S, DaemonLink, DaemonUnavailable
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 2.0
-HEARTBEAT_TIMEOUT_S = 15.0
+HEARTBEAT_S = 2.0  # at most this long between queries about a save in flight
+HEARTBEAT_TIMEOUT_S = 15.0  # a daemon that does not answer a query this long is given up on
 DEFAULT_TXN_TIMEOUT_S = 300.0
+ABORT_REQUEST_TIMEOUT_S = 1.0  # the courtesy abort sent after giving up; the veto already decided
+LEASE_REFRESH_ON_SAVE_S = 5.0  # a save refreshes the lease when it is older than this
+DEFAULT_PREEMPTION_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -36,6 +55,7 @@ class SaveHandle:
     step: int
     txn: str
     client: CheckpointClient = field(repr=False)
+    deadline: float = 0.0  # Unix time after which the daemon may not commit it (the tombstone keeps it)
     path: Path | None = None
     error: str | None = None
     staged_s: float = 0.0
@@ -52,19 +72,35 @@ class SaveHandle:
     def wait(self, timeout: float | None = None) -> Path:
         """Block until committed; returns the checkpoint path. Raises CheckpointError if it aborted."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.path is None and self.error is None:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"save of step {self.step} not committed within {timeout} s (still in flight)")
-            self.client._progress(0.2 if remaining is None else min(0.2, remaining))
+        with self.client._call():
+            while self.path is None and self.error is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"save of step {self.step} not committed within {timeout} s (still in flight)")
+                self.client._progress(0.2 if remaining is None else min(0.2, remaining))
         if self.error is not None:
             raise CheckpointError(self.error)
         assert self.path is not None
         return self.path
 
 
+@dataclass(frozen=True)
+class PreemptionSettings:
+    """What ``install_preemption_handler`` was asked to do on a signal."""
+
+    emergency_save: Callable[[], int | None] | None
+    timeout_s: float
+    previous: dict[int, Any]
+
+
 class CheckpointClient:
-    """Asynchronous, transactional checkpoints for one training rank. See docs/quickstart.md."""
+    """Asynchronous, transactional checkpoints for one training rank. See docs/quickstart.md.
+
+    Besides the options of docs/quickstart.md: ``heartbeat_timeout_s`` (how long a daemon may leave a query
+    unanswered before the rank gives up on its saves in flight), ``daemon_start_timeout_s`` (how long a rank
+    waits for a daemon to answer at its endpoint), ``read_only`` (load only: no lease is taken, so a reader
+    may open an output dir that a training job writes; ``save_async`` refuses).
+    """
 
     def __init__(
         self,
@@ -78,84 +114,193 @@ class CheckpointClient:
         timeout_s: float = DEFAULT_TXN_TIMEOUT_S,
         staging_slabs: int = 1,
         verify_on_load: bool = True,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        daemon_start_timeout_s: float = DAEMON_START_TIMEOUT_S,
+        read_only: bool = False,
     ) -> None:
-        if not isinstance(components, (list, tuple)):
-            provider = components
-            if not hasattr(provider, "get_state_components"):
-                raise TypeError("components must be a list of StateComponent or have get_state_components()")
-            components = list(provider.get_state_components())
-            if process_groups is None and hasattr(provider, "get_process_groups"):
-                process_groups = provider.get_process_groups()
-        for c in components:
-            if not isinstance(c, StateComponent):
-                raise TypeError(f"components must be StateComponent instances, got {type(c).__name__}")
-        if save_total_limit is not None and (not isinstance(save_total_limit, int) or save_total_limit < 1):
-            raise ValueError(f"save_total_limit must be a positive integer or None, got {save_total_limit!r}")
-        if staging_slabs < 1:
-            raise ValueError("staging_slabs must be at least 1")
         # Absolute but not resolved: paths handed back keep the form (and symlinks) the caller used.
         self.output_dir = Path(os.path.abspath(os.path.expanduser(output_dir)))
-        self.components = list(components)
         self.save_total_limit = save_total_limit
         self.max_shard_size = int(max_shard_size)
         self.timeout_s = float(timeout_s)
         self.staging_slabs = staging_slabs
         self.verify_on_load = verify_on_load
+        self.heartbeat_timeout_s = float(heartbeat_timeout_s)
+        self.daemon_start_timeout_s = float(daemon_start_timeout_s)
+        self.read_only = bool(read_only)
         self._closed = False
         self._inflight: dict[str, SaveHandle] = {}
         self._slabs: list[staging.Slab] = []
         self._side_streams: dict[int, Any] = {}
         self._layouts: staging.LayoutCache = {}
+        self._lease: ownership.Lease | None = None
+        self._lease_error: str | None = None
+        self._lease_stop = threading.Event()
+        self._lease_thread: threading.Thread | None = None
+        self._link: DaemonLink | None = None
+        self._depth = 0  # nesting of public calls in progress (a signal handler must not re-enter them)
+        self._preemption: PreemptionSettings | None = None
+        self._deferred_signal: int | None = None
+        self._preempted = False
+        self._emergency = False
+        self._last_handed_off: int | None = None
+        self.job: str | None = None
+        # Every rank calls this first: it is a collective, and nothing before it can fail on one rank only.
         self._group = _make_sync_group()
+        self.rank = self._group_rank()
+        try:
+            self._construct(components, process_groups, endpoint)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _construct(self, components: Any, process_groups: dict[str, Any] | None, endpoint: str | None) -> None:
+        # 1. Everything local (arguments, the provider's own code, the endpoint, the job id and, on global
+        #    rank 0, the lease), agreed by every rank before the topology collective.
+        job = None
+
+        def local() -> None:
+            nonlocal components, process_groups, job
+            components, process_groups = _resolve_components(components, process_groups)
+            if self.save_total_limit is not None and (
+                not isinstance(self.save_total_limit, int) or self.save_total_limit < 1
+            ):
+                raise ValueError(f"save_total_limit must be a positive integer or None, got {self.save_total_limit!r}")
+            if self.staging_slabs < 1:
+                raise ValueError("staging_slabs must be at least 1")
+            if self.heartbeat_timeout_s <= 0 or self.daemon_start_timeout_s <= 0:
+                raise ValueError("heartbeat_timeout_s and daemon_start_timeout_s must be positive")
+            _check_group_names(process_groups)
+            self.endpoint = proto.resolve_endpoint(endpoint)
+            if self.rank == 0:
+                job = ownership.current_job_id()
+                if not self.read_only:
+                    self._lease = self._take_lease(job)
+
+        votes = self._agree_on("CheckpointClient(...)", local, extra=lambda: job)
+        self.job = votes[0]
+        self.components = list(components)
+
+        # 2. The topology (one collective inside); it raises on every rank alike after its all-gather.
         self.topology = planning.discover_topology(process_groups, self._group)
         if self.topology.nnodes > 1:
             raise CheckpointError(
                 f"this job spans {self.topology.nnodes} nodes; the multi-node commit (leader daemon) is not "
                 "available in this version of ckptd; run on one node"
             )
-        self.plans = planning.plan(self.components, self.topology)
-        self.rank = self.topology.rank
-        self.endpoint = proto.resolve_endpoint(endpoint)
-        self._link = DaemonLink(self.endpoint)
         self._is_local_leader = self.topology.local_rank == 0
+        self._link = DaemonLink(self.endpoint)
         self._link_generation = self._link.generation
-        self._ensure_daemon()
-        self._barrier()
+
+        # 3. The plan, and the daemon: local rank 0 starts it if none answers. Agreed before the other ranks
+        #    wait for it, so that a leader that failed does not leave them waiting out their start timeout.
+        def plan_and_start() -> None:
+            self.plans = planning.plan(self.components, self.topology)
+            if self._is_local_leader:
+                self._ensure_daemon()
+
+        self._agree_on("CheckpointClient(...)", plan_and_start)
+
+        # 4. Every other rank reaches the daemon.
+        def connect() -> None:
+            if not self._is_local_leader:
+                self._ensure_daemon()
+
+        self._agree_on("CheckpointClient(...)", connect)
+        if self._lease is not None:
+            self._lease_thread = threading.Thread(target=self._refresh_lease_loop, name="ckptd-lease", daemon=True)
+            self._lease_thread.start()
 
     # -- collective helpers ---------------------------------------------------------------------------
+
+    def _group_rank(self) -> int:
+        if self._group is None:
+            return 0
+        import torch.distributed as dist
+
+        return dist.get_rank()
 
     def _all_gather(self, obj: Any) -> list[Any]:
         if self._group is None:
             return [obj]
         import torch.distributed as dist
 
-        out: list[Any] = [None] * self.topology.world_size
+        out: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj, group=self._group)
         return out
 
-    def _barrier(self) -> None:
-        if self._group is not None:
-            import torch.distributed as dist
+    def _agree_on(self, what: str, work: Callable[[], None], extra: Callable[[], Any] | None = None) -> list[Any]:
+        """Run ``work`` on this rank, then vote: if it failed on any rank, every rank raises together.
 
-            dist.barrier(group=self._group)
+        On a single process the original exception propagates unchanged (a ValueError stays a ValueError);
+        across ranks every rank raises CheckpointError naming each rank that failed and why. Returns the
+        ``extra`` values of every rank (index = rank)."""
+        error: str | None = None
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - carried into the collective below, re-raised after it
+            if self._group is None:
+                raise
+            error = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+            logger.error("%s failed on rank %d: %s", what, self.rank, error)
+        votes = self._all_gather((error, extra() if extra is not None and error is None else None))
+        failed = [f"rank {r}: {err}" for r, (err, _) in enumerate(votes) if err]
+        if failed:
+            raise CheckpointError(f"{what} failed on {len(failed)} rank(s): {'; '.join(failed)}")
+        return [x for _, x in votes]
+
+    # -- ownership ------------------------------------------------------------------------------------
+
+    def _take_lease(self, job: str) -> ownership.Lease:
+        try:
+            return ownership.Lease.acquire(self.output_dir, job)
+        except ownership.LeaseHeld as e:
+            raise CheckpointError(str(e)) from None
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot take the lease of {self.output_dir} ({e.strerror or e}); the output dir must be "
+                "writable, or pass read_only=True to only load from it"
+            ) from None
+
+    def _refresh_lease_loop(self) -> None:
+        """Keep the lease fresh, so a job on another host sees this one as alive (daemon thread)."""
+        while not self._lease_stop.wait(ownership.LEASE_REFRESH_S):
+            self._refresh_lease()
+
+    def _refresh_lease(self) -> None:
+        lease = self._lease
+        if lease is None or self._lease_error is not None:
+            return
+        try:
+            lease.refresh()
+        except ownership.LeaseLost as e:
+            self._lease_error = str(e)
+            logger.error("%s", e)
+        except OSError as e:  # a transient NFS error must not stop the job; the next refresh retries
+            logger.warning("could not refresh the lease of %s: %s", self.output_dir, e)
 
     # -- daemon ---------------------------------------------------------------------------------------
 
     def _ensure_daemon(self) -> None:
+        assert self._link is not None
         try:
-            self._link.ensure_daemon(may_start=self._is_local_leader, output_dir=self.output_dir)
+            self._link.ensure_daemon(
+                may_start=self._is_local_leader, output_dir=self.output_dir, timeout_s=self.daemon_start_timeout_s
+            )
         except DaemonUnavailable as e:
             raise CheckpointError(str(e)) from None
         self._link_generation = self._link.generation
 
     def _daemon_healthy(self) -> bool:
+        assert self._link is not None
+        self._link.pump(0)  # take in a dropped connection that nothing has noticed yet
         return self._link.embedded_alive() is not False and self._link.generation == self._link_generation
 
     # -- events ---------------------------------------------------------------------------------------
 
     def _progress(self, timeout_s: float) -> None:
         """Receive daemon notifications for up to ``timeout_s`` and settle handles; detect a dead daemon."""
-        if not self._inflight:
+        if not self._inflight or self._link is None:
             return
         self._link.pump(timeout_s)
         for ev in self._link.take_events():
@@ -164,31 +309,40 @@ class CheckpointClient:
             return
         if self._link.embedded_alive() is False:
             code = self._link.process.returncode if self._link.process else None
-            self._fail_all(f"the ckptd process exited (code {code}) before committing")
+            self._abandon_all(f"the ckptd process exited (code {code}) before committing")
         elif self._link.generation != self._link_generation:
-            self._fail_all(f"the connection to ckptd at {self.endpoint} was lost (daemon killed or restarted)")
+            self._abandon_all(f"the connection to ckptd at {self.endpoint} was lost (daemon killed or restarted)")
         else:
             self._heartbeat()
 
     def _heartbeat(self) -> None:
+        assert self._link is not None
         now = time.monotonic()
+        interval = min(HEARTBEAT_S, self.heartbeat_timeout_s / 3)
         for h in list(self._inflight.values()):
-            if now - h.last_beat < HEARTBEAT_S:
+            if h.txn not in self._inflight or now - h.last_beat < interval:
                 continue
             h.last_beat = now
             try:
-                reply = self._link.request(MsgType.QUERY, HEARTBEAT_TIMEOUT_S, txn=h.txn)
+                reply = self._link.request(MsgType.QUERY, self.heartbeat_timeout_s, txn=h.txn)
             except DaemonUnavailable as e:
-                self._fail_all(f"ckptd stopped answering ({e})")
+                self._abandon_all(f"ckptd stopped answering ({e})")
                 return
             except CheckpointError as e:
-                self._settle(h.txn, error=str(e))
+                self._abandon([h.txn], str(e))
                 continue
             for ev in self._link.take_events():
                 self._apply_event(ev)
+            if h.txn not in self._inflight:
+                continue
             state = reply.body.get("state")
-            if h.txn in self._inflight and state == TxnState.UNKNOWN.value:
-                self._settle(h.txn, error="ckptd does not know this save (it was restarted)")
+            if state == TxnState.COMMITTED.value and reply.body.get("path"):
+                self._settle(h.txn, path=Path(reply.body["path"]))
+            elif state == TxnState.ABORTED.value:
+                # ABORTED (not ABORTING) is reported once the daemon has cleaned up: it reads nothing more.
+                self._settle(h.txn, error=str(reply.body.get("reason") or "aborted by ckptd"))
+            elif state == TxnState.UNKNOWN.value:
+                self._abandon([h.txn], "ckptd does not know this save (it was restarted)")
 
     def _apply_event(self, ev: Any) -> None:
         txn = ev.body.get("txn")
@@ -200,6 +354,7 @@ class CheckpointClient:
             self._settle(txn, error=str(ev.body.get("reason")))
 
     def _settle(self, txn: str, path: Path | None = None, error: str | None = None) -> None:
+        """The daemon's word on a save (committed or aborted): it is done with the slab, which is reused."""
         self._release_slab(txn)
         h = self._inflight.pop(txn, None)
         if h is None:
@@ -216,9 +371,54 @@ class CheckpointClient:
             )
             logger.error("%s", h.error)
 
-    def _fail_all(self, reason: str) -> None:
-        for txn in list(self._inflight):
-            self._settle(txn, error=reason)
+    def _abandon_all(self, reason: str) -> None:
+        self._abandon(list(self._inflight), reason)
+
+    def _abandon(self, txns: list[str], reason: str) -> None:
+        """Give up on saves without the daemon's word: their slabs go to the daemon for good (a new one is
+        made for the next save), and each commit is vetoed on disk, so the daemon can never commit one later.
+        A veto that finds the save already committed reports it committed."""
+        for txn in txns:
+            for slab in [s for s in self._slabs if s.busy_txn == txn]:
+                self._slabs.remove(slab)
+                slab.destroy()
+                logger.warning(
+                    "abandoned staging slab %s to ckptd, which may still read it; the next save makes a new one",
+                    slab.name,
+                )
+        handles = [h for h in (self._inflight.pop(txn, None) for txn in txns) if h is not None]
+        for h in handles:
+            try:
+                vetoed = ownership.veto_commit(self.output_dir, h.step, h.txn, h.deadline)
+            except OSError as e:
+                h.error = (
+                    f"checkpoint for step {h.step} was abandoned ({reason}), and making it impossible to commit "
+                    f"failed ({e}); it may still appear as checkpoint-{h.step} if ckptd resumes"
+                )
+                logger.error("%s", h.error)
+                continue
+            if not vetoed:
+                h.path = fmt.checkpoints_root(self.output_dir) / fmt.checkpoint_dirname(h.step)
+                logger.warning("step %d committed before this rank gave up on it (%s): %s", h.step, reason, h.path)
+                continue
+            h.error = (
+                f"checkpoint for step {h.step} was abandoned and can never commit: {reason}; this rank vetoed "
+                "its commit on disk, so ckptd cannot commit it even if it resumes; earlier checkpoints are "
+                "untouched and training can continue (the next save uses a new staging slab)"
+            )
+            logger.error("%s", h.error)
+        # A courtesy to a daemon that still runs; the veto already decided. One try: a daemon that does not
+        # answer it would not answer the next either.
+        for h in handles:
+            if self._link is None:
+                break
+            try:
+                reason_text = f"rank {self.rank}: {reason}"
+                self._link.request(MsgType.ABORT, ABORT_REQUEST_TIMEOUT_S, txn=h.txn, reason=reason_text)
+            except DaemonUnavailable:
+                break
+            except CheckpointError:
+                continue
 
     def _release_slab(self, txn: str | None) -> None:
         for slab in self._slabs:
@@ -243,19 +443,40 @@ class CheckpointClient:
             if free:
                 victim = min(free, key=lambda s: s.size)
                 self._slabs.remove(victim)
-                staging.destroy_slab(victim)
+                victim.destroy()
                 logger.info("state grew to %s; reallocating the staging slab", staging.describe_size(need))
-            slab = staging.create_slab(int(need * staging.GROWTH) if free else need, self.rank)
+            slab = staging.Slab.create(int(need * staging.GROWTH) if free else need, self.rank)
             self._slabs.append(slab)
         return slab
 
     def save_async(self, step: int, metadata: dict[str, Any] | None = None) -> SaveHandle:
-        """Snapshot this rank's share into shared memory, hand it to the daemon, and return.
+        """Snapshot this rank's share into its staging slab, hand it to the daemon, and return.
 
         Collective: every rank must call it with the same step. Returns once the bytes are staged; the
-        returned handle's ``wait()`` gives the committed path.
+        returned handle's ``wait()`` gives the committed path. Anything that fails on one rank (a bad
+        argument, an unreachable daemon, a ``state_dict()`` that raises) makes every rank raise the same
+        CheckpointError together; on a single process a bad argument raises ValueError.
+
+        Args:
+            step: the training step, a non-negative int (the same on every rank).
+            metadata: a JSON-able dict kept in the manifest (for example the eval loss).
+
+        Example:
+            >>> handle = client.save_async(100, metadata={"loss": 1.25})
+            >>> handle.wait()
+            PosixPath('out/checkpoints/checkpoint-100')
         """
-        self._check_open()
+        with self._call():
+            return self._save_async(step, metadata)
+
+    def _check_save_allowed(self, step: Any, metadata: dict[str, Any] | None) -> str | None:
+        """Why this rank cannot save now (None if it can); a bad argument raises ValueError."""
+        if self._closed:
+            return "this CheckpointClient is closed; create a new one"
+        if self.read_only:
+            return "this CheckpointClient was opened with read_only=True; it only loads"
+        if self._preempted and not self._emergency:
+            return "a preemption signal was received; no new saves are started (the handler saves and exits)"
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if metadata is not None:
@@ -263,36 +484,46 @@ class CheckpointClient:
                 json.dumps(metadata, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metadata must be a JSON-able dict ({e})") from None
+        return None
+
+    def _save_async(self, step: int, metadata: dict[str, Any] | None) -> SaveHandle:
         t0 = time.perf_counter()
-        if not self._daemon_healthy():
-            self._link.reset()
-            self._ensure_daemon()
-        error: str | None = None
+        try:
+            error = self._check_save_allowed(step, metadata)
+        except ValueError as e:
+            if self._group is None:
+                raise
+            error = f"{type(e).__name__}: {e}"
         slab: staging.Slab | None = None
         images: list[staging.FileImage] = []
         digests: dict[str, str | None] = {}
         full_states: dict[str, Any] = {}
+        stats = staging.CopyStats()
         # The snapshot allocates many small objects; a cyclic GC pass in the middle of it is pure stall.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for p in self.plans:
-                level = p.component.effective_validation
-                if not p.writes and level == ValidationLevel.NONE:
-                    continue
-                try:
-                    state = p.component.stateful.state_dict()
-                except Exception as e:
-                    raise CheckpointError(f"component {p.key!r}: state_dict() raised {type(e).__name__}: {e}") from e
-                if level != ValidationLevel.NONE:
-                    digests[p.key] = staging.replication_digest(state, p.key, level)
-                if level == ValidationLevel.FULL:
-                    full_states[p.key] = state
-                if p.writes:
-                    images += staging.component_images(p, state, self.max_shard_size, self._layouts)
-            need = staging.layout(images)
-            slab = self._acquire_slab(need)
-            stats = staging.copy_into(slab, images, self._side_streams)
+            if error is None:
+                self._before_snapshot()
+                for p in self.plans:
+                    level = p.component.effective_validation
+                    if not p.writes and level == ValidationLevel.NONE:
+                        continue
+                    try:
+                        state = p.component.stateful.state_dict()
+                    except Exception as e:
+                        raise CheckpointError(
+                            f"component {p.key!r}: state_dict() raised {type(e).__name__}: {e}"
+                        ) from e
+                    if level != ValidationLevel.NONE:
+                        digests[p.key] = staging.replication_digest(state, p.key, level)
+                    if level == ValidationLevel.FULL:
+                        full_states[p.key] = state
+                    if p.writes:
+                        images += staging.component_images(p, state, self.max_shard_size, self._layouts)
+                need = staging.layout(images)
+                slab = self._acquire_slab(need)
+                stats = staging.copy_into(slab, images, self._side_streams)
         except (fmt.FormatError, CheckpointError, OSError) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - every rank must reach the collective, or the others hang
@@ -302,32 +533,33 @@ class CheckpointClient:
             if gc_was_enabled:
                 gc.enable()
         t_staged = time.perf_counter()
-        txn = secrets.token_hex(8)
         # The one collective of the save path: every rank learns that every rank staged, agrees on the
-        # step and the transaction id, and compares replication digests.
-        votes = self._all_gather((error, step, txn, digests))
+        # step, the transaction id and its deadline, and compares replication digests.
+        votes = self._all_gather((error, step, secrets.token_hex(8), digests, time.time() + self.timeout_s))
         problem = _agree(votes, self.plans)
         if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
             problem = self._compare_with_rank0(full_states)
         if problem is not None:
-            if slab is not None:
-                slab.busy_txn = None
             raise CheckpointError(f"save of step {step} failed before the hand-off: {problem}; nothing was written")
-        txn = votes[0][2]
-        assert slab is not None
+        txn, deadline = votes[0][2], votes[0][4]
+        assert slab is not None and self._link is not None
         slab.busy_txn = txn
-        handle = SaveHandle(step=step, txn=txn, client=self)
+        handle = SaveHandle(step=step, txn=txn, client=self, deadline=deadline)
         self._inflight[txn] = handle
-        req = self._stage_request(step, txn, slab, images, metadata)
+        req = self._stage_request(step, txn, deadline, slab, images, metadata)
         try:
-            self._link.request(MsgType.STAGE, HEARTBEAT_TIMEOUT_S, stage=req)
+            self._link.request(MsgType.STAGE, self.heartbeat_timeout_s, stage=req)
+        except DaemonUnavailable as e:
+            # The daemon may still take the part later: the slab is abandoned and the commit vetoed.
+            self._abandon([txn], f"the hand-off got no answer ({e})")
         except CheckpointError as e:
+            # Refused: the daemon reads nothing of this part; the other ranks' parts are aborted.
             self._settle(txn, error=str(e))
-            try:
-                self._link.request(MsgType.ABORT, 5.0, txn=txn, reason=f"rank {self.rank}: {e}")
-            except CheckpointError:
-                pass
-            raise CheckpointError(handle.error or str(e)) from None
+            with contextlib.suppress(CheckpointError):
+                self._link.request(MsgType.ABORT, ABORT_REQUEST_TIMEOUT_S, txn=txn, reason=f"rank {self.rank}: {e}")
+        if handle.error is not None:
+            raise CheckpointError(handle.error)
+        self._last_handed_off = step
         handle.staged_s = t_staged - t0
         handle.bytes_staged = stats.bytes
         logger.debug(
@@ -339,9 +571,22 @@ class CheckpointClient:
         )
         return handle
 
+    def _before_snapshot(self) -> None:
+        """This rank's checks before it stages: the lease (rank 0) and a daemon that answers."""
+        assert self._link is not None
+        if self._lease is not None:
+            if time.time() - self._lease.record.refreshed > LEASE_REFRESH_ON_SAVE_S:
+                self._refresh_lease()
+            if self._lease_error is not None:
+                raise CheckpointError(self._lease_error)
+        if not self._daemon_healthy():
+            self._link.reset()
+            self._ensure_daemon()
+
     def _compare_with_rank0(self, states: dict[str, Any]) -> str | None:
         """FULL validation: every tensor compared byte for byte against rank 0's, after the digests agreed
-        (so every rank holds the same keys, shapes and dtypes and the broadcasts line up)."""
+        (so every rank holds the same keys, shapes and dtypes and the broadcasts line up). A rank that fails
+        to prepare a tensor still takes part in its broadcast, so no rank is left waiting."""
         if self._group is None:
             return None
         import torch.distributed as dist
@@ -349,7 +594,12 @@ class CheckpointClient:
         differ: list[str] = []
         for key in sorted(states):
             for leaf in fmt.flatten_state(states[key], key)[1]:
-                mine = leaf.tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
+                try:
+                    mine = leaf.tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                except Exception as e:  # noqa: BLE001 - reported in the verdict below
+                    differ.append(f"{leaf.path} (cannot be read: {type(e).__name__}: {e})")
+                    mine = torch.zeros(nbytes, dtype=torch.uint8)
                 theirs = mine.clone() if self.rank == 0 else torch.empty_like(mine)
                 dist.broadcast(theirs, src=0, group=self._group)
                 if self.rank != 0 and not torch.equal(mine, theirs):
@@ -364,6 +614,7 @@ class CheckpointClient:
         self,
         step: int,
         txn: str,
+        deadline: float,
         slab: staging.Slab,
         images: list[staging.FileImage],
         metadata: dict[str, Any] | None,
@@ -389,13 +640,25 @@ class CheckpointClient:
             timeout_s=self.timeout_s,
             pid=os.getpid(),
             segment=slab.name,
+            segment_fd=slab.fd,
+            segment_ino=slab.ino,
             segment_size=slab.size,
             files=[img.spec() for img in images],
             commit=commit,
+            job=self.job,
+            deadline=deadline,
         )
 
     def wait(self, timeout: float | None = None) -> list[Path]:
-        """Block until every save in flight has committed; raises CheckpointError if any aborted."""
+        """Block until every save in flight has committed; raises CheckpointError if any aborted.
+
+        Args:
+            timeout: seconds to wait for each save (None: as long as it takes).
+
+        Example:
+            >>> client.wait()
+            [PosixPath('out/checkpoints/checkpoint-100')]
+        """
         handles = list(self._inflight.values())
         errors = []
         paths = []
@@ -423,20 +686,42 @@ class CheckpointClient:
         ``checkpoint`` is "latest", a checkpoint path, or None/False. With "latest", a checkpoint that fails
         verification is skipped with a warning and the next newest is tried (``fallback``). Sizes are always
         checked; checksums too unless ``verify=False`` (an extra pass over the bytes at ~17 GiB/s).
+        Collective: a failure on any rank (including a save in flight that failed) makes every rank raise.
+
+        Args:
+            checkpoint: "latest", a checkpoint directory, or None/False for a fresh start.
+            strict: a missing required component is an error (else a warning).
+            verify: check checksums (default: the client's ``verify_on_load``).
+            fallback: with "latest", try older checkpoints past one that fails verification.
+
+        Example:
+            >>> client.load("latest")
+            PosixPath('out/checkpoints/checkpoint-100')
         """
-        self._check_open()
+        with self._call():
+            return self._load(checkpoint, strict=strict, verify=verify, fallback=fallback)
+
+    def _load(
+        self, checkpoint: str | os.PathLike | None | bool, *, strict: bool, verify: bool | None, fallback: bool
+    ) -> Path | None:
         if checkpoint is None or checkpoint is False:
+            self._check_open()
             return None
         if checkpoint is True:
             checkpoint = "latest"
-        if self._inflight:
-            self.wait()
         verify = self.verify_on_load if verify is None else verify
         local_error = None
+        cands: list[Path] = []
+        may_fall_back = False
         try:
+            self._check_open()
+            if self._inflight:
+                self.wait()
             cands, may_fall_back = loader.candidates(self.output_dir, checkpoint)
         except CheckpointError as e:
-            cands, may_fall_back, local_error = [], False, str(e)
+            local_error = str(e)
+        except Exception as e:  # noqa: BLE001 - reported to every rank so none is left waiting
+            local_error = f"{type(e).__name__}: {e}"
         votes = self._all_gather((local_error, [str(c) for c in cands]))
         for r, (err, _) in enumerate(votes):
             if err:
@@ -468,7 +753,17 @@ class CheckpointClient:
             bad = [(r, v[1]) for r, v in enumerate(votes) if v]
             if not bad:
                 assert result is not None
-                self._apply(ckpt, result)
+                applied: str | None = None
+                try:
+                    self._apply(ckpt, result)
+                except CheckpointError as e:
+                    if self._group is None:
+                        raise
+                    applied = str(e)
+                # Every rank learns whether every rank could apply its share: all return, or all raise.
+                problems = [f"rank {r}: {m}" for r, m in enumerate(self._all_gather(applied)) if m]
+                if problems:
+                    raise CheckpointError("; ".join(problems))
                 logger.info(
                     "loaded %s (%s in %.3f s)", ckpt, staging.describe_size(result.bytes_read), time.perf_counter() - t0
                 )
@@ -479,7 +774,7 @@ class CheckpointClient:
                 raise CheckpointError(f"{ckpt} failed verification: {msg}; run 'ckptd verify {ckpt}'")
             text = f"{ckpt} failed verification ({msg}); falling back to the next newest checkpoint"
             logger.warning("%s", text)
-            warnings.warn(text, RuntimeWarning, stacklevel=2)
+            warnings.warn(text, RuntimeWarning, stacklevel=3)
         raise CheckpointError(
             f"no committed checkpoint under {self.output_dir} could be loaded: {' | '.join(failures)}; "
             "run 'ckptd verify' on them, or start fresh with load(None)"
@@ -497,6 +792,124 @@ class CheckpointClient:
                     "the checkpoint does not match the object it is loaded into"
                 ) from e
 
+    # -- preemption -----------------------------------------------------------------------------------
+
+    @property
+    def preempted(self) -> bool:
+        """True once the preemption handler has received its signal (no new saves start after it)."""
+        return self._preempted
+
+    def install_preemption_handler(
+        self,
+        emergency_save: Callable[[], int | None] | None = None,
+        *,
+        timeout_s: float = DEFAULT_PREEMPTION_TIMEOUT_S,
+        signals: tuple[int, ...] = (signal.SIGTERM,),
+    ) -> None:
+        """On SIGTERM (a cluster's preemption notice): stop new saves, wait for the saves in flight, optionally
+        save the current step, then let the job exit. Opt-in; call it from the main thread.
+
+        On the signal the handler: (1) refuses new saves; (2) waits up to ``timeout_s`` in all for the saves
+        in flight to commit; (3) if ``emergency_save`` is given, calls it for the current step and, unless
+        that step was just handed over, saves it and waits for the commit; (4) restores the previous handler
+        and hands the signal on to it: a Python handler is called, an ignored signal stays ignored, and the
+        default action becomes ``SystemExit(128 + signum)``, so ``finally`` blocks and ``with`` statements
+        run. A signal that arrives inside a client call (a save's copy, ``wait``) is acted on as that call
+        returns.
+
+        The emergency save is a collective, which a signal handler cannot run safely across ranks (another
+        rank may be blocked in the training step's own collective, waiting for this one): with more than
+        one rank it is skipped with a warning, and the loop should check ``client.preempted`` at a step
+        boundary (agreed with an all-reduce of the flag) and save there.
+
+        Args:
+            emergency_save: returns the step to save now (None: skip), e.g. ``lambda: trainer.step``.
+            timeout_s: the bound on all the waiting together; set it below the cluster's grace period.
+            signals: the signals to handle.
+
+        Example:
+            >>> client.install_preemption_handler(emergency_save=lambda: state["step"], timeout_s=25)
+        """
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        previous = {}
+        for sig in signals:
+            previous[sig] = signal.signal(sig, self._on_preemption_signal)
+        self._preemption = PreemptionSettings(emergency_save, float(timeout_s), previous)
+        logger.info("preemption handler installed for %s", ", ".join(signal.Signals(s).name for s in signals))
+
+    def _on_preemption_signal(self, signum: int, frame: Any) -> None:
+        if self._preempted:
+            logger.warning("signal %s again while handling preemption; still finishing", signal.Signals(signum).name)
+            return
+        self._preempted = True
+        logger.warning("received %s: no new saves; finishing the saves in flight", signal.Signals(signum).name)
+        if self._depth > 0:
+            self._deferred_signal = signum  # acted on when the client call in progress returns
+            return
+        self._handle_preemption(signum, frame)
+
+    def _handle_preemption(self, signum: int, frame: Any) -> None:
+        settings = self._preemption
+        assert settings is not None
+        deadline = time.monotonic() + settings.timeout_s
+        self._depth += 1
+        try:
+            for h in list(self._inflight.values()):
+                try:
+                    h.wait(max(0.0, deadline - time.monotonic()))
+                except (CheckpointError, TimeoutError) as e:
+                    logger.error("preemption: the save of step %d did not commit: %s", h.step, e)
+            self._emergency_save(settings, deadline)
+        finally:
+            self._depth -= 1
+            for sig, prev in settings.previous.items():
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        prev = settings.previous.get(signum)
+        if callable(prev):
+            prev(signum, frame)
+        elif prev != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
+
+    def _emergency_save(self, settings: PreemptionSettings, deadline: float) -> None:
+        if settings.emergency_save is None or self._closed or self.read_only:
+            return
+        if self._group is not None:
+            logger.warning(
+                "preemption: emergency save skipped: it is a collective, which a signal handler cannot run "
+                "safely with %d ranks; check client.preempted in the loop and save there",
+                self.topology.world_size,
+            )
+            return
+        try:
+            step = settings.emergency_save()
+        except Exception as e:  # noqa: BLE001 - the job is exiting; say why no emergency save was made
+            logger.error("preemption: emergency_save() raised %s: %s; no emergency save", type(e).__name__, e)
+            return
+        if step is None or step == self._last_handed_off:
+            logger.warning("preemption: step %s is already saved; no emergency save", step)
+            return
+        self._emergency = True
+        try:
+            path = self._save_async(step, {"preempted": True}).wait(max(0.0, deadline - time.monotonic()))
+            logger.warning("preemption: emergency save of step %d committed: %s", step, path)
+        except (CheckpointError, TimeoutError, ValueError) as e:
+            logger.error("preemption: emergency save of step %s failed: %s", step, e)
+        finally:
+            self._emergency = False
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """Marks a public call in progress: a preemption signal arriving meanwhile is acted on at its end."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            signum, self._deferred_signal = self._deferred_signal, None
+            if signum is not None and self._depth == 0:
+                self._handle_preemption(signum, None)
+
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -504,7 +917,15 @@ class CheckpointClient:
             raise CheckpointError("this CheckpointClient is closed; create a new one")
 
     def close(self, wait: bool = True) -> None:
-        """Finish (or, with wait=False, abandon to the daemon) the saves in flight and free the slabs."""
+        """Finish the saves in flight (or, with wait=False, leave them to the daemon, which still commits
+        them), free the slabs and release the output dir's lease.
+
+        Args:
+            wait: wait for the saves in flight first.
+
+        Example:
+            >>> client.close()
+        """
         if self._closed:
             return
         if wait:
@@ -513,14 +934,28 @@ class CheckpointClient:
             except CheckpointError as e:
                 logger.error("a save failed before close: %s", e)
         self._closed = True
-        try:
-            self._link.request(MsgType.BYE, 2.0, pid=os.getpid())
-        except CheckpointError:
-            pass
+        if self._link is not None:
+            with contextlib.suppress(CheckpointError):
+                self._link.request(MsgType.BYE, 2.0, pid=os.getpid())
+        self._teardown()
+
+    def _teardown(self) -> None:
+        """Free what this client holds; also after a failed construction."""
+        self._closed = True
+        self._lease_stop.set()
+        if self._lease_thread is not None:
+            self._lease_thread.join(5.0)
+        if self._lease is not None:
+            try:
+                self._lease.release()
+            except OSError as e:
+                logger.warning("could not release the lease of %s: %s", self.output_dir, e)
         for slab in self._slabs:
-            staging.destroy_slab(slab)
+            slab.destroy()
         self._slabs.clear()
-        self._link.close()
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     def __enter__(self) -> CheckpointClient:
         return self
@@ -528,13 +963,35 @@ class CheckpointClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and getattr(self, "_slabs", None):
-            for slab in self._slabs:
-                try:
-                    os.unlink(os.path.join(staging.SHM_DIR, slab.name))
-                except OSError:
-                    pass
+
+def _resolve_components(components: Any, process_groups: dict[str, Any] | None) -> tuple[list, dict | None]:
+    """The component list (from a provider's ``get_state_components()`` if need be), type-checked."""
+    if not isinstance(components, (list, tuple)):
+        provider = components
+        if not hasattr(provider, "get_state_components"):
+            raise TypeError("components must be a list of StateComponent or have get_state_components()")
+        components = list(provider.get_state_components())
+        if process_groups is None and hasattr(provider, "get_process_groups"):
+            process_groups = provider.get_process_groups()
+    for c in components:
+        if not isinstance(c, StateComponent):
+            raise TypeError(f"components must be StateComponent instances, got {type(c).__name__}")
+    return list(components), process_groups
+
+
+def _check_group_names(process_groups: dict[str, Any] | None) -> None:
+    """What ``planning.discover_topology`` would reject before its all-gather, checked before it instead,
+    so that one rank's bad group cannot leave the others waiting in that all-gather."""
+    if not process_groups:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise CheckpointError("process_groups were given but torch.distributed is not initialized")
+    for name, g in process_groups.items():
+        if not fmt.is_valid_key(name):
+            raise CheckpointError(f"process group name {name!r} is invalid; expected {fmt.KEY_PATTERN}")
+        planning._group_ranks(g)
 
 
 def _agree(votes: list[Any], plans: list[planning.ComponentPlan]) -> str | None:

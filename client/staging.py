@@ -1,13 +1,15 @@
 """Staging: copy this rank's share of the state into its shared-memory slab, laid out as the final files.
 
-The slab is one ``/dev/shm`` segment per rank, allocated once, registered as pinned memory when CUDA is
-present, and reused by every save; it grows only when the state does. Each file occupies one contiguous
+The slab is one sealed memfd per rank (no name in /dev/shm, so no crash can leak it), allocated once,
+registered as pinned memory when CUDA is present, and reused by every save; it grows only when the state
+does. Each file occupies one contiguous
 range of it: the safetensors header followed by the tensors back to back in file order, so the daemon
 writes ``header + data`` as a single range without re-serialising or copying again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import logging
@@ -28,7 +30,6 @@ from client.planning import ComponentPlan
 
 logger = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
 REGION_ALIGN = 4096  # each file starts on a page boundary of the slab
 BIG_COPY = 1 << 20  # bytes from which a tensor is copied on its own (multi-threaded) rather than batched
 GROWTH = 1.125  # headroom when a slab grows, so small state changes do not reallocate every save
@@ -38,70 +39,121 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the slab at allocation, n
 # ------------------------------------------------------------------------------------------------ slab
 
 
-@dataclass
 class Slab:
-    name: str
-    size: int
-    mm: mmap.mmap
-    tensor: torch.Tensor  # uint8 view of the whole mapping
-    pinned: bool = False
-    busy_txn: str | None = None  # the transaction whose bytes the daemon may still be reading
+    """One staging buffer: a sealed memfd of this process, mapped read-write and (with CUDA) pinned.
+
+    The daemon opens it through ``/proc/<pid>/fd/<fd>`` while the rank waits for ``accepted`` and keeps its
+    own mapping, so the slab has no name anywhere: when both processes let go (exit, kill -9, ``close``),
+    the kernel frees the memory. ``F_SEAL_SHRINK`` guarantees the daemon that no process can truncate it
+    under its mapping (which would kill the daemon with SIGBUS).
+
+    Example:
+        >>> slab = Slab.create(64 << 20, rank=0)
+        >>> slab.fd, slab.ino, slab.size
+        (7, 123456, 67108864)
+        >>> slab.destroy()
+    """
+
+    def __init__(self, name: str, fd: int, ino: int, size: int, mm: mmap.mmap) -> None:
+        self.name = name
+        self.fd = fd
+        self.ino = ino
+        self.size = size
+        self.mm = mm
+        self.tensor = torch.frombuffer(mm, dtype=torch.uint8)  # uint8 view of the whole mapping
+        self.pinned = False
+        self.busy_txn: str | None = None  # the transaction whose bytes the daemon may still be reading
+
+    def __repr__(self) -> str:
+        return f"Slab({self.name!r}, fd={self.fd}, size={self.size}, busy_txn={self.busy_txn!r})"
+
+    @classmethod
+    def create(cls, size: int, rank: int) -> Slab:
+        """Create, size, seal, map, pre-fault and (with CUDA) pin a slab of at least ``size`` bytes.
+
+        Args:
+            size: bytes needed (rounded up to 2 MiB).
+            rank: this rank, for the memfd's name (seen in ``/proc/<pid>/fd`` and in logs).
+
+        Raises:
+            CheckpointError: the memory cannot be reserved (the message says how much and what to do).
+
+        Example:
+            >>> Slab.create(1000, rank=0).size
+            2097152
+        """
+        size = max(REGION_ALIGN, _round_up(size, 2 * 1024 * 1024))
+        name = f"{SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-r{rank}-{secrets.token_hex(4)}"
+        t0 = time.perf_counter()
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            try:
+                # Reserve every page now: a full memory fails here, clearly, not with SIGBUS mid-copy.
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise CheckpointError(
+                    f"cannot allocate a {describe_size(size)} staging slab in shared memory ({e.strerror}); "
+                    "free memory on this node, lower the memory limit of other processes, or raise this "
+                    "container's memory limit (memfd pages count as shared memory, like /dev/shm)"
+                ) from None
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            ino = os.fstat(fd).st_ino
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE)
+        except (OSError, ValueError):
+            pass
+        slab = cls(name, fd, ino, size, mm)
+        if torch.cuda.is_available():
+            rc = torch.cuda.cudart().cudaHostRegister(slab.tensor.data_ptr(), size, 0)
+            slab.pinned = int(rc) == 0 if not hasattr(rc, "value") else rc.value == 0
+            if not slab.pinned:
+                logger.warning("cudaHostRegister of the %d-byte slab failed (%s); copies will be pageable", size, rc)
+        logger.info(
+            "staging slab %s: %.1f MiB%s in %.3f s",
+            name,
+            size / 2**20,
+            " pinned" if slab.pinned else "",
+            time.perf_counter() - t0,
+        )
+        return slab
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def destroy(self) -> None:
+        """Unpin, unmap and close the memfd. A daemon that still maps it keeps its own mapping (and the
+        memory), so this is also how a slab is abandoned to a daemon that may still read it.
+
+        Example:
+            >>> slab.destroy()
+        """
+        if self.closed:
+            return
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+        del self.tensor
+        try:
+            self.mm.close()
+        except BufferError:
+            logger.debug("slab %s still has views; unmapped when they go", self.name)
+        os.close(self.fd)
+        self.fd = -1
 
 
 def create_slab(size: int, rank: int) -> Slab:
-    """Create, map and (with CUDA) pin a new segment of at least ``size`` bytes."""
-    size = max(REGION_ALIGN, _round_up(size, 2 * 1024 * 1024))
-    name = f"{SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-r{rank}-{secrets.token_hex(4)}"
-    path = os.path.join(SHM_DIR, name)
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            os.posix_fallocate(fd, 0, size)  # fail now on a full /dev/shm, not with SIGBUS mid-copy
-        except OSError as e:
-            os.unlink(path)
-            raise CheckpointError(
-                f"cannot allocate a {size}-byte staging slab in {SHM_DIR} ({e.strerror}); "
-                "free shared memory or enlarge /dev/shm (e.g. docker --shm-size)"
-            ) from None
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
-    try:
-        mm.madvise(_MADV_POPULATE_WRITE)
-    except (OSError, ValueError):
-        pass
-    tensor = torch.frombuffer(mm, dtype=torch.uint8)
-    slab = Slab(name, size, mm, tensor)
-    if torch.cuda.is_available():
-        rc = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), size, 0)
-        slab.pinned = int(rc) == 0 if not hasattr(rc, "value") else rc.value == 0
-        if not slab.pinned:
-            logger.warning("cudaHostRegister of the %d-byte slab failed (%s); copies will be pageable", size, rc)
-    logger.info(
-        "staging slab %s: %.1f MiB%s in %.3f s",
-        name,
-        size / 2**20,
-        " pinned" if slab.pinned else "",
-        time.perf_counter() - t0,
-    )
-    return slab
+    """Same as ``Slab.create`` (kept for callers of the function form)."""
+    return Slab.create(size, rank)
 
 
 def destroy_slab(slab: Slab) -> None:
-    """Unpin, unmap and unlink. A daemon that still maps the segment keeps its own mapping."""
-    if slab.pinned:
-        torch.cuda.cudart().cudaHostUnregister(slab.tensor.data_ptr())
-        slab.pinned = False
-    del slab.tensor
-    try:
-        slab.mm.close()
-    except BufferError:
-        logger.debug("slab %s still has views; unmapped when they go", slab.name)
-    try:
-        os.unlink(os.path.join(SHM_DIR, slab.name))
-    except FileNotFoundError:
-        pass
+    """Same as ``slab.destroy()``."""
+    slab.destroy()
 
 
 def _round_up(n: int, align: int) -> int:

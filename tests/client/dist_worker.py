@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ckptd import format as fmt
 from client import CheckpointClient, CheckpointError, RNGState, SharingPattern, StateComponent, list_checkpoints
 
 SAVE_STEP = 3
@@ -126,7 +127,8 @@ def seed_rank(seed: int) -> None:
 
 def listing(out: Path) -> list[str]:
     root = out / "checkpoints"
-    return sorted(os.listdir(root)) if root.is_dir() else []
+    # The lease that the open client holds is not a checkpoint, a temp or a trash dir.
+    return sorted(n for n in os.listdir(root) if n != fmt.LEASE_NAME) if root.is_dir() else []
 
 
 # --------------------------------------------------------------------------------------------- modes

@@ -16,7 +16,7 @@ import torch
 import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trainer_script import Captured  # tests/client is on sys.path for these modules
+from trainer_script import Captured, entries  # tests/client is on sys.path for these modules
 
 from client import (
     CheckpointClient,
@@ -275,7 +275,7 @@ def test_save_total_limit_one_keeps_the_checkpoint_just_saved(endpoint, output_d
         for step in (10, 20, 30):
             state["v"] = torch.full((4,), float(step))
             path = client.save_async(step).wait(60)
-            assert sorted(p.name for p in root.iterdir()) == [f"checkpoint-{step}"]
+            assert entries(root) == [f"checkpoint-{step}"]
             assert verify_checkpoint(path)
     path, got = _load_counter(output_dir, endpoint)
     assert path == root / "checkpoint-30" and torch.equal(got["v"], torch.full((4,), 30.0))

@@ -6,7 +6,7 @@ seed and size), saves it with ``save_async`` through a CheckpointClient whose da
 and then keeps "training" until it is killed. The test SIGKILLs it on seeing the marker.
 
 ``build_state`` is also imported by the tests to rebuild the expected content, as are the small
-process helpers below (``lock_path``, ``daemon_pid``, ``process_gone``).
+helpers below (``lock_path``, ``daemon_pid``, ``entries``, ``process_gone``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,51 @@ def daemon_pid(endpoint: str) -> int | None:
         return int(text) if text else None
     except (OSError, ValueError):
         return None
+
+
+def entries(root: Path) -> list[str]:
+    """The names in a ``checkpoints`` directory, leaving out the lease a live client holds there."""
+    from ckptd import format as fmt
+
+    return sorted(n for n in os.listdir(root) if n != fmt.LEASE_NAME)
+
+
+def memfd_slabs(owner_pid: int | None = None) -> dict[int, set[str]]:
+    """Every process that holds (as an fd) or maps a ckptd staging slab, with the slab names.
+
+    Slabs are memfds named ``ckptd-<uid>-<pid>-r<rank>-<id>``; ``owner_pid`` keeps only the slabs that
+    process created. A slab of a dead trainer that appears here is memory still in use (by the daemon)."""
+    prefix = f"memfd:ckptd-{os.getuid()}-" + (f"{owner_pid}-" if owner_pid is not None else "")
+    found: dict[int, set[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        names: set[str] = set()
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{entry}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("/" + prefix):
+                    names.add(target[len("/memfd:") :].split(" ")[0])
+            with open(f"/proc/{entry}/maps") as f:
+                for line in f:
+                    i = line.find(prefix)
+                    if i >= 0:
+                        names.add(line[i + len("memfd:") :].split(" ")[0].strip())
+        except OSError:
+            continue  # the process exited meanwhile
+        if names:
+            found[int(entry)] = names
+    return found
+
+
+def shm_files(owner_pid: int) -> list[str]:
+    """/dev/shm files named like a slab of ``owner_pid`` (slabs were /dev/shm files before they became
+    memfds; there must be none now)."""
+    prefix = f"ckptd-{os.getuid()}-{owner_pid}-"
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
 
 
 def process_gone(pid: int) -> bool:
