@@ -183,11 +183,19 @@ def checkpoint_arg(arg: str) -> Path:
     """A committed checkpoint directory; raises CliError saying what the path is instead."""
     path = Path(arg)
     expected = f"expected a committed checkpoint such as OUTPUT_DIR/{fmt.CHECKPOINTS_DIRNAME}/checkpoint-<step>"
+    if path.is_symlink():
+        # Never followed: a checkpoint appears by renaming a real directory, so a link was planted by hand.
+        try:
+            fmt.check_directory(path)
+        except fmt.FormatError as e:
+            raise CliError(str(e)) from None
     if not path.exists():
         raise CliError(f"{path}: no such directory; {expected} (list them with 'ckptd ls OUTPUT_DIR')")
     if not path.is_dir():
         raise CliError(f"{path}: not a directory; {expected}")
-    if (path / fmt.MANIFEST_NAME).exists():
+    # lexists: a manifest that is a dangling symlink, a FIFO or a device is still "there", and is refused
+    # with its own reason when it is read.
+    if os.path.lexists(path / fmt.MANIFEST_NAME):
         return path
     name = path.name
     if fmt.parse_temp_dirname(name) is not None:
@@ -200,13 +208,14 @@ def checkpoint_arg(arg: str) -> Path:
     raise CliError(f"{path} has no {fmt.MANIFEST_NAME}, so it is not a committed ckptd checkpoint; {expected}")
 
 
-def load_manifest(path: Path) -> fmt.Manifest:
+def load_manifest(path: Path, code: int = EXIT_USAGE) -> fmt.Manifest:
+    """The checkpoint's manifest, read safely (bounded, regular file only); CliError with ``code`` if not."""
     try:
         return fmt.read_manifest(path)
     except fmt.FormatError as e:
-        raise CliError(f"{e}; 'ckptd verify {path}' reports every problem") from None
+        raise CliError(f"{e}; 'ckptd verify {path}' reports every problem", code) from None
     except OSError as e:
-        raise CliError(f"{path / fmt.MANIFEST_NAME}: cannot be read ({e.strerror or e})") from None
+        raise CliError(f"{path / fmt.MANIFEST_NAME}: cannot be read ({e.strerror or e})", code) from None
 
 
 @dataclass
@@ -257,16 +266,6 @@ def scan_extras(output_dir: Path) -> list[Extra]:
         )
     extras.sort(key=lambda e: -(e.age_s or 0.0))
     return extras
-
-
-def broken_reason(path: Path) -> str:
-    try:
-        manifest = fmt.read_manifest(path)
-    except fmt.FormatError as e:
-        return str(e)
-    except OSError as e:
-        return f"{path / fmt.MANIFEST_NAME}: cannot be read ({e.strerror or e})"
-    return f"its manifest says step {manifest.step}, not {fmt.parse_checkpoint_dirname(path.name)}"
 
 
 def manifest_data_size(manifest: fmt.Manifest) -> int:
@@ -331,9 +330,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     out = output_dir_arg(args.output_dir)
     if not args.verbose:
         logging.getLogger(fmt.__name__).setLevel(logging.ERROR)  # broken dirs are reported below instead
-    found, broken = fmt.scan_checkpoints(out)
+    survey = fmt.survey_checkpoints(out)
+    found = survey.found
     extras = scan_extras(out)
-    broken_rows = [(p, broken_reason(p)) for p in sorted(broken, key=lambda p: p.name)]
+    # lstat only (no file is opened): cheap for every checkpoint, and enough to catch a FIFO, a symlink or a
+    # size the manifest lies about before it is printed as if it were true.
+    problems = {c.step: fmt.disk_problems(c.path, c.manifest) for c in found}
     if args.json:
         print_json(
             {
@@ -348,12 +350,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
                         "txn": c.manifest.txn,
                         "world_size": c.manifest.world_size,
                         "components": list(c.manifest.components),
+                        "problems": problems[c.step],
                     }
                     for c in found
                 ],
                 "temp": [asdict(e) for e in extras if e.kind == "temp"],
                 "trash": [asdict(e) for e in extras if e.kind == "trash"],
-                "broken": [{"path": str(p), "error": why} for p, why in broken_rows],
+                "broken": [{"path": str(b.path), "error": b.reason} for b in survey.broken],
             }
         )
         return EXIT_OK
@@ -362,13 +365,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows = [
             (
                 c.step,
-                human_bytes(manifest_data_size(c.manifest)),
+                human_bytes(manifest_data_size(c.manifest)) + (" !" if problems[c.step] else ""),
                 human_age(timestamp_age(c.manifest.timestamp)),
                 ",".join(c.manifest.components),
             )
             for c in found
         ]
         print_table(("STEP", "SIZE", "AGE", "COMPONENTS"), rows, right=(0, 1, 2))
+        for c in found:
+            if problems[c.step]:
+                print(
+                    f"! {c.path.name}: its files disagree with its manifest, so its size is not to be trusted and "
+                    f"loading it would fail ('ckptd verify {c.path}' checks every byte):"
+                )
+                for problem in problems[c.step]:
+                    print(f"    {problem}")
     else:
         print(f"no committed checkpoints in {root}")
     for e in extras:
@@ -382,8 +393,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 f"trash  {e.name}  {human_bytes(e.size_bytes)}, modified {human_age(e.age_s)} ago: "
                 "being deleted / stale ('ckptd gc' removes it)"
             )
-    for p, why in broken_rows:
-        print(f"BROKEN {p.name}  ignored by every reader: {why}")
+    for b in survey.broken:
+        print(f"BROKEN {b.path.name}  ignored by every reader: {b.reason}")
     return EXIT_OK
 
 
@@ -394,8 +405,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = checkpoint_arg(args.checkpoint)
     manifest = load_manifest(path)
     if args.json:
-        sys.stdout.write((path / fmt.MANIFEST_NAME).read_text(encoding="utf-8"))
+        try:
+            sys.stdout.write(fmt.read_manifest_bytes(path).decode("utf-8"))
+        except (fmt.FormatError, OSError) as e:  # replaced since it was parsed a moment ago
+            raise CliError(f"{path / fmt.MANIFEST_NAME}: cannot be read again ({e})") from None
         return EXIT_OK
+    # Types, sizes and headers of every listed file (a few KiB read each): the manifest is not shown as
+    # truth where the files contradict it.
+    problems = fmt.disk_problems(path, manifest, structure=True)
+    bad_files = {rel for rel in manifest.files if any(p.startswith(f"{path / rel}:") for p in problems)}
     age = timestamp_age(manifest.timestamp)
     header = [
         ("checkpoint", str(path)),
@@ -406,7 +424,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("timestamp", manifest.timestamp + (f" ({human_age(age)} ago)" if age is not None else "")),
         ("pytorch", manifest.pytorch_version or "-"),
         ("ckptd", manifest.ckptd_version or "-"),
-        ("size", f"{human_bytes(manifest_data_size(manifest))} in {len(manifest.files)} files"),
+        (
+            "size",
+            f"{human_bytes(manifest_data_size(manifest))} in {len(manifest.files)} files"
+            + (" (as the manifest claims; see PROBLEMS)" if problems else ""),
+        ),
     ]
     if manifest.topology:
         header.append(("topology", json.dumps(manifest.topology, sort_keys=True)))
@@ -454,8 +476,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             share.append(f"instance {f.group_instance}")
         if f.node is not None:
             share.append(f"node {f.node}")
-        rows.append((f.path, f.size, f.checksum, f.component, ", ".join(share) or "-", f.written_by))
-    print_table(("FILE", "BYTES", "CHECKSUM", "COMPONENT", "SHARE", "WRITER"), rows, right=(1, 5))
+        on_disk = "BAD, see PROBLEMS" if f.path in bad_files else "ok"
+        rows.append((f.path, f.size, f.checksum, f.component, ", ".join(share) or "-", f.written_by, on_disk))
+    print_table(("FILE", "BYTES", "CHECKSUM", "COMPONENT", "SHARE", "WRITER", "ON DISK"), rows, right=(1, 5))
+    if problems:
+        print()
+        print(f"PROBLEMS (types, sizes and headers on disk; 'ckptd verify {path}' also checks every byte)")
+        for problem in problems:
+            print(f"  {problem}")
+        print(
+            f"ckptd inspect: {path} has {len(problems)} problem(s) on disk (listed under PROBLEMS); do not resume "
+            "from it: client.load(\"latest\") skips it, 'ckptd ls' lists the others",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -603,46 +636,38 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def copy_verified(src: Path, dst: Path, record: fmt.FileRecord, progress: Progress) -> None:
-    """Copy ``src`` to ``dst`` (through a temporary name), checking size and checksum of the bytes copied."""
+    """Copy ``src`` to ``dst`` through a temporary name, keeping it only if the bytes copied are verified.
+
+    ``src`` is read by ``fmt.stream_verified``: a regular file only (never a FIFO, a device, or a symlink
+    to something outside the checkpoint), its size, checksum and safetensors header checked as it streams.
+    """
     tmp = dst.with_name(f".{dst.name}.ckptd-export")
+    tmp.unlink(missing_ok=True)
+    # O_EXCL | O_NOFOLLOW: never write through a link planted at the temporary name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        with open(src, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
-            size = os.fstat(fin.fileno()).st_size
-            if size != record.size:
-                raise CliError(
-                    f"{src}: size mismatch (manifest {record.size} bytes, file {size} bytes); the checkpoint is "
-                    "damaged, export an older one",
-                    EXIT_CHECK_FAILED,
-                )
-            hasher = fmt.new_hasher()
-            buf = bytearray(min(fmt.READ_CHUNK, max(size, 1)))
-            view = memoryview(buf)
-            while n := fin.readinto(buf):
-                hasher.update(view[:n])
-                fout.write(view[:n])
-                progress(n)
-        got = fmt.format_checksum(hasher)
-        if got != record.checksum:
-            raise CliError(
-                f"{src}: checksum mismatch (manifest {record.checksum}, file {got}); the checkpoint is damaged, "
-                "export an older one",
-                EXIT_CHECK_FAILED,
-            )
+
+        def write_all(chunk: memoryview) -> None:
+            done = 0
+            while done < len(chunk):
+                done += os.write(fd, chunk[done:])
+
+        try:
+            fmt.stream_verified(src, record, sink=write_all, progress=progress)
+        except fmt.FormatError as e:
+            raise CliError(f"{e}; the checkpoint is damaged, export an older one", EXIT_CHECK_FAILED) from None
+        os.close(fd)
+        fd = -1
         os.replace(tmp, dst)
-    except FileNotFoundError as e:
-        if e.filename == str(src):
-            raise CliError(
-                f"{src}: missing (manifest lists {record.size} bytes); the checkpoint is damaged", EXIT_CHECK_FAILED
-            ) from None
-        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     path = checkpoint_arg(args.checkpoint)
-    manifest = load_manifest(path)
+    manifest = load_manifest(path, EXIT_CHECK_FAILED)
     model = manifest.components.get(fmt.MODEL_KEY)
     if model is None:
         raise CliError(
@@ -659,10 +684,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     index_rec = manifest.files[fmt.MODEL_INDEX_NAME]
     try:
-        index_bytes = fmt.read_verified(path / fmt.MODEL_INDEX_NAME, index_rec)
+        index_bytes = fmt.read_verified(path / fmt.MODEL_INDEX_NAME, index_rec, max_bytes=fmt.MAX_INDEX_BYTES)
         weight_map, tied = fmt.parse_model_index(bytes(index_bytes))
     except fmt.FormatError as e:
         raise CliError(f"{e}; the checkpoint is damaged, export an older one", EXIT_CHECK_FAILED) from None
+    except OSError as e:
+        raise CliError(
+            f"{path / fmt.MODEL_INDEX_NAME}: cannot be read ({e.strerror or e})", EXIT_CHECK_FAILED
+        ) from None
     shards = sorted(set(weight_map.values()))
     unknown = [s for s in shards if s not in manifest.files]
     if unknown:

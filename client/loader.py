@@ -66,9 +66,9 @@ def read_safetensors(
     return meta, tensors_from_buffer(buf, layout)
 
 
-def read_file(path: Path, record: fmt.FileRecord, verify: bool) -> bytearray:
+def read_file(path: Path, record: fmt.FileRecord, verify: bool, max_bytes: int | None = None) -> bytearray:
     try:
-        return fmt.read_verified(path, record, verify_checksum=verify)
+        return fmt.read_verified(path, record, verify_checksum=verify, max_bytes=max_bytes)
     except fmt.FormatError as e:
         raise VerificationFailed(str(e)) from None
     except OSError as e:
@@ -113,7 +113,7 @@ def read_component(ckpt: Path, manifest: fmt.Manifest, p: ComponentPlan, verify:
     comp = manifest.components[p.key]
     if p.is_model_index and p.filename in comp.files:
         index_rec = _record(ckpt, manifest, p.filename)
-        index = read_file(ckpt / p.filename, index_rec, verify)
+        index = read_file(ckpt / p.filename, index_rec, verify, max_bytes=fmt.MAX_INDEX_BYTES)
         try:
             weight_map, tied = fmt.parse_model_index(bytes(index))
         except fmt.FormatError as e:
@@ -197,15 +197,26 @@ def _warn(text: str) -> None:
 
 
 def candidates(output_dir: Path, checkpoint: str | os.PathLike) -> tuple[list[Path], bool]:
-    """Checkpoints to try, newest first, and whether falling back to older ones is allowed."""
+    """Checkpoints to try, newest first, and whether falling back to older ones is allowed.
+
+    With "latest", every ``checkpoint-<int>`` entry that is not a checkpoint (no readable manifest, a
+    manifest that is a FIFO or a symlink, a directory that is a symlink...) is skipped with a warning that
+    names the file at fault. An explicit path must be a real checkpoint directory, not a symlink to one.
+    """
     if isinstance(checkpoint, str) and checkpoint == "latest":
-        found, broken = fmt.scan_checkpoints(output_dir)
-        for b in broken:
-            logger.warning("%s is not a usable checkpoint (manifest missing or unreadable); skipped", b)
-        return [c.path for c in reversed(found)], True
+        survey = fmt.survey_checkpoints(output_dir)
+        for b in survey.broken:
+            _warn(f"{b.path} is not a usable checkpoint and is skipped: {b.reason}")
+        return [c.path for c in reversed(survey.found)], True
     path = Path(checkpoint)
-    if not path.is_absolute() and not path.exists():
+    if not path.is_absolute() and not os.path.lexists(path):
         path = fmt.checkpoints_root(output_dir) / path
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory; pass 'latest', None, or a checkpoint path")
+    try:
+        fmt.check_directory(path)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: no such checkpoint directory; pass 'latest', None, or a checkpoint path"
+        ) from None
+    except fmt.FormatError as e:
+        raise CheckpointError(str(e)) from None
     return [path], False

@@ -77,7 +77,7 @@ ALL_ST_DTYPES = sorted(fmt.DTYPE_SIZES)
 TORCH_DTYPES = [
     pytest.param(st, id=st)
     for st in ALL_ST_DTYPES
-    if hasattr(torch, fmt._ST_TO_TORCH[st])  # fp8 and uint16+ exist in recent torch only
+    if hasattr(torch, fmt.torch_dtype_name(st))  # fp8 and uint16+ exist in recent torch only
 ]
 
 
@@ -1028,13 +1028,17 @@ def test_verify_names_a_directory_where_a_file_should_be_instead_of_raising(chec
 def test_verify_names_every_bad_file_and_counts_the_good_ones(tmp_path):
     d = tmp_path / "checkpoints" / "checkpoint-1"
     d.mkdir(parents=True)
-    contents = {f"optim_state_rank_{r}.safetensors": bytes([r]) * (100 + r) for r in range(4)}
-    for name, data in contents.items():
-        (d / name).write_bytes(data)
+    contents = {}
+    for r in range(4):
+        path = d / f"optim_state_rank_{r}.safetensors"
+        write_safetensors(path, {"w": torch.full((25 + r,), float(r))})
+        contents[path.name] = path.read_bytes()
     (d / fmt.MANIFEST_NAME).write_bytes(make_manifest(1, contents).to_json())
     assert fmt.verify_checkpoint(d).files_checked == 4
     (d / "optim_state_rank_1.safetensors").unlink()
-    (d / "optim_state_rank_3.safetensors").write_bytes(b"\x00" * 103)
+    rank3 = bytearray(contents["optim_state_rank_3.safetensors"])
+    rank3[-1] ^= 0xFF
+    (d / "optim_state_rank_3.safetensors").write_bytes(bytes(rank3))
     result = fmt.verify_checkpoint(d)
     assert len(result.problems) == 2 and result.files_checked == 2
     assert "optim_state_rank_1.safetensors: missing" in result.problems[0]
@@ -1090,6 +1094,166 @@ def test_checksums_are_xxh3_128_and_combine_is_order_sensitive():
     a, b = fmt.checksum_bytes(b"a"), fmt.checksum_bytes(b"b")
     assert fmt.combine_checksums([a, b]) != fmt.combine_checksums([b, a])
     assert fmt.combine_checksums([a, b]).startswith("xxh3-128:")
+
+
+# ---------------------------------------------------------------------- streaming hash while copying
+
+
+def test_hashing_writer_hashes_each_chunk_then_hands_it_to_the_sink():
+    seen: list[bytes] = []
+    w = fmt.HashingWriter(lambda chunk: seen.append(bytes(chunk)))
+    for part in (b"abc", bytearray(b"de"), memoryview(b"f")):
+        w.write(part)
+    assert seen == [b"abc", b"de", b"f"]
+    assert w.nbytes == 6 and w.checksum == fmt.checksum_bytes(b"abcdef")
+    assert fmt.HashingWriter().checksum == fmt.checksum_bytes(b"")
+
+
+def test_hash_chunks_passes_every_chunk_in_order_and_matches_the_whole_buffer_checksum():
+    data = bytes(range(256)) * 41
+    out = bytearray()
+    progress: list[int] = []
+    got = fmt.hash_chunks(memoryview(data), 1000, sink=out.extend, progress=progress.append)
+    assert got == fmt.checksum_bytes(data) and bytes(out) == data
+    assert progress == [1000] * 10 + [len(data) - 10000]
+
+
+def test_hash_fd_streams_a_file_to_a_sink_or_into_a_buffer(tmp_path):
+    f = tmp_path / "x_state.safetensors"
+    data = os.urandom(10_001)
+    f.write_bytes(data)
+    out = bytearray()
+    with open(f, "rb") as fh:
+        assert fmt.hash_fd(fh.fileno(), len(data), sink=out.extend, chunk_size=4096) == fmt.checksum_bytes(data)
+    assert bytes(out) == data
+    into = bytearray(len(data))
+    with open(f, "rb") as fh:
+        assert fmt.hash_fd(fh.fileno(), len(data), into=into, chunk_size=4096) == fmt.checksum_bytes(data)
+    assert bytes(into) == data
+
+
+def test_hash_fd_names_a_file_that_ends_before_its_size(tmp_path):
+    f = tmp_path / "x_state.safetensors"
+    f.write_bytes(b"abc")
+    with open(f, "rb") as fh, pytest.raises(fmt.FormatError, match="file ended after 3 of 10 bytes") as info:
+        fmt.hash_fd(fh.fileno(), 10, where=f)
+    assert str(f) in str(info.value)
+
+
+def test_stream_verified_copies_exactly_the_verified_bytes(checkpoint):
+    rec = fmt.read_manifest(checkpoint).files["optim_state.safetensors"]
+    out = bytearray()
+    fmt.stream_verified(checkpoint / rec.path, rec, sink=out.extend)
+    assert bytes(out) == (checkpoint / rec.path).read_bytes()
+
+
+# ------------------------------------------------------------------- hostile files: regular files only
+
+
+def test_open_regular_refuses_a_fifo_without_blocking_and_a_symlink_without_following_it(tmp_path):
+    fifo = tmp_path / "a_state.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(fmt.FormatError, match="is a FIFO, not a regular file") as info:
+        fmt.open_regular(fifo)
+    assert str(fifo) in str(info.value)
+    link = tmp_path / "b_state.safetensors"
+    link.symlink_to("/etc/passwd")
+    with pytest.raises(fmt.FormatError, match=r"is a symbolic link \(to /etc/passwd\)"):
+        fmt.open_regular(link)
+    with pytest.raises(fmt.FormatError, match="is a character device"):
+        fmt.open_regular("/dev/zero")
+    with pytest.raises(FileNotFoundError):
+        fmt.open_regular(tmp_path / "missing_state.safetensors")
+
+
+def test_read_bounded_refuses_a_file_over_its_limit_before_reading_it(tmp_path):
+    f = tmp_path / fmt.MANIFEST_NAME
+    with open(f, "wb") as fh:
+        fh.truncate(1 << 40)  # sparse: 1 TiB that costs nothing on disk
+    with pytest.raises(fmt.FormatError, match="larger than any manifest can be") as info:
+        fmt.read_bounded(f, fmt.MAX_MANIFEST_BYTES, "manifest")
+    assert str(f) in str(info.value)
+    f.write_bytes(b"12345")
+    assert fmt.read_bounded(f, 5, "manifest") == b"12345"
+    with pytest.raises(fmt.FormatError):
+        fmt.read_bounded(f, 4, "manifest")
+
+
+def test_read_manifest_refuses_a_symlinked_checkpoint_directory_and_a_huge_manifest(tmp_path):
+    good = write_checkpoint(tmp_path, 4)
+    link = tmp_path / "checkpoints" / "checkpoint-5"
+    link.symlink_to(good)
+    with pytest.raises(fmt.FormatError, match="is a symbolic link .* not a checkpoint directory"):
+        fmt.read_manifest(link)
+    with open(good / fmt.MANIFEST_NAME, "r+b") as fh:
+        fh.truncate(fmt.MAX_MANIFEST_BYTES + 1)
+    with pytest.raises(fmt.FormatError, match="larger than any manifest"):
+        fmt.read_manifest(good)
+
+
+def test_scan_gives_the_reason_each_look_alike_is_not_a_checkpoint(tmp_path):
+    good = write_checkpoint(tmp_path, 3)
+    fifo = write_checkpoint(tmp_path, 4)
+    (fifo / fmt.MANIFEST_NAME).unlink()
+    os.mkfifo(fifo / fmt.MANIFEST_NAME)
+    (tmp_path / "checkpoints" / "checkpoint-9").symlink_to(good)
+    survey = fmt.survey_checkpoints(tmp_path)
+    assert [c.path for c in survey.found] == [good]
+    reasons = {b.path.name: b.reason for b in survey.broken}
+    assert set(reasons) == {"checkpoint-4", "checkpoint-9"}
+    assert f"{fifo / fmt.MANIFEST_NAME}: is a FIFO" in reasons["checkpoint-4"]
+    assert "checkpoint-9: is a symbolic link" in reasons["checkpoint-9"]
+    assert fmt.scan_checkpoints(tmp_path) == (survey.found, [b.path for b in survey.broken])
+
+
+def test_verify_checks_the_header_structure_not_only_size_and_checksum(checkpoint):
+    f = checkpoint / "optim_state.safetensors"
+    forged = (2**63).to_bytes(8, "little") + f.read_bytes()[8:]
+    f.write_bytes(forged)
+    raw = json.loads((checkpoint / fmt.MANIFEST_NAME).read_bytes())
+    raw["files"][f.name]["checksum"] = fmt.checksum_bytes(forged)
+    (checkpoint / fmt.MANIFEST_NAME).write_text(json.dumps(raw))
+    for checksums in (True, False):
+        result = fmt.verify_checkpoint(checkpoint, checksums=checksums)
+        assert len(result.problems) == 1, result.problems
+        assert result.problems[0].startswith(f"{f}: safetensors header length 9223372036854775808 does not fit")
+
+
+def test_verify_and_disk_problems_flag_a_manifest_lying_about_sizes(checkpoint):
+    raw = json.loads((checkpoint / fmt.MANIFEST_NAME).read_bytes())
+    raw["files"]["optim_state.safetensors"]["size"] = 909 * 1024**4
+    (checkpoint / fmt.MANIFEST_NAME).write_text(json.dumps(raw))
+    manifest = fmt.read_manifest(checkpoint)
+    problems = fmt.disk_problems(checkpoint, manifest)
+    f = checkpoint / "optim_state.safetensors"
+    assert any(p.startswith(f"{f}: size mismatch (manifest {909 * 1024**4} bytes") for p in problems), problems
+    assert any("component 'optim': size mismatch" in p for p in problems), problems
+    assert not fmt.verify_checkpoint(checkpoint)
+
+
+def test_read_verified_never_allocates_a_size_the_manifest_lies_about(checkpoint):
+    rec = fmt.read_manifest(checkpoint).files["optim_state.safetensors"]
+    liar = fmt.FileRecord(rec.path, 909 * 1024**4, rec.checksum, rec.component)
+    with pytest.raises(fmt.FormatError, match="size mismatch"):
+        fmt.read_verified(checkpoint / rec.path, liar)
+    with pytest.raises(fmt.FormatError, match="larger than such a file can be"):
+        fmt.read_verified(checkpoint / rec.path, rec, max_bytes=rec.size - 1)
+
+
+@pytest.mark.parametrize("size", [True, -1, 2**63, 909.0])
+def test_parse_manifest_rejects_sizes_that_are_not_file_sizes(size):
+    with pytest.raises(fmt.FormatError, match="invalid file record"):
+        fmt.parse_manifest(_mutated(lambda r: r["files"][OPT].update(size=size)))
+
+
+def test_parse_manifest_of_deeply_nested_json_is_a_format_error_not_a_recursion_error():
+    with pytest.raises(fmt.FormatError, match="not valid JSON"):
+        fmt.parse_manifest(b"[" * 200_000 + b"]" * 200_000)
+
+
+def test_unflatten_refuses_a_torch_dtype_node_naming_something_else():
+    with pytest.raises(fmt.FormatError, match="not one"):
+        fmt.unflatten_state({"__ckptd__": "torch_dtype", "name": "save"}, {})
 
 
 # ------------------------------------------------------------------------------------------ model index

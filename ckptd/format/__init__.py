@@ -1,0 +1,234 @@
+"""The on-disk format ``ckptd/1``: the one place that knows what a checkpoint looks like on disk.
+
+Everything that names a file, lays out safetensors bytes, encodes the nested structure of a state dict,
+computes a checksum, reads and writes the manifest, or opens a checkpoint file lives in this package, and
+is shared by the daemon (which writes), the client (which stages and loads) and the CLI (which lists,
+inspects, verifies and exports). Use it as one module: ``from ckptd import format as fmt; fmt.X``; every
+public name is re-exported here. The submodules, each with one job:
+
+- ``names``: directory and file names, keys, the lease and temp-owner names;
+- ``header``: dtypes, tensor tables, safetensors header layouts, the header codec;
+- ``tree``: the state-dict tree as JSON in the header metadata (no pickle);
+- ``model_index``: the model's Hugging Face shards and ``model.safetensors.index.json``;
+- ``checksums``: xxh3-128, and the one streaming hash-while-copying helper (``HashingWriter``,
+  ``hash_chunks``, ``hash_fd``);
+- ``manifest``: ``checkpoint_manifest.json`` records, parsing and reading;
+- ``safeio``: opening checkpoint files (regular files only, no symlinks, never blocking, bounded reads);
+- ``reading``: which checkpoints exist, verification, and verified reads, maps and streams.
+
+Readers trust nothing on disk: a FIFO, a device, a symlink (file or checkpoint directory), a manifest of
+more than 64 MiB, a header length past the file's end, or a name with ``/`` or ``..`` is refused with a
+FormatError naming the file, never followed, blocked on or read without bound.
+
+This package never imports torch at import time: the daemon runs without it. Functions that have to touch
+tensors import torch lazily.
+
+Layout::
+
+    <output_dir>/checkpoints/
+      checkpoint-<step>/                         committed; appears only by atomic rename
+        checkpoint_manifest.json                 written last
+        model.safetensors.index.json             Hugging Face layout for the "model" component
+        model-00001-of-0000N.safetensors
+        <key>_state.safetensors                  GLOBAL / REPLICATED
+        <key>_state_rank_<r>.safetensors         PER_RANK
+        <key>_state_group_<name>_<i>.safetensors PER_GROUP (instance i)
+        <key>_state_node_<n>.safetensors         PER_NODE
+      .tmp-checkpoint-<step>-<txn>/              in flight; invisible to readers
+      .tmp-checkpoint-<step>-<txn>.owner         who owns that temp dir (host, pid, start time, deadline)
+      .trash-checkpoint-<step>-<token>/          being deleted; invisible to readers
+      .ckptd-lease.json                          the job that writes this output dir
+"""
+
+from ckptd.format.checksums import (
+    CHECKSUM_ALGO,
+    READ_CHUNK,
+    HashingWriter,
+    checksum_bytes,
+    combine_checksums,
+    format_checksum,
+    hash_chunks,
+    hash_fd,
+    new_hasher,
+    short_checksum,
+)
+from ckptd.format.errors import FormatError
+from ckptd.format.header import (
+    DTYPE_SIZES,
+    HEADER_LENGTH_BYTES,
+    MAX_HEADER_BYTES,
+    STORABLE_TORCH_DTYPES,
+    SafetensorsLayout,
+    TensorEntry,
+    TensorTable,
+    alignment_order,
+    build_safetensors_layout,
+    encode_header,
+    header_span,
+    parse_safetensors_header,
+    safetensors_dtype,
+    tensor_table,
+    torch_dtype,
+    torch_dtype_name,
+)
+from ckptd.format.manifest import (
+    MAX_FILE_SIZE,
+    MAX_MANIFEST_BYTES,
+    ComponentRecord,
+    FileRecord,
+    Manifest,
+    manifest_problems,
+    now_timestamp,
+    parse_manifest,
+    read_manifest,
+    read_manifest_bytes,
+)
+from ckptd.format.model_index import (
+    DEFAULT_MAX_SHARD_SIZE,
+    MAX_INDEX_BYTES,
+    build_model_index,
+    parse_model_index,
+    plan_model_shards,
+)
+from ckptd.format.names import (
+    CHECKPOINTS_DIRNAME,
+    FORMAT_VERSION,
+    KEY_PATTERN,
+    LEASE_NAME,
+    MANIFEST_NAME,
+    MODEL_INDEX_NAME,
+    MODEL_KEY,
+    TREE_METADATA_KEY,
+    checkpoint_dirname,
+    checkpoints_root,
+    component_filename,
+    is_trash_dirname,
+    is_valid_filename,
+    is_valid_key,
+    is_valid_txn,
+    model_shard_filename,
+    parse_checkpoint_dirname,
+    parse_temp_dirname,
+    parse_temp_owner_name,
+    temp_dirname,
+    temp_owner_name,
+    trash_dirname,
+)
+from ckptd.format.reading import (
+    BrokenCheckpoint,
+    CheckpointInfo,
+    CheckpointSurvey,
+    VerifyResult,
+    check_structure,
+    disk_problems,
+    find_latest_checkpoint,
+    list_checkpoints,
+    map_verified,
+    read_verified,
+    scan_checkpoints,
+    stream_verified,
+    survey_checkpoints,
+    verify_checkpoint,
+)
+from ckptd.format.safeio import (
+    OPEN_FLAGS,
+    check_directory,
+    describe_mode,
+    entry_problem,
+    open_regular,
+    pread_exact,
+    read_bounded,
+)
+from ckptd.format.tree import TensorLeaf, UnsupportedLeafError, flatten_state, unflatten_state
+
+__all__ = [
+    "BrokenCheckpoint",
+    "CHECKPOINTS_DIRNAME",
+    "CHECKSUM_ALGO",
+    "CheckpointInfo",
+    "CheckpointSurvey",
+    "ComponentRecord",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "DTYPE_SIZES",
+    "FORMAT_VERSION",
+    "FileRecord",
+    "FormatError",
+    "HEADER_LENGTH_BYTES",
+    "HashingWriter",
+    "KEY_PATTERN",
+    "LEASE_NAME",
+    "MANIFEST_NAME",
+    "MAX_FILE_SIZE",
+    "MAX_HEADER_BYTES",
+    "MAX_INDEX_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "MODEL_INDEX_NAME",
+    "MODEL_KEY",
+    "Manifest",
+    "OPEN_FLAGS",
+    "READ_CHUNK",
+    "STORABLE_TORCH_DTYPES",
+    "SafetensorsLayout",
+    "TREE_METADATA_KEY",
+    "TensorEntry",
+    "TensorLeaf",
+    "TensorTable",
+    "UnsupportedLeafError",
+    "VerifyResult",
+    "alignment_order",
+    "build_model_index",
+    "build_safetensors_layout",
+    "check_directory",
+    "check_structure",
+    "checkpoint_dirname",
+    "checkpoints_root",
+    "checksum_bytes",
+    "combine_checksums",
+    "component_filename",
+    "describe_mode",
+    "disk_problems",
+    "encode_header",
+    "entry_problem",
+    "find_latest_checkpoint",
+    "flatten_state",
+    "format_checksum",
+    "hash_chunks",
+    "hash_fd",
+    "header_span",
+    "is_trash_dirname",
+    "is_valid_filename",
+    "is_valid_key",
+    "is_valid_txn",
+    "list_checkpoints",
+    "manifest_problems",
+    "map_verified",
+    "model_shard_filename",
+    "new_hasher",
+    "now_timestamp",
+    "open_regular",
+    "parse_checkpoint_dirname",
+    "parse_manifest",
+    "parse_model_index",
+    "parse_safetensors_header",
+    "parse_temp_dirname",
+    "parse_temp_owner_name",
+    "plan_model_shards",
+    "pread_exact",
+    "read_bounded",
+    "read_manifest",
+    "read_manifest_bytes",
+    "read_verified",
+    "safetensors_dtype",
+    "scan_checkpoints",
+    "short_checksum",
+    "stream_verified",
+    "survey_checkpoints",
+    "temp_dirname",
+    "temp_owner_name",
+    "tensor_table",
+    "torch_dtype",
+    "torch_dtype_name",
+    "trash_dirname",
+    "unflatten_state",
+    "verify_checkpoint",
+]

@@ -1,0 +1,202 @@
+"""The nested structure of a state dict, stored as JSON in the safetensors header metadata: no pickle.
+
+:func:`flatten_state` splits a state dict into a JSON-able tree and the tensors it holds; the tree goes into
+``__metadata__["ckptd.tree"]`` of the component's file. :func:`unflatten_state` rebuilds it. An unsupported
+leaf fails the save naming its dotted path, because pickling it would make loading run code.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ckptd.format.errors import FormatError
+from ckptd.format.header import STORABLE_TORCH_DTYPES, safetensors_dtype
+
+_TAG = "__ckptd__"
+
+
+@dataclass
+class TensorLeaf:
+    """A tensor found while flattening a state tree; ``name`` is its key in the safetensors file."""
+
+    name: str
+    path: str
+    tensor: Any  # torch.Tensor, or a torch view of a NumPy array
+
+
+class UnsupportedLeafError(FormatError):
+    """A state value that cannot be stored without pickle; the message names its dotted path."""
+
+
+def _type_name(obj: object) -> str:
+    t = type(obj)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
+    """Split a state dict into a JSON-able tree and the tensors it holds.
+
+    Tensors (and NumPy arrays) are replaced by references into the safetensors file; every other leaf
+    must be one of dict, list, tuple, str, int, float, bool, None, bytes, NumPy scalar, torch.dtype,
+    torch.device or torch.Size. Anything else raises UnsupportedLeafError naming its dotted path,
+    because pickling it would make loading run code.
+
+    Args:
+        obj: the component's state (usually its ``state_dict()``).
+        prefix: the dotted path of ``obj`` itself (the component key); tensor names start with it.
+
+    Returns:
+        ``(tree, leaves)``: the JSON-able tree and every tensor, in the order met.
+
+    Example:
+        >>> tree, leaves = flatten_state({"step": 3, "w": torch.zeros(2)}, "opt")
+        >>> tree["w"], [leaf.name for leaf in leaves]
+        ({'__ckptd__': 'tensor', 'name': 'opt.w'}, ['opt.w'])
+    """
+    import torch
+
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional
+        np = None  # type: ignore[assignment]
+
+    leaves: list[TensorLeaf] = []
+    used: set[str] = set()
+    storable = {getattr(torch, name) for name in STORABLE_TORCH_DTYPES if hasattr(torch, name)}
+
+    def name_for(path: str) -> str:
+        name, n = path, 1
+        while name in used:
+            n += 1
+            name = f"{path}#{n}"
+        used.add(name)
+        return name
+
+    def enc(x: Any, path: str) -> Any:
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, int) and type(x) in (int,):
+            return x
+        if isinstance(x, float) and type(x) is float:
+            return x if math.isfinite(x) else {_TAG: "float", "repr": repr(x)}
+        if isinstance(x, torch.Tensor):
+            if x.layout != torch.strided or x.is_quantized or x.is_meta:
+                raise UnsupportedLeafError(
+                    f"{path}: torch.Tensor with layout {x.layout} on {x.device} cannot be checkpointed; "
+                    "expected a dense tensor; convert it (e.g. .to_dense()) in state_dict()"
+                )
+            if x.dtype not in storable:
+                raise UnsupportedLeafError(
+                    f"{path}: tensor dtype {x.dtype} has no safetensors equivalent; "
+                    "convert it in state_dict() (e.g. view complex as real)"
+                )
+            name = name_for(path)
+            leaves.append(TensorLeaf(name, path, x))
+            return {_TAG: "tensor", "name": name}
+        if np is not None and isinstance(x, np.ndarray):
+            if x.dtype.kind not in "biuf" or safetensors_dtype(x.dtype) is None:
+                raise UnsupportedLeafError(
+                    f"{path}: numpy.ndarray of dtype {x.dtype} cannot be checkpointed without pickle; "
+                    "expected a numeric or bool array"
+                )
+            name = name_for(path)
+            leaves.append(TensorLeaf(name, path, torch.from_numpy(np.ascontiguousarray(x).reshape(x.shape))))
+            return {_TAG: "ndarray", "name": name}
+        if np is not None and isinstance(x, np.generic):
+            # safetensors_dtype also rules out e.g. longdouble, whose .item() is not a Python number.
+            if x.dtype.kind not in "biuf" or safetensors_dtype(x.dtype) is None:
+                raise UnsupportedLeafError(f"{path}: {_type_name(x)} is not a supported NumPy scalar")
+            return {_TAG: "npscalar", "dtype": x.dtype.str, "value": enc(x.item(), path)}
+        if isinstance(x, torch.dtype):
+            return {_TAG: "torch_dtype", "name": str(x).removeprefix("torch.")}
+        if isinstance(x, torch.device):
+            return {_TAG: "torch_device", "name": str(x)}
+        if isinstance(x, torch.Size):
+            return {_TAG: "torch_size", "items": list(x)}
+        if isinstance(x, (bytes, bytearray)):
+            return {_TAG: "bytes", "b64": base64.b64encode(bytes(x)).decode("ascii")}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and k != _TAG for k in x):
+                return {k: enc(v, f"{path}.{k}") for k, v in x.items()}
+            return {_TAG: "dict", "items": [[enc(k, f"{path}.<key>"), enc(v, f"{path}.{k}")] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {_TAG: "tuple", "items": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
+        raise UnsupportedLeafError(
+            f"{path}: {_type_name(x)} is not a supported state value; expected tensors, NumPy arrays, "
+            "dict/list/tuple, str, int, float, bool, None or bytes; convert it in state_dict()"
+        )
+
+    return enc(obj, prefix), leaves
+
+
+def unflatten_state(tree: Any, tensors: dict[str, Any]) -> Any:
+    """Inverse of flatten_state: rebuild the state dict from its tree and ``{name: tensor}``.
+
+    Args:
+        tree: the JSON tree from the file's ``__metadata__["ckptd.tree"]``.
+        tensors: every tensor of the file by name.
+
+    Example:
+        >>> unflatten_state({"step": 3, "w": {"__ckptd__": "tensor", "name": "opt.w"}}, {"opt.w": t})["step"]
+        3
+    """
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        tag = x.get(_TAG)
+        if tag is None:
+            return {k: dec(v) for k, v in x.items()}
+        if tag == "tensor":
+            return _lookup(tensors, x["name"])
+        if tag == "ndarray":
+            return _lookup(tensors, x["name"]).numpy()
+        if tag == "tuple":
+            return tuple(dec(v) for v in x["items"])
+        if tag == "dict":
+            return {_hashable(dec(k)): dec(v) for k, v in x["items"]}
+        if tag == "float":
+            return float(x["repr"])
+        if tag == "bytes":
+            return base64.b64decode(x["b64"])
+        if tag == "npscalar":
+            import numpy as np
+
+            return np.dtype(x["dtype"]).type(dec(x["value"]))
+        if tag == "torch_dtype":
+            import torch
+
+            # A hostile tree could name any attribute of torch; only a dtype is ever stored here.
+            dtype = getattr(torch, str(x["name"]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise FormatError(f"tree names {x['name']!r} as a torch dtype; it is not one")
+            return dtype
+        if tag == "torch_device":
+            import torch
+
+            return torch.device(x["name"])
+        if tag == "torch_size":
+            import torch
+
+            return torch.Size(x["items"])
+        raise FormatError(f"unknown tree node type {tag!r}; the file was written by a newer ckptd")
+
+    return dec(tree)
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(_hashable(v) for v in k) if isinstance(k, list) else k
+
+
+def _lookup(tensors: dict[str, Any], name: str) -> Any:
+    try:
+        return tensors[name]
+    except KeyError:
+        raise FormatError(f"tree refers to tensor {name!r}, which the file does not contain") from None
