@@ -23,6 +23,10 @@ Three kinds of record live beside the checkpoints, in ``<output_dir>/checkpoints
     later ``mkdir`` of the temp dir fails, so the save can never commit. Sweeps remove tombstones once their
     deadline has passed by the margin, when no daemon may commit the save any more.
 
+``.tmp-checkpoint-<step>-<txn>.veto`` (veto records)
+    The lock under which the ranks of one save veto it one at a time, and the outcome the first of them
+    found ("vetoed" or "committed"), which the others then report too. Swept like tombstones.
+
 Identity of a process: ``ProcessIdentity`` (host, boot id, pid namespace, pid, start time, the 22nd field
 of ``/proc/<pid>/stat``), so a reused pid is never mistaken for the process that wrote a record.
 """
@@ -64,6 +68,7 @@ JOB_ENV = "CKPTD_JOB_ID"
 LEASE_LOCK_NAME = fmt.LEASE_NAME.replace(".json", ".lock")
 _LEASE_TMP_NAME = fmt.LEASE_NAME + ".tmp"
 _VETO_ATTEMPTS = 8
+VETO_SUFFIX = ".veto"  # ``.tmp-checkpoint-<step>-<txn>.veto``: the lock and the outcome of vetoing that save
 
 
 class OwnershipError(RuntimeError):
@@ -389,8 +394,9 @@ class OwnerRecord:
     txn: str
     job: str | None
     deadline: float | None
-    kind: str = "temp"
+    kind: str = "temp"  # "temp" (daemon), "tombstone" or "veto" (a rank that gave up)
     created: float = 0.0
+    outcome: str | None = None  # a veto record: "vetoed" or "committed", once decided
     version: int = RECORD_VERSION
 
     def to_bytes(self) -> bytes:
@@ -414,6 +420,7 @@ class OwnerRecord:
         if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
             raise ValueError(f"owner record field 'deadline' must be a Unix time, got {deadline!r}")
         created = raw.get("created", 0.0)
+        outcome = raw.get("outcome")
         return cls(
             owner=ProcessIdentity.from_json(raw.get("owner")),
             step=step,
@@ -422,6 +429,7 @@ class OwnerRecord:
             deadline=None if deadline is None else float(deadline),
             kind=str(raw.get("kind", "temp")),
             created=float(created) if isinstance(created, (int, float)) else 0.0,
+            outcome=outcome if outcome in ("vetoed", "committed") else None,
             version=int(raw.get("version", RECORD_VERSION)),
         )
 
@@ -486,7 +494,7 @@ def _provably_gone(rec: OwnerRecord | None, mtime: float, now: float, me: Proces
         return f"no owner record and unchanged for {age:.0f} s" if age > SWEEP_MARGIN_S else None
     if rec.deadline is not None and now > rec.deadline + SWEEP_MARGIN_S:
         return f"its deadline passed {now - rec.deadline:.0f} s ago"
-    if rec.kind == "tombstone":
+    if rec.kind in ("tombstone", "veto"):
         # A tombstone must outlive every daemon that may still try to commit the save: only the deadline
         # (checked above) or, without one, its age ends it; the rank that wrote it being dead proves nothing.
         age = now - mtime
@@ -537,7 +545,16 @@ def sweep_stale(output_dir: str | os.PathLike, live_txns: set[str], now: float |
             continue
         temp = fmt.parse_temp_dirname(name)
         owner_of = fmt.parse_temp_owner_name(name)
-        if temp is not None:
+        veto_of = fmt.parse_temp_dirname(name[: -len(VETO_SUFFIX)]) if name.endswith(VETO_SUFFIX) else None
+        if veto_of is not None:
+            if veto_of[1] in live_txns:
+                continue
+            rec = _read_record(path) or _untimed_tombstone(*veto_of)
+            why = _provably_gone(rec, _mtime(path, now), now, me)
+            if why is not None and _remove(path):
+                removed.append(path)
+                reasons.append(f"{name} ({why})")
+        elif temp is not None:
             step, txn = temp
             if txn in live_txns:
                 continue
@@ -655,9 +672,35 @@ def veto_commit(
         True
     """
     root = fmt.checkpoints_root(output_dir)
+    owner = owner or ProcessIdentity.current()
+    make_dirs_durably(root)
+    # Ranks of one save veto it one at a time, and the first one's outcome stands for all: a second rank
+    # must never put a tombstone where the first had just renamed the daemon's temp dir away (the daemon,
+    # at its rename, would then rename the tombstone into place).
+    lock = root / (fmt.temp_dirname(step, txn) + VETO_SUFFIX)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        data = os.pread(fd, MAX_RECORD_BYTES, 0)
+        try:
+            earlier = OwnerRecord.from_bytes(data) if data else None
+        except ValueError:
+            earlier = None
+        if earlier is not None and earlier.outcome is not None:
+            return earlier.outcome == "vetoed"
+        vetoed = _veto_locked(root, step, txn, deadline, owner)
+        rec = OwnerRecord(owner, step, txn, None, deadline, "veto", time.time(), "vetoed" if vetoed else "committed")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, rec.to_bytes(), 0)
+        return vetoed
+    finally:
+        os.close(fd)
+
+
+def _veto_locked(root: Path, step: int, txn: str, deadline: float | None, owner: ProcessIdentity) -> bool:
     temp = root / fmt.temp_dirname(step, txn)
     final = root / fmt.checkpoint_dirname(step)
-    tomb = OwnerRecord(owner or ProcessIdentity.current(), step, txn, None, deadline, "tombstone", time.time())
+    tomb = OwnerRecord(owner, step, txn, None, deadline, "tombstone", time.time())
     last_error: OSError | None = None
     for _ in range(_VETO_ATTEMPTS):
         try:
@@ -666,7 +709,7 @@ def veto_commit(
             st = None
         if st is not None and stat.S_ISREG(st.st_mode):
             # A tombstone is already there (another rank, or an earlier call): the daemon can create nothing.
-            return _committed(final, txn) is False
+            return not _committed(final, txn)
         if st is not None:
             trash = root / fmt.trash_dirname(step, "v" + txn + secrets.token_hex(4))
             try:
@@ -679,7 +722,7 @@ def veto_commit(
             try:
                 moved = os.lstat(trash)
             except FileNotFoundError:  # a sweep removed our trash at once; judge by checkpoint-<step>
-                return _committed(final, txn) is False
+                return not _committed(final, txn)
             if stat.S_ISREG(moved.st_mode):
                 # A tombstone appeared between lstat and rename and we moved it: put it back (never over
                 # something new) and look again.
