@@ -559,10 +559,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     out = output_dir_arg(args.output_dir)
     endpoint = endpoint_arg(args.endpoint)
-    extras = scan_extras(out)
-    if not extras:
-        print(f"nothing to remove in {fmt.checkpoints_root(out)}")
-        return EXIT_OK
     # The local daemon's live transactions are kept whatever their records say; every other entry is judged
     # by its owner record (host, pid and start time, deadline), so gc on any node removes only what a
     # provably gone owner left behind, and never another live daemon's temp dir.
@@ -570,22 +566,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
     live: set[str] = set()
     if status is not None:
         live = {str(t.get("txn")) for t in status.get("in_flight", []) if isinstance(t, dict)}
-    if args.dry_run:
-        for e in extras:
-            print(f"{e.name}: {e.kind}, {human_bytes(e.size_bytes)}, modified {human_age(e.age_s)} ago")
-        print("(dry run: a real run removes those whose owner is provably gone)")
+    else:
+        print(
+            f"ckptd gc: no daemon answered at {endpoint} within {args.timeout:g} s; temp dirs are judged by their "
+            "owner records alone",
+            file=sys.stderr,
+        )
+    min_age = 0.0 if args.force else args.min_age
+    verdicts = ownership.judge_entries(out, live, unowned_min_age=min_age)
+    if not any(v.stale for v in verdicts):
+        for v in verdicts:
+            print(f"kept {v.path.name}: {v.why}")
+        print(f"nothing to remove in {fmt.checkpoints_root(out)}")
         return EXIT_OK
-    try:
-        removed = ownership.sweep_stale(out, live)
-    except OSError as err:
-        raise CliError(f"cannot sweep {fmt.checkpoints_root(out)}: {err}; check its permissions") from None
-    gone = {p.name for p in removed}
-    for e in extras:
-        if e.name in gone:
-            print(f"removed {e.name}: {e.kind}, {human_bytes(e.size_bytes)}")
-        else:
-            print(f"kept {e.name}: its owner may still be running (see its .owner record)")
-    return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    failures = 0
+    for v in verdicts:
+        if not v.stale:
+            hint = " (--min-age, or --force)" if "no owner record" in v.why else ""
+            print(f"kept {v.path.name}: {v.why}{hint}")
+            continue
+        if not args.dry_run and not ownership.remove_entry(v.path) and os.path.lexists(v.path):
+            failures += 1
+            print(f"ckptd gc: cannot remove {v.path}; check its permissions", file=sys.stderr)
+            continue
+        print(f"{verb} {v.path.name}: {v.why}")
+    return EXIT_USAGE if failures else EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------- status
@@ -879,7 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=GC_MIN_AGE_S,
         metavar="S",
-        help=f"when no daemon answers, remove only temp dirs older than S seconds (default {GC_MIN_AGE_S:g})",
+        help=f"remove a temp dir without an owner record (an older ckptd's) only once it is S seconds old "
+        f"(default {GC_MIN_AGE_S:g})",
     )
     s.add_argument("--force", action="store_true", help="when no daemon answers, remove temp dirs of any age")
     s.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")

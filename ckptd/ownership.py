@@ -487,14 +487,16 @@ def remove_temp_owner(root: Path, step: int, txn: str) -> None:
         os.unlink(Path(root) / fmt.temp_owner_name(step, txn))
 
 
-def _provably_gone(rec: OwnerRecord | None, mtime: float, now: float, me: ProcessIdentity) -> str | None:
+def _provably_gone(
+    rec: OwnerRecord | None, mtime: float, now: float, me: ProcessIdentity, unowned_min_age: float = SWEEP_MARGIN_S
+) -> str | None:
     """Why the owner of an entry is provably gone, or None if it may still be alive."""
     if rec is None:
         age = now - mtime
-        return f"no owner record and unchanged for {age:.0f} s" if age > SWEEP_MARGIN_S else None
+        return f"no owner record and unchanged for {age:.0f} s" if age > unowned_min_age else None
     if rec.deadline is not None and now > rec.deadline + SWEEP_MARGIN_S:
         return f"its deadline passed {now - rec.deadline:.0f} s ago"
-    if rec.kind in ("tombstone", "veto"):
+    if rec.kind == "tombstone":
         # A tombstone must outlive every daemon that may still try to commit the save: only the deadline
         # (checked above) or, without one, its age ends it; the rank that wrote it being dead proves nothing.
         age = now - mtime
@@ -509,12 +511,99 @@ def _provably_gone(rec: OwnerRecord | None, mtime: float, now: float, me: Proces
     return None
 
 
-def sweep_stale(output_dir: str | os.PathLike, live_txns: set[str], now: float | None = None) -> list[Path]:
-    """Remove the temp dirs, tombstones and trash dirs of ``output_dir`` that nobody can still own.
+def _why_kept(rec: OwnerRecord | None, mtime: float, now: float, unowned_min_age: float) -> str:
+    if rec is None:
+        return f"no owner record, modified {now - mtime:.0f} s ago (younger than {unowned_min_age:.0f} s)"
+    if rec.kind == "tombstone":
+        return "a rank's veto of that save, kept until its deadline has passed"
+    where = "" if rec.owner.is_local() else " (another host: counted alive until its deadline)"
+    return f"owned by {rec.owner.describe()}{where}"
 
-    A temp dir (or tombstone) goes only when its transaction is not in ``live_txns`` and its owner is
-    provably gone (see the module docstring); trash dirs always go; an owner record whose temp dir is gone
-    goes with its owner. Whatever another live daemon (on this node or another) owns is left alone.
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a sweep makes of one entry of ``checkpoints/``: ``stale`` entries may be removed, and ``why``."""
+
+    path: Path
+    stale: bool
+    why: str
+
+
+def judge_entries(
+    output_dir: str | os.PathLike,
+    live_txns: set[str],
+    now: float | None = None,
+    unowned_min_age: float = SWEEP_MARGIN_S,
+) -> list[Verdict]:
+    """Judge every temp dir, tombstone, owner record and trash dir of ``output_dir/checkpoints``.
+
+    A temp dir (or tombstone) is stale only when its transaction is not in ``live_txns`` and its owner is
+    provably gone (see the module docstring); trash dirs always are; an owner record whose temp dir is gone
+    is stale with its owner. Whatever another live daemon (on this node or another) owns is kept.
+
+    Args:
+        output_dir: the output dir (its ``checkpoints`` directory is judged).
+        live_txns: the transactions the calling daemon is running (``ckptd gc``: the local daemon's).
+        now: the Unix time to judge deadlines by (default: now).
+        unowned_min_age: how old a temp dir without an owner record (an older ckptd's) must be to go.
+
+    Example:
+        >>> [v.why for v in judge_entries("/data/run1", live_txns=set())]
+        ['its owner pid 4242 on node7 is no longer running', 'trash']
+    """
+    root = fmt.checkpoints_root(output_dir)
+    now = time.time() if now is None else now
+    me = ProcessIdentity.current()
+    try:
+        names = sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out: list[Verdict] = []
+    for name in names:
+        path = root / name
+        if fmt.is_trash_dirname(name):
+            out.append(Verdict(path, True, "trash"))
+            continue
+        temp = fmt.parse_temp_dirname(name)
+        owner_of = fmt.parse_temp_owner_name(name)
+        if temp is not None:
+            step, txn = temp
+            if txn in live_txns:
+                out.append(Verdict(path, False, "in flight on this daemon"))
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                rec = _read_record(path) or _untimed_tombstone(step, txn)
+            else:
+                rec = _read_record(root / fmt.temp_owner_name(step, txn))
+            why = _provably_gone(rec, st.st_mtime, now, me, unowned_min_age)
+            out.append(Verdict(path, why is not None, why or _why_kept(rec, st.st_mtime, now, unowned_min_age)))
+        elif owner_of is not None:
+            step, txn = owner_of
+            if txn in live_txns or os.path.lexists(root / fmt.temp_dirname(step, txn)):
+                continue  # judged together with its temp dir
+            rec = _read_record(path)
+            mtime = _mtime(path, now)
+            why = _provably_gone(rec, mtime, now, me, unowned_min_age)
+            out.append(Verdict(path, why is not None, why or _why_kept(rec, mtime, now, unowned_min_age)))
+    return out
+
+
+def remove_entry(path: Path) -> bool:
+    """Remove a stale entry; after a temp dir or tombstone, also its owner record. True if it was removed."""
+    gone = _remove(path)
+    temp = fmt.parse_temp_dirname(path.name)
+    if gone and temp is not None:
+        _remove(path.parent / fmt.temp_owner_name(*temp))
+    return gone
+
+
+def sweep_stale(output_dir: str | os.PathLike, live_txns: set[str], now: float | None = None) -> list[Path]:
+    """Remove what ``judge_entries`` finds stale: temp dirs, tombstones and owner records that nobody can
+    still own, and trash. Whatever another live daemon (on this node or another) owns is left alone.
 
     Args:
         output_dir: the output dir (its ``checkpoints`` directory is swept).
@@ -528,62 +617,9 @@ def sweep_stale(output_dir: str | os.PathLike, live_txns: set[str], now: float |
         >>> sweep_stale("/data/run1", live_txns={"9f3a01c2"})
         [PosixPath('/data/run1/checkpoints/.tmp-checkpoint-40-77aa01b2')]
     """
-    root = fmt.checkpoints_root(output_dir)
-    now = time.time() if now is None else now
-    me = ProcessIdentity.current()
-    try:
-        names = sorted(os.listdir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    removed: list[Path] = []
-    reasons: list[str] = []
-    for name in names:
-        path = root / name
-        if fmt.is_trash_dirname(name):
-            if _remove(path):
-                removed.append(path)
-            continue
-        temp = fmt.parse_temp_dirname(name)
-        owner_of = fmt.parse_temp_owner_name(name)
-        veto_of = fmt.parse_temp_dirname(name[: -len(VETO_SUFFIX)]) if name.endswith(VETO_SUFFIX) else None
-        if veto_of is not None:
-            if veto_of[1] in live_txns:
-                continue
-            rec = _read_record(path) or _untimed_tombstone(*veto_of)
-            why = _provably_gone(rec, _mtime(path, now), now, me)
-            if why is not None and _remove(path):
-                removed.append(path)
-                reasons.append(f"{name} ({why})")
-        elif temp is not None:
-            step, txn = temp
-            if txn in live_txns:
-                continue
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            owner_path = root / fmt.temp_owner_name(step, txn)
-            if stat.S_ISREG(st.st_mode):
-                why = _provably_gone(_read_record(path) or _untimed_tombstone(step, txn), st.st_mtime, now, me)
-            else:
-                why = _provably_gone(_read_record(owner_path), st.st_mtime, now, me)
-            if why is None:
-                continue
-            if _remove(path):
-                removed.append(path)
-                reasons.append(f"{name} ({why})")
-            owner_rec = _read_record(owner_path)
-            if owner_path.exists() and _provably_gone(owner_rec, _mtime(owner_path, now), now, me) is not None:
-                _remove(owner_path)
-        elif owner_of is not None:
-            step, txn = owner_of
-            if txn in live_txns or os.path.lexists(root / fmt.temp_dirname(step, txn)):
-                continue  # judged together with its temp dir
-            why = _provably_gone(_read_record(path), _mtime(path, now), now, me)
-            if why is not None and _remove(path):
-                removed.append(path)
-    if reasons:
-        logger.info("swept %s: %s", root, "; ".join(reasons))
+    removed = [v.path for v in judge_entries(output_dir, live_txns, now) if v.stale and remove_entry(v.path)]
+    if removed:
+        logger.info("swept %s", ", ".join(p.name for p in removed))
     return removed
 
 

@@ -21,6 +21,7 @@ import zmq
 from safetensors.torch import load_file
 
 from ckptd import format as fmt
+from ckptd import ownership
 from ckptd import protocol as proto
 from ckptd.cli import request_status
 from client import CheckpointClient, SharingPattern, StateComponent
@@ -129,6 +130,14 @@ def copy_out(saved: Saved, tmp_path: Path) -> Path:
     dst = tmp_path / "out"
     shutil.copytree(saved.out, dst)
     return dst
+
+
+def dead_process() -> ownership.ProcessIdentity:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    me = ownership.ProcessIdentity.of_pid(proc.pid)
+    proc.wait()
+    assert me is not None
+    return me
 
 
 def make_dir(path: Path, age_s: float = 0.0) -> Path:
@@ -263,34 +272,37 @@ def test_verify_progress_on_request(saved: Saved) -> None:
     assert "verifying checkpoint-1:" in r.stderr and "100%" in r.stderr
 
 
-def test_gc_without_daemon_removes_old_temp_and_trash_keeps_checkpoints(saved: Saved, tmp_path: Path) -> None:
+def test_gc_without_daemon_removes_what_dead_owners_left_and_keeps_the_rest(saved: Saved, tmp_path: Path) -> None:
     out = copy_out(saved, tmp_path)
     root = fmt.checkpoints_root(out)
-    old = make_dir(root / fmt.temp_dirname(3, "old1"), age_s=7200)
+    old = make_dir(root / fmt.temp_dirname(3, "old1"), age_s=7200)  # an older ckptd's: no owner record
     young = make_dir(root / fmt.temp_dirname(4, "young1"))
+    dead = make_dir(root / fmt.temp_dirname(5, "dead1"))
+    ownership.write_temp_owner(root, 5, "dead1", dead_process(), None, time.time() + 300)
+    alive = make_dir(root / fmt.temp_dirname(6, "alive1"))
+    ownership.write_temp_owner(root, 6, "alive1", ownership.ProcessIdentity.current(), None, time.time() + 300)
     trash = make_dir(root / fmt.trash_dirname(1, "beef"))
     ep = unused_endpoint()
 
     r = ckptd("gc", out, "--timeout", "0.3", "--endpoint", ep, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "would remove" in r.stdout and old.exists() and trash.exists()
+    assert f"would remove {dead.name}" in r.stdout and "is no longer running" in r.stdout
+    assert old.exists() and dead.exists() and trash.exists()
 
     r = ckptd("gc", out, "--timeout", "0.3", "--endpoint", ep)
     assert r.returncode == 0, r.stderr
     assert "no daemon answered" in r.stderr
-    assert not old.exists() and not trash.exists() and young.exists()
+    assert not old.exists() and not trash.exists() and not dead.exists() and young.exists() and alive.exists()
     assert f"removed {old.name}" in r.stdout and f"removed {trash.name}" in r.stdout
     assert f"kept {young.name}" in r.stdout and "--min-age" in r.stdout
+    assert f"kept {alive.name}: owned by" in r.stdout
 
     r = ckptd("gc", out, "--timeout", "0.3", "--endpoint", ep, "--force")
     assert r.returncode == 0, r.stderr
-    assert not young.exists()
-    assert sorted(os.listdir(root)) == ["checkpoint-1", "checkpoint-2"]
+    assert not young.exists() and alive.exists()
+    assert sorted(os.listdir(root)) == sorted(["checkpoint-1", "checkpoint-2", alive.name, alive.name + ".owner"])
     assert ckptd("verify", root / "checkpoint-1").returncode == 0
     assert ckptd("verify", root / "checkpoint-2").returncode == 0
-
-    r = ckptd("gc", out, "--timeout", "0.3", "--endpoint", ep)
-    assert r.returncode == 0 and "nothing to remove" in r.stdout
 
 
 def test_status_and_gc_with_a_live_transaction(saved: Saved, tmp_path: Path) -> None:
@@ -317,8 +329,8 @@ def test_status_and_gc_with_a_live_transaction(saved: Saved, tmp_path: Path) -> 
     try:
         t, body = request(
             proto.MsgType.STAGE, 1, txn=txn, output_dir=str(out.resolve()), step=7, rank=0, world_size=2,
-            expected_ranks=[0, 1], timeout_s=60.0, pid=os.getpid(), segment="ckptd-cli-test", segment_size=0,
-            files=[], commit=None,
+            expected_ranks=[0, 1], timeout_s=60.0, pid=os.getpid(), segment="ckptd-cli-test", segment_fd=0,
+            segment_ino=1, segment_size=0, files=[], commit=None,
         )  # fmt: skip
         assert t == proto.MsgType.ACCEPTED, body
         live = root / fmt.temp_dirname(7, txn)
@@ -327,6 +339,7 @@ def test_status_and_gc_with_a_live_transaction(saved: Saved, tmp_path: Path) -> 
             assert time.monotonic() < deadline
             time.sleep(0.02)
         stale = make_dir(root / fmt.temp_dirname(8, "stale1"))
+        ownership.write_temp_owner(root, 8, "stale1", dead_process(), None, time.time() + 300)
         trash = make_dir(root / fmt.trash_dirname(2, "cafe"))
 
         r = ckptd("status", "--endpoint", saved.endpoint)
@@ -343,7 +356,7 @@ def test_status_and_gc_with_a_live_transaction(saved: Saved, tmp_path: Path) -> 
         assert r.returncode == 0, r.stderr
         assert live.exists() and f"kept {live.name}: in flight" in r.stdout
         assert not stale.exists() and not trash.exists()
-        assert sorted(os.listdir(root)) == sorted(["checkpoint-1", "checkpoint-2", live.name])
+        assert sorted(os.listdir(root)) == sorted(["checkpoint-1", "checkpoint-2", live.name, live.name + ".owner"])
     finally:
         request(proto.MsgType.ABORT, 2, txn=txn, reason="test done")
         sock.close(linger=0)
