@@ -381,6 +381,7 @@ class CheckpointClient:
         for txn in txns:
             for slab in [s for s in self._slabs if s.busy_txn == txn]:
                 self._slabs.remove(slab)
+                staging.forget_views(self._layouts, slab)
                 slab.destroy()
                 logger.warning(
                     "abandoned staging slab %s to ckptd, which may still read it; the next save makes a new one",
@@ -443,6 +444,7 @@ class CheckpointClient:
             if free:
                 victim = min(free, key=lambda s: s.size)
                 self._slabs.remove(victim)
+                staging.forget_views(self._layouts, victim)
                 victim.destroy()
                 logger.info("state grew to %s; reallocating the staging slab", staging.describe_size(need))
             slab = staging.Slab.create(int(need * staging.GROWTH) if free else need, self.rank)
@@ -950,6 +952,7 @@ class CheckpointClient:
                 self._lease.release()
             except OSError as e:
                 logger.warning("could not release the lease of %s: %s", self.output_dir, e)
+        self._layouts.clear()  # the cached views into the slabs, which would keep them mapped
         for slab in self._slabs:
             slab.destroy()
         self._slabs.clear()

@@ -179,6 +179,16 @@ class CachedTable:
 
 # file path -> its cached table; one per client, so steady-state saves skip layout work
 LayoutCache = dict[str, Any]  # CachedTable per file, plus the ModelPlan
+
+
+def forget_views(cache: LayoutCache, slab: Slab) -> None:
+    """Drop the cached destination views into ``slab`` (before it is destroyed), so that its mapping is
+    released at once instead of when the next save rebuilds the views."""
+    for ent in cache.values():
+        if isinstance(ent, CachedTable) and ent.views_key is not None and ent.views_key[0] == slab.name:
+            ent.views, ent.views_key, ent.big = [], None, []
+
+
 HEADER_SLACK = 256  # bytes reserved in the header so small metadata changes keep the data offset
 
 
