@@ -24,6 +24,8 @@ from typing import Any
 
 from ckptd import format as fmt
 from ckptd import protocol as proto
+from ckptd import security
+from ckptd.security import SecurityError
 
 logger = logging.getLogger(__name__)
 
@@ -279,10 +281,16 @@ def request_status(endpoint: str, timeout_s: float = DAEMON_TIMEOUT_S) -> dict[s
     """Ask the daemon at ``endpoint`` for its status report; None when nothing answers in time."""
     import zmq
 
+    try:
+        keys = security.keys_for_endpoint(endpoint)
+    except SecurityError as e:
+        raise CliError(str(e)) from None
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if keys is not None:
+            security.secure_client_socket(sock, keys)
         sock.connect(endpoint)
         sock.send(proto.pack(proto.MsgType.STATUS, 1))
         deadline = time.monotonic() + timeout_s
@@ -793,9 +801,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except server.EndpointBusy as e:
         print(f"ckptd serve: {e}; use that daemon, or pass another --endpoint", file=sys.stderr)
         return EXIT_USAGE
-    except (proto.ProtocolError, PermissionError) as e:
+    except (proto.ProtocolError, PermissionError, SecurityError) as e:
         print(f"ckptd serve: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        paths = security.generate_keys(Path(args.dir), force=args.force)
+    except SecurityError as e:
+        raise CliError(str(e)) from None
+    print(f"wrote CURVE keys to {paths.directory}:")
+    print(f"  server  {paths.server_public} (+ secret, 0600): for 'ckptd serve --keys {paths.directory}'")
+    print(f"  client  {paths.client_public} (+ secret, 0600): for ranks, CKPTD_KEYS={paths.directory}")
+    print(f"  {paths.authorized}/: public keys the daemon accepts (client.key is there)")
+    return EXIT_OK
 
 
 # -------------------------------------------------------------------------------------------- parser
@@ -888,7 +908,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"remove a temp dir without an owner record (an older ckptd's) only once it is S seconds old "
         f"(default {GC_MIN_AGE_S:g})",
     )
-    s.add_argument("--force", action="store_true", help="when no daemon answers, remove temp dirs of any age")
+    s.add_argument(
+        "--force", action="store_true", help="remove temp dirs without an owner record (an older ckptd's) at any age"
+    )
     s.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     s.set_defaults(func=cmd_gc)
 
@@ -904,6 +926,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="write into a non-empty DEST, replacing same-named files")
     s.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a TTY")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("keygen", help="write CURVE key pairs for tcp:// endpoints (server, client, authorized/)")
+    s.add_argument("dir", metavar="DIR", help="key directory to create (0700); see docs/security.md")
+    s.add_argument("--force", action="store_true", help="replace existing keys (other authorized keys are kept)")
+    s.set_defaults(func=cmd_keygen)
 
     s = sub.add_parser("demo", help="a small training run with async checkpoints, a crash and a resume")
     s.add_argument("--output-dir", help="where to put the run (default: a new temp dir)")

@@ -499,11 +499,10 @@ def _client_alive(pid: int, who: ownership.ProcessIdentity | None) -> bool:
 
 
 async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) -> int:
-    security = None
-    if config.endpoint.startswith("tcp://"):
-        from ckptd import security as sec
+    from ckptd import security
 
-        keys = sec.load_keys(config.keys_dir)
+    # Before anything binds: a tcp:// endpoint without CURVE keys is refused, never served in the clear.
+    keys = security.keys_for_endpoint(config.endpoint, config.keys_dir)
     lock = EndpointLock(config.endpoint)
     if config.nice > 0:
         os.nice(config.nice)
@@ -512,8 +511,7 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_BYTES)
-    if config.endpoint.startswith("tcp://"):
-        security = sec.secure_server_socket(ctx, sock, keys)
+    guard = security.secure_server_socket(ctx, sock, keys) if keys is not None else None
     path = proto.ipc_path(config.endpoint)
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
@@ -549,9 +547,9 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
         for txn in list(d.ledger.live.values()):
             await d.abort(txn, "daemon shutting down")
         d.close()
-        if security is not None:
-            security.stop()
         sock.close(linger=500)
+        if guard is not None:
+            guard.stop()  # before term(): its ZAP and monitor sockets live on this context
         ctx.term()
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
