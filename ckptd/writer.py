@@ -187,7 +187,8 @@ def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = Fa
     """
     path = directory / spec.path
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    hasher = fmt.new_hasher()
+    # The shared hash-while-copying helper, sink-less: O_DIRECT's fallback below needs the write loop here.
+    hashing = fmt.HashingWriter()
     view = memoryview(seg.mm)
     end = spec.offset + spec.length
     direct_end = spec.offset
@@ -203,7 +204,7 @@ def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = Fa
         while pos < end:
             limit = direct_end if pos < direct_end else end
             chunk = view[pos : min(limit, pos + (DIRECT_CHUNK if pos < direct_end else WRITE_CHUNK))]
-            hasher.update(chunk)
+            hashing.write(chunk)
             done = 0
             while done < len(chunk):
                 try:
@@ -223,7 +224,7 @@ def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = Fa
         raise
     finally:
         view.release()
-    return OpenFile(path, fd, spec.length, fmt.format_checksum(hasher))
+    return OpenFile(path, fd, spec.length, hashing.checksum)
 
 
 def fsync_and_close(f: OpenFile) -> None:

@@ -1,10 +1,8 @@
-"""The daemon's byte path: a range of a real /dev/shm segment becomes a file, with O_DIRECT or without."""
+"""The daemon's byte path: a range of a real sealed-memfd slab becomes a file, with O_DIRECT or without."""
 
 from __future__ import annotations
 
-import mmap
 import os
-import secrets
 
 import pytest
 
@@ -15,19 +13,15 @@ from ckptd.protocol import FileSpec
 
 @pytest.fixture
 def segment():
-    name = f"ckptd-{os.getuid()}-{os.getpid()}-test-{secrets.token_hex(4)}"
-    path = os.path.join(writer.SHM_DIR, name)
+    from tests.ckptd.harness import Shm
+
     size = 64 * 1024 * 1024
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    os.ftruncate(fd, size)
-    mm = mmap.mmap(fd, size)
-    os.close(fd)
-    mm[:] = os.urandom(size)
-    seg = writer.open_segment(name, size, os.getpid())
-    yield seg, mm
+    shm = Shm(size)
+    shm.mm[:] = os.urandom(size)
+    seg = writer.open_segment(shm.name, os.getpid(), shm.fd, shm.ino, size)
+    yield seg, shm.mm
     seg.close()
-    mm.close()
-    writer.unlink_segment(name)
+    shm.close()
 
 
 @pytest.mark.parametrize("direct", [True, False])
