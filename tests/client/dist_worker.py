@@ -9,6 +9,11 @@ Modes:
   resume OUT RESULTS    fresh objects (other seeds), load("latest"), record RNG draws and 4 more losses
   failures OUT RESULTS  replication validation cases (one output dir each under OUT/validate), then saves
                         where rank 1's state_dict fails and saves that work (OUT/badleaf)
+  collective OUT RESULTS
+                        something fails on rank 1 only, before or inside a collective: a bad endpoint at
+                        construction, a daemon that is gone at save_async (rank 1 talks to its own daemon at
+                        $CKPTD_TEST_RANK1_ENDPOINT and kills it), a load_state_dict that raises at load;
+                        every rank must raise the same CheckpointError within seconds
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -316,7 +323,59 @@ def run_failures(rank: int, out: Path) -> dict[str, Any]:
     return {"validate": run_validate(rank, out / "validate"), "badleaf": run_badleaf(rank, out / "badleaf")}
 
 
-MODES = {"train": run_train, "resume": run_resume, "failures": run_failures}
+def _timed(what) -> dict[str, Any]:
+    """Run ``what()``; record whether it raised CheckpointError, its text, and how long it took."""
+    t0 = time.monotonic()
+    try:
+        what()
+        outcome: dict[str, Any] = {"ok": True}
+    except CheckpointError as e:
+        outcome = {"ok": False, "error": str(e), "type": type(e).__name__}
+    outcome["seconds"] = time.monotonic() - t0
+    dist.barrier()
+    return outcome
+
+
+class LoadFailsOnRank1(DictState):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if dist.get_rank() == 1:
+            raise RuntimeError("this rank's object does not match the checkpoint")
+        super().load_state_dict(state)
+
+
+def run_collective(rank: int, out: Path) -> dict[str, Any]:
+    cases: dict[str, Any] = {}
+    comps = [StateComponent("trainer", DictState({"step": 1}), SharingPattern.GLOBAL)]
+
+    # 1. Construction: rank 1's endpoint is malformed; rank 0's is fine (and takes the lease first).
+    endpoint = "bogus://nowhere" if rank == 1 else None
+    cases["construct"] = _timed(lambda: CheckpointClient(out / "construct", comps, endpoint=endpoint))
+    cases["construct"]["listing"] = listing(out / "construct")
+
+    # 2. save_async: rank 1's own daemon is gone, and rank 1 may not start one (it is not local rank 0).
+    mine = os.environ["CKPTD_TEST_RANK1_ENDPOINT"] if rank == 1 else None
+    client = CheckpointClient(out / "save", comps, endpoint=mine, daemon_start_timeout_s=3.0)
+    if rank == 1:
+        lock = Path(mine[len("ipc://") :] + ".lock")
+        pid = int(lock.read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            time.sleep(0.01)
+        time.sleep(0.5)  # the connection drop reaches this rank's socket monitor
+    dist.barrier()
+    cases["save"] = _timed(lambda: client.save_async(1))
+    client.close(wait=False)
+
+    # 3. load: a committed checkpoint, then rank 1's load_state_dict raises while applying it.
+    trainer = LoadFailsOnRank1({"step": 0})
+    with CheckpointClient(out / "load", [StateComponent("trainer", DictState({"step": 7}), "global")]) as writer:
+        writer.save_async(7).wait(60)
+    with CheckpointClient(out / "load", [StateComponent("trainer", trainer, SharingPattern.GLOBAL)]) as reader:
+        cases["load"] = _timed(lambda: reader.load("latest"))
+    return {"cases": cases}
+
+
+MODES = {"train": run_train, "resume": run_resume, "failures": run_failures, "collective": run_collective}
 
 
 def main() -> int:
