@@ -6,11 +6,17 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import zmq
 
 from ckptd import protocol as proto
+
+if TYPE_CHECKING:
+    from tests.ckptd.harness import Daemon, Harness
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -66,3 +72,21 @@ def endpoint(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def output_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
+
+
+# The daemon tests' hand-driven harness (tests/ckptd/harness.py). Kept here rather than in a
+# tests/ckptd/conftest.py, which would shadow this module for tests that import it as ``conftest``.
+@pytest.fixture
+def harness(endpoint: str, tmp_path: Path) -> Iterator[Harness]:
+    from tests.ckptd.harness import Harness
+
+    h = Harness(endpoint, tmp_path, zmq.Context())
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def daemon(harness: Harness) -> Daemon:
+    return harness.start()
