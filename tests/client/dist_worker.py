@@ -14,6 +14,8 @@ Modes:
                         construction, a daemon that is gone at save_async (rank 1 talks to its own daemon at
                         $CKPTD_TEST_RANK1_ENDPOINT and kills it), a load_state_dict that raises at load;
                         every rank must raise the same CheckpointError within seconds
+  lease OUT RESULTS     build a client on OUT (which another process of some job may hold), and if that
+                        works save step 10 and load it back; records the outcome and the job id
 """
 
 from __future__ import annotations
@@ -375,7 +377,30 @@ def run_collective(rank: int, out: Path) -> dict[str, Any]:
     return {"cases": cases}
 
 
-MODES = {"train": run_train, "resume": run_resume, "failures": run_failures, "collective": run_collective}
+def run_lease(rank: int, out: Path) -> dict[str, Any]:
+    trainer = DictState({"step": 10, "rank_seen": 0})
+    comps = [StateComponent("trainer", trainer, SharingPattern.GLOBAL)]
+    outcome: dict[str, Any] = {"run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
+    t0 = time.monotonic()
+    try:
+        client = CheckpointClient(out, comps)
+    except CheckpointError as e:
+        outcome.update(ok=False, error=str(e), seconds=time.monotonic() - t0)
+        return outcome
+    outcome.update(ok=True, seconds=time.monotonic() - t0, job=client.job)
+    with client:
+        outcome["path"] = str(client.save_async(10).wait(60))
+        outcome["loaded"] = str(client.load("latest"))
+    return outcome
+
+
+MODES = {
+    "train": run_train,
+    "resume": run_resume,
+    "failures": run_failures,
+    "collective": run_collective,
+    "lease": run_lease,
+}
 
 
 def main() -> int:
