@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,9 +89,8 @@ class SaveHandle:
 class PreemptionSettings:
     """What ``install_preemption_handler`` was asked to do on a signal."""
 
-    emergency_save: Callable[[], int | None] | None
     timeout_s: float
-    previous: dict[int, Any]
+    previous: dict[int, Any]  # the handlers it replaced, restored (and handed the signal) on the way out
 
 
 class CheckpointClient:
@@ -137,11 +137,14 @@ class CheckpointClient:
         self._lease_error: str | None = None
         self._lease_stop = threading.Event()
         self._lease_thread: threading.Thread | None = None
+        self._lease_finalizer: weakref.finalize | None = None
         self._link: DaemonLink | None = None
         self._depth = 0  # nesting of public calls in progress (a signal handler must not re-enter them)
         self._preemption: PreemptionSettings | None = None
         self._deferred_signal: int | None = None
-        self._preempted = False
+        self._signal: int | None = None  # the preemption signal received, if any
+        self._points_seen = False  # the loop calls preemption_point(): the emergency save happens there
+        self._preemption_done = threading.Event()
         self._emergency = False
         self._last_handed_off: int | None = None
         self.job: str | None = None
@@ -210,6 +213,9 @@ class CheckpointClient:
         if self._lease is not None:
             self._lease_thread = threading.Thread(target=self._refresh_lease_loop, name="ckptd-lease", daemon=True)
             self._lease_thread.start()
+            # A process that exits without close() (a script's last line, SystemExit) still gives the
+            # output dir back; a killed one leaves a lease that the next job takes over as provably dead.
+            self._lease_finalizer = weakref.finalize(self, _release_lease, self._lease, self._lease_stop)
 
     # -- collective helpers ---------------------------------------------------------------------------
 
@@ -477,8 +483,8 @@ class CheckpointClient:
             return "this CheckpointClient is closed; create a new one"
         if self.read_only:
             return "this CheckpointClient was opened with read_only=True; it only loads"
-        if self._preempted and not self._emergency:
-            return "a preemption signal was received; no new saves are started (the handler saves and exits)"
+        if self._signal is not None and not self._emergency:
+            return "a preemption signal was received; no new saves are started (the job is about to exit)"
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if metadata is not None:
@@ -798,73 +804,131 @@ class CheckpointClient:
 
     @property
     def preempted(self) -> bool:
-        """True once the preemption handler has received its signal (no new saves start after it)."""
-        return self._preempted
+        """True once the preemption handler has received its signal on this rank."""
+        return self._signal is not None
 
     def install_preemption_handler(
-        self,
-        emergency_save: Callable[[], int | None] | None = None,
-        *,
-        timeout_s: float = DEFAULT_PREEMPTION_TIMEOUT_S,
-        signals: tuple[int, ...] = (signal.SIGTERM,),
+        self, *, timeout_s: float = DEFAULT_PREEMPTION_TIMEOUT_S, signals: tuple[int, ...] = (signal.SIGTERM,)
     ) -> None:
-        """On SIGTERM (a cluster's preemption notice): stop new saves, wait for the saves in flight, optionally
-        save the current step, then let the job exit. Opt-in; call it from the main thread.
+        """Handle a cluster's preemption notice (SIGTERM): finish the saves in flight, save the current step
+        if the loop marks its step boundaries, then let the job exit. Opt-in; call it from the main thread.
 
-        On the signal the handler: (1) refuses new saves; (2) waits up to ``timeout_s`` in all for the saves
-        in flight to commit; (3) if ``emergency_save`` is given, calls it for the current step and, unless
-        that step was just handed over, saves it and waits for the commit; (4) restores the previous handler
-        and hands the signal on to it: a Python handler is called, an ignored signal stays ignored, and the
-        default action becomes ``SystemExit(128 + signum)``, so ``finally`` blocks and ``with`` statements
-        run. A signal that arrives inside a client call (a save's copy, ``wait``) is acted on as that call
-        returns.
+        On the signal, no new save starts (``save_async`` raises), and then:
 
-        The emergency save is a collective, which a signal handler cannot run safely across ranks (another
-        rank may be blocked in the training step's own collective, waiting for this one): with more than
-        one rank it is skipped with a warning, and the loop should check ``client.preempted`` at a step
-        boundary (agreed with an all-reduce of the flag) and save there.
+        - If the loop calls ``preemption_point(step)`` at its step boundaries: at the next one, every rank
+          together waits for the saves in flight, saves ``step`` (the "emergency save", unless that step
+          was just saved) and exits. A step boundary is where the state is consistent; a signal arrives
+          anywhere, for example halfway through ``optimizer.step()``, so the save is never made from the
+          signal handler itself. If no step boundary comes within ``timeout_s``, the process exits anyway.
+        - If it never does: the handler waits for the saves in flight and exits (no emergency save).
+
+        Either way at most ``timeout_s`` is spent waiting (set it below the cluster's grace period), and the
+        job exits through the previous handler: a Python handler is called, an ignored signal stays
+        ignored, and the default action becomes ``SystemExit(128 + signum)``, so ``finally`` blocks and
+        ``with`` statements run. A signal that arrives inside a client call is acted on as the call returns.
 
         Args:
-            emergency_save: returns the step to save now (None: skip), e.g. ``lambda: trainer.step``.
-            timeout_s: the bound on all the waiting together; set it below the cluster's grace period.
+            timeout_s: the bound on all the waiting together.
             signals: the signals to handle.
 
         Example:
-            >>> client.install_preemption_handler(emergency_save=lambda: state["step"], timeout_s=25)
+            >>> client.install_preemption_handler(timeout_s=25)
+            >>> for step in range(start, total):
+            ...     train_step()
+            ...     if step % 500 == 0:
+            ...         client.save_async(step)
+            ...     client.preemption_point(step)
         """
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        previous = {}
-        for sig in signals:
-            previous[sig] = signal.signal(sig, self._on_preemption_signal)
-        self._preemption = PreemptionSettings(emergency_save, float(timeout_s), previous)
+        previous = {sig: signal.signal(sig, self._on_preemption_signal) for sig in signals}
+        self._preemption = PreemptionSettings(float(timeout_s), previous)
         logger.info("preemption handler installed for %s", ", ".join(signal.Signals(s).name for s in signals))
 
-    def _on_preemption_signal(self, signum: int, frame: Any) -> None:
-        if self._preempted:
-            logger.warning("signal %s again while handling preemption; still finishing", signal.Signals(signum).name)
+    def preemption_point(self, step: int) -> None:
+        """Mark a step boundary (the state is consistent): if a preemption signal was received, on this or
+        any other rank, finish the saves in flight, save ``step`` and exit (see
+        ``install_preemption_handler``); otherwise return at once.
+
+        Collective when there are several ranks (one tiny all-reduce): call it at the same steps everywhere.
+
+        Args:
+            step: the step the state now holds (the one an emergency save would record).
+
+        Example:
+            >>> client.preemption_point(step)
+        """
+        if self._preemption is None:
             return
-        self._preempted = True
-        logger.warning("received %s: no new saves; finishing the saves in flight", signal.Signals(signum).name)
+        self._points_seen = True
+        flag = self._signal is not None
+        if self._group is not None:
+            import torch.distributed as dist
+
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+            flag = bool(t.item())
+        if flag:
+            self._finish_preemption(self._signal or signal.SIGTERM, None, step)
+
+    def _on_preemption_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._signal is not None:
+            logger.warning("%s again while handling preemption; still finishing", name)
+            return
+        self._signal = signum
+        settings = self._preemption
+        assert settings is not None
+        if self._points_seen:
+            logger.warning("received %s: no new saves; saving at the next preemption_point, then exiting", name)
+            threading.Thread(target=self._preemption_watchdog, args=(signum,), daemon=True).start()
+            return
+        logger.warning("received %s: no new saves; finishing the saves in flight, then exiting", name)
         if self._depth > 0:
             self._deferred_signal = signum  # acted on when the client call in progress returns
             return
-        self._handle_preemption(signum, frame)
+        self._finish_preemption(signum, frame, None)
 
-    def _handle_preemption(self, signum: int, frame: Any) -> None:
+    def _preemption_watchdog(self, signum: int) -> None:
+        """The loop must reach a preemption_point within the timeout; if it does not, exit anyway."""
+        settings = self._preemption
+        assert settings is not None
+        if self._preemption_done.wait(settings.timeout_s):
+            return
+        if settings.previous.get(signum) == signal.SIG_IGN:
+            return
+        logger.error(
+            "no preemption_point was reached within %.0f s of %s; exiting without an emergency save",
+            settings.timeout_s,
+            signal.Signals(signum).name,
+        )
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    def _finish_preemption(self, signum: int, frame: Any, step: int | None) -> None:
         settings = self._preemption
         assert settings is not None
         deadline = time.monotonic() + settings.timeout_s
         self._depth += 1
         try:
+            if self._inflight:
+                steps = sorted(h.step for h in self._inflight.values())
+                logger.warning(
+                    "preemption: waiting up to %.0f s for %d save(s) in flight (steps %s)",
+                    settings.timeout_s,
+                    len(steps),
+                    steps,
+                )
             for h in list(self._inflight.values()):
                 try:
                     h.wait(max(0.0, deadline - time.monotonic()))
                 except (CheckpointError, TimeoutError) as e:
                     logger.error("preemption: the save of step %d did not commit: %s", h.step, e)
-            self._emergency_save(settings, deadline)
+            if step is not None:
+                self._emergency_save(step, deadline)
         finally:
             self._depth -= 1
+            self._preemption_done.set()
             for sig, prev in settings.previous.items():
                 signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         prev = settings.previous.get(signum)
@@ -873,23 +937,11 @@ class CheckpointClient:
         elif prev != signal.SIG_IGN:
             raise SystemExit(128 + signum)
 
-    def _emergency_save(self, settings: PreemptionSettings, deadline: float) -> None:
-        if settings.emergency_save is None or self._closed or self.read_only:
+    def _emergency_save(self, step: int, deadline: float) -> None:
+        if self._closed or self.read_only:
             return
-        if self._group is not None:
-            logger.warning(
-                "preemption: emergency save skipped: it is a collective, which a signal handler cannot run "
-                "safely with %d ranks; check client.preempted in the loop and save there",
-                self.topology.world_size,
-            )
-            return
-        try:
-            step = settings.emergency_save()
-        except Exception as e:  # noqa: BLE001 - the job is exiting; say why no emergency save was made
-            logger.error("preemption: emergency_save() raised %s: %s; no emergency save", type(e).__name__, e)
-            return
-        if step is None or step == self._last_handed_off:
-            logger.warning("preemption: step %s is already saved; no emergency save", step)
+        if step == self._last_handed_off:
+            logger.warning("preemption: step %d is already saved; no emergency save", step)
             return
         self._emergency = True
         try:
@@ -910,7 +962,7 @@ class CheckpointClient:
             self._depth -= 1
             signum, self._deferred_signal = self._deferred_signal, None
             if signum is not None and self._depth == 0:
-                self._handle_preemption(signum, None)
+                self._finish_preemption(signum, None, None)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -947,11 +999,10 @@ class CheckpointClient:
         self._lease_stop.set()
         if self._lease_thread is not None:
             self._lease_thread.join(5.0)
+        if self._lease_finalizer is not None:
+            self._lease_finalizer.detach()
         if self._lease is not None:
-            try:
-                self._lease.release()
-            except OSError as e:
-                logger.warning("could not release the lease of %s: %s", self.output_dir, e)
+            _release_lease(self._lease, self._lease_stop)
         self._layouts.clear()  # the cached views into the slabs, which would keep them mapped
         for slab in self._slabs:
             slab.destroy()
@@ -965,6 +1016,14 @@ class CheckpointClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release_lease(lease: ownership.Lease, stop: threading.Event) -> None:
+    stop.set()
+    try:
+        lease.release()
+    except OSError as e:
+        logger.warning("could not release the lease of %s: %s", lease.output_dir, e)
 
 
 def _resolve_components(components: Any, process_groups: dict[str, Any] | None) -> tuple[list, dict | None]:
