@@ -32,6 +32,8 @@ def valid_body() -> dict:
         "timeout_s": 600.0,
         "pid": 1234,
         "segment": "ckptd-1234-0",
+        "segment_fd": 7,
+        "segment_ino": 424242,
         "segment_size": SEGMENT_SIZE,
         "files": [
             {
@@ -109,7 +111,7 @@ def test_message_type_and_txn_state_wire_names_are_stable():
         "bye", "bye_ok", "released", "committed", "aborted", "error",
     }  # fmt: skip
     assert {s.value for s in proto.TxnState} == {
-        "open", "writing", "committing", "committed", "aborted", "unknown",
+        "open", "writing", "prepared", "committing", "committed", "aborting", "aborted", "unknown",
     }  # fmt: skip
 
 
@@ -319,11 +321,21 @@ INVALID_STAGE = [
     ("timeout-too-long", _set("timeout_s", proto.MAX_TIMEOUT_S + 1), "field 'timeout_s' must be a number"),
     ("timeout-bool", _set("timeout_s", True), "field 'timeout_s' must be a number"),
     ("segment-size-negative", _set("segment_size", -1), "field 'segment_size' must be an integer"),
+    ("segment-fd-negative", _set("segment_fd", -1), "field 'segment_fd' must be an integer"),
+    ("segment-fd-missing", _set("segment_fd", None), "field 'segment_fd' must be an integer"),
+    ("segment-ino-zero", _set("segment_ino", 0), "field 'segment_ino' must be an integer"),
+    ("segment-ino-str", _set("segment_ino", "12"), "field 'segment_ino' must be an integer"),
+    ("job-slash", _set("job", "a/b"), "field 'job' must be 1-128"),
+    ("job-empty", _set("job", ""), "field 'job' must be 1-128"),
+    ("job-int", _set("job", 7), "field 'job' must be 1-128"),
+    ("deadline-nan", _set("deadline", float("nan")), "field 'deadline' must be a Unix time"),
+    ("deadline-str", _set("deadline", "soon"), "field 'deadline' must be a Unix time"),
+    ("deadline-bool", _set("deadline", True), "field 'deadline' must be a Unix time"),
     # the shared-memory segment name
-    ("segment-no-prefix", _set("segment", "psm_1234"), "must be a /dev/shm name starting 'ckptd-'"),
-    ("segment-slash", _set("segment", "ckptd-a/b"), "must be a /dev/shm name starting 'ckptd-'"),
-    ("segment-dotdot", _set("segment", "ckptd-../../etc/passwd"), "must be a /dev/shm name starting 'ckptd-'"),
-    ("segment-absolute", _set("segment", "/dev/shm/ckptd-1"), "must be a /dev/shm name starting 'ckptd-'"),
+    ("segment-no-prefix", _set("segment", "psm_1234"), "must be a memfd name starting 'ckptd-'"),
+    ("segment-slash", _set("segment", "ckptd-a/b"), "must be a memfd name starting 'ckptd-'"),
+    ("segment-dotdot", _set("segment", "ckptd-../../etc/passwd"), "must be a memfd name starting 'ckptd-'"),
+    ("segment-absolute", _set("segment", "/dev/shm/ckptd-1"), "must be a memfd name starting 'ckptd-'"),
     ("segment-empty", _set("segment", ""), "field 'segment' must be a non-empty string"),
     ("segment-too-long", _set("segment", "ckptd-" + "x" * 300), "field 'segment' must be a non-empty string"),
     # the transaction id
