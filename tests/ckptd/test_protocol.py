@@ -472,3 +472,12 @@ def test_parse_pid_accepts_positive_ints_only():
     for bad in (0, -1, True, "12", 1.0, None, 1 << 40):
         with pytest.raises(ProtocolError, match="field 'pid'"):
             proto.parse_pid({"pid": bad})
+
+
+def test_parse_stage_keeps_the_slab_job_and_deadline_fields():
+    body = valid_body() | {"job": "torchelastic_run-1.a:b@c", "deadline": 1_900_000_000.5}
+    req = proto.parse_stage(body)
+    assert (req.segment_fd, req.segment_ino) == (7, 424242)
+    assert req.job == "torchelastic_run-1.a:b@c" and req.deadline == 1_900_000_000.5
+    legacy = proto.parse_stage(valid_body())
+    assert legacy.job is None and legacy.deadline is None
