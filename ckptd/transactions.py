@@ -355,7 +355,7 @@ class Transaction:
         for spec in part.request.files:
             writer.validate_file_bytes(part.segment, spec)
         for spec in part.request.files:
-            if self.state == TxnState.ABORTING:
+            if self.state in (TxnState.ABORTING, TxnState.ABORTED):
                 raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}")
             f = writer.write_range(part.segment, spec, self.temp_dir, direct)
             part.open_files.append(f)
