@@ -67,7 +67,8 @@ class SaveHandle:
     def done(self) -> bool:
         """True once the save has committed or failed; never blocks."""
         if self.path is None and self.error is None:
-            self.client._progress(0.0)
+            with self.client._call():
+                self.client._progress(0.0)
         return self.path is not None or self.error is not None
 
     def wait(self, timeout: float | None = None) -> Path:
@@ -850,7 +851,8 @@ class CheckpointClient:
         any other rank, finish the saves in flight, save ``step`` and exit (see
         ``install_preemption_handler``); otherwise return at once.
 
-        Collective when there are several ranks (one tiny all-reduce): call it at the same steps everywhere.
+        Collective when there are several ranks (one tiny all-reduce): call it at the same steps on every
+        rank (a rank that got no signal, or has no handler installed, stops there too).
 
         Args:
             step: the step the state now holds (the one an emergency save would record).
@@ -858,17 +860,18 @@ class CheckpointClient:
         Example:
             >>> client.preemption_point(step)
         """
-        if self._preemption is None:
-            return
         self._points_seen = True
         flag = self._signal is not None
         if self._group is not None:
+            # Every rank takes part, handler installed or not, so that the ranks stop at the same step.
             import torch.distributed as dist
 
             t = torch.tensor([1 if flag else 0], dtype=torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
             flag = bool(t.item())
         if flag:
+            if self._preemption is None:  # another rank got the signal; this one has no handler of its own
+                self._preemption = PreemptionSettings(DEFAULT_PREEMPTION_TIMEOUT_S, {})
             self._finish_preemption(self._signal or signal.SIGTERM, None, step)
 
     def _on_preemption_signal(self, signum: int, frame: Any) -> None:
@@ -982,20 +985,28 @@ class CheckpointClient:
         """
         if self._closed:
             return
-        if wait:
-            try:
-                self.wait()
-            except CheckpointError as e:
-                logger.error("a save failed before close: %s", e)
-        self._closed = True
-        if self._link is not None:
-            with contextlib.suppress(CheckpointError):
-                self._link.request(MsgType.BYE, 2.0, pid=os.getpid())
-        self._teardown()
+        with self._call():
+            if wait:
+                try:
+                    self.wait()
+                except CheckpointError as e:
+                    logger.error("a save failed before close: %s", e)
+            self._closed = True
+            if self._link is not None:
+                with contextlib.suppress(CheckpointError):
+                    self._link.request(MsgType.BYE, 2.0, pid=os.getpid())
+            self._teardown()
 
     def _teardown(self) -> None:
         """Free what this client holds; also after a failed construction."""
         self._closed = True
+        for h in self._inflight.values():
+            # Left to the daemon (close(wait=False)): it still commits them, but this client cannot tell.
+            h.error = (
+                f"the CheckpointClient was closed while the save of step {h.step} was in flight; ckptd may "
+                f"still commit it as checkpoint-{h.step} (see 'ckptd ls {self.output_dir}')"
+            )
+        self._inflight.clear()
         self._lease_stop.set()
         if self._lease_thread is not None:
             self._lease_thread.join(5.0)

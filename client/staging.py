@@ -18,6 +18,7 @@ import mmap
 import os
 import secrets
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ class Slab:
         self.tensor = torch.frombuffer(mm, dtype=torch.uint8)  # uint8 view of the whole mapping
         self.pinned = False
         self.busy_txn: str | None = None  # the transaction whose bytes the daemon may still be reading
+        # A slab dropped without destroy() still closes its memfd when collected (or at exit).
+        self._close_fd = weakref.finalize(self, os.close, fd)
 
     def __repr__(self) -> str:
         return f"Slab({self.name!r}, fd={self.fd}, size={self.size}, busy_txn={self.busy_txn!r})"
@@ -142,7 +145,7 @@ class Slab:
             self.mm.close()
         except BufferError:
             logger.debug("slab %s still has views; unmapped when they go", self.name)
-        os.close(self.fd)
+        self._close_fd()
         self.fd = -1
 
 
