@@ -14,6 +14,8 @@ Modes:
                         construction, a daemon that is gone at save_async (rank 1 talks to its own daemon at
                         $CKPTD_TEST_RANK1_ENDPOINT and kills it), a load_state_dict that raises at load;
                         every rank must raise the same CheckpointError within seconds
+  preempt OUT RESULTS   a loop with preemption_point(step) on both ranks; only rank 0 gets SIGTERM (at
+                        step 7): both ranks save step 7 together and leave with SystemExit(143)
   lease OUT RESULTS     build a client on OUT (which another process of some job may hold), and if that
                         works save step 10 and load it back; records the outcome and the job id
 """
@@ -394,7 +396,36 @@ def run_lease(rank: int, out: Path) -> dict[str, Any]:
     return outcome
 
 
+def run_preempt(rank: int, out: Path) -> dict[str, Any]:
+    trainer = DictState({"step": 0})
+    data = DataState(torch.full((4,), float(rank)))
+    comps = [
+        StateComponent("trainer", trainer, SharingPattern.GLOBAL),
+        StateComponent("data", data, SharingPattern.PER_RANK),
+    ]
+    outcome: dict[str, Any] = {}
+    with CheckpointClient(out, comps) as client:
+        client.install_preemption_handler(timeout_s=60)
+        try:
+            for step in range(1, 1000):
+                trainer.state["step"] = step
+                data.cursor = step
+                if step == 5:
+                    client.save_async(step)
+                if step == 7 and rank == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)  # the cluster's notice, to this rank only
+                client.preemption_point(step)
+                time.sleep(0.01)
+            outcome["exit"] = None
+        except SystemExit as e:
+            outcome["exit"] = e.code
+        outcome["signalled"] = client.preempted
+        outcome["step"] = trainer.state["step"]
+    return outcome
+
+
 MODES = {
+    "preempt": run_preempt,
     "train": run_train,
     "resume": run_resume,
     "failures": run_failures,

@@ -220,3 +220,20 @@ def test_a_signal_inside_a_client_call_is_handled_as_the_call_returns(endpoint, 
     finally:
         signal.signal(signal.SIGTERM, previous)
         client.close()
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_emergency_save(
+    endpoint, tmp_path
+) -> None:
+    from test_torchrun import torchrun
+
+    out = tmp_path / "out"
+    res = torchrun("preempt", out, tmp_path / "results", endpoint)
+    assert res[0]["signalled"] and not res[1]["signalled"]
+    for r in (0, 1):
+        assert res[r]["exit"] == 128 + signal.SIGTERM and res[r]["step"] == 7, res[r]
+    root = fmt.checkpoints_root(out)
+    assert [c.step for c in fmt.scan_checkpoints(out)[0]] == [5, 7]
+    ckpt = root / "checkpoint-7"
+    assert verify_checkpoint(ckpt) and fmt.read_manifest(ckpt).metadata == {"preempted": True}
+    assert {"data_state_rank_0.safetensors", "data_state_rank_1.safetensors"} <= set(os.listdir(ckpt))
