@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -293,7 +294,9 @@ def filled_with(value: float) -> Callable[[str, torch.Tensor], str | None]:
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
-    """Every path under ``root`` (relative) with its mode, size and mtime in ns; symlinks not followed."""
+    """Every path under ``root`` (relative) with its mode, size and mtime in ns (for files; a directory's
+    own size and mtime change when entries come and go, which its entries already show); no symlink is
+    followed."""
     snap: dict[str, tuple[int, int, int]] = {}
     if not root.exists():
         return snap
@@ -304,7 +307,10 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
                 st = os.lstat(p)
             except FileNotFoundError:
                 continue
-            snap[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+            if stat.S_ISDIR(st.st_mode):
+                snap[os.path.relpath(p, root)] = (st.st_mode, 0, 0)
+            else:
+                snap[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
     return snap
 
 
