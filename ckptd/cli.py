@@ -643,6 +643,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last commit  {last}, {human_age(age)} ago, {human_bytes(nbytes)}{took}{rate}")
     else:
         print("last commit  none since the daemon started")
+    if report.get("stopping"):
+        print("stopping     yes: takes no new saves, finishing the ones in flight")
+    # Failures after a commit's point of no return: the checkpoint is committed, but something after it
+    # (retention, an fsync of the parent) did not happen and may need a look.
+    for w in report.get("warnings") or []:
+        print(f"warning      {w}")
     return EXIT_OK
 
 
