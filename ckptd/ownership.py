@@ -496,9 +496,10 @@ def _provably_gone(
         return f"no owner record and unchanged for {age:.0f} s" if age > unowned_min_age else None
     if rec.deadline is not None and now > rec.deadline + SWEEP_MARGIN_S:
         return f"its deadline passed {now - rec.deadline:.0f} s ago"
-    if rec.kind == "tombstone":
-        # A tombstone must outlive every daemon that may still try to commit the save: only the deadline
-        # (checked above) or, without one, its age ends it; the rank that wrote it being dead proves nothing.
+    if rec.kind in ("tombstone", "veto"):
+        # A tombstone (and the veto record that stands for it) must outlive every daemon that may still try
+        # to commit the save: only the deadline (checked above) or, without one, its age ends it; the rank
+        # that wrote it being dead proves nothing.
         age = now - mtime
         if rec.deadline is None and age > SWEEP_MARGIN_S:
             return f"a tombstone without a deadline, {age:.0f} s old"
@@ -514,7 +515,7 @@ def _provably_gone(
 def _why_kept(rec: OwnerRecord | None, mtime: float, now: float, unowned_min_age: float) -> str:
     if rec is None:
         return f"no owner record, modified {now - mtime:.0f} s ago (younger than {unowned_min_age:.0f} s)"
-    if rec.kind == "tombstone":
+    if rec.kind in ("tombstone", "veto"):
         return "a rank's veto of that save, kept until its deadline has passed"
     where = "" if rec.owner.is_local() else " (another host: counted alive until its deadline)"
     return f"owned by {rec.owner.describe()}{where}"
@@ -535,7 +536,7 @@ def judge_entries(
     now: float | None = None,
     unowned_min_age: float = SWEEP_MARGIN_S,
 ) -> list[Verdict]:
-    """Judge every temp dir, tombstone, owner record and trash dir of ``output_dir/checkpoints``.
+    """Judge every temp dir, tombstone, veto record, owner record and trash dir of ``output_dir/checkpoints``.
 
     A temp dir (or tombstone) is stale only when its transaction is not in ``live_txns`` and its owner is
     provably gone (see the module docstring); trash dirs always are; an owner record whose temp dir is gone
@@ -566,7 +567,16 @@ def judge_entries(
             continue
         temp = fmt.parse_temp_dirname(name)
         owner_of = fmt.parse_temp_owner_name(name)
-        if temp is not None:
+        veto_of = fmt.parse_temp_dirname(name[: -len(VETO_SUFFIX)]) if name.endswith(VETO_SUFFIX) else None
+        if veto_of is not None:
+            if veto_of[1] in live_txns:
+                out.append(Verdict(path, False, "in flight on this daemon"))
+                continue
+            rec = _read_record(path) or _untimed_tombstone(*veto_of)
+            mtime = _mtime(path, now)
+            why = _provably_gone(rec, mtime, now, me, unowned_min_age)
+            out.append(Verdict(path, why is not None, why or _why_kept(rec, mtime, now, unowned_min_age)))
+        elif temp is not None:
             step, txn = temp
             if txn in live_txns:
                 out.append(Verdict(path, False, "in flight on this daemon"))
