@@ -65,10 +65,7 @@ RECORD_VERSION = 1
 MAX_RECORD_BYTES = 64 * 1024  # a lease or owner record is a few hundred bytes; refuse anything huge
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # read bound when the veto looks for a manifest's txn
 JOB_ENV = "CKPTD_JOB_ID"
-LEASE_LOCK_NAME = fmt.LEASE_NAME.replace(".json", ".lock")
-_LEASE_TMP_NAME = fmt.LEASE_NAME + ".tmp"
 _VETO_ATTEMPTS = 8
-VETO_SUFFIX = ".veto"  # ``.tmp-checkpoint-<step>-<txn>.veto``: the lock and the outcome of vetoing that save
 
 
 class OwnershipError(RuntimeError):
@@ -567,7 +564,7 @@ def judge_entries(
             continue
         temp = fmt.parse_temp_dirname(name)
         owner_of = fmt.parse_temp_owner_name(name)
-        veto_of = fmt.parse_temp_dirname(name[: -len(VETO_SUFFIX)]) if name.endswith(VETO_SUFFIX) else None
+        veto_of = fmt.parse_temp_veto_name(name)
         if veto_of is not None:
             if veto_of[1] in live_txns:
                 out.append(Verdict(path, False, "in flight on this daemon"))
@@ -723,7 +720,7 @@ def veto_commit(
     # Ranks of one save veto it one at a time, and the first one's outcome stands for all: a second rank
     # must never put a tombstone where the first had just renamed the daemon's temp dir away (the daemon,
     # at its rename, would then rename the tombstone into place).
-    lock = root / (fmt.temp_dirname(step, txn) + VETO_SUFFIX)
+    lock = root / fmt.temp_veto_name(step, txn)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -922,7 +919,7 @@ def _lease_lock(root: Path) -> Iterator[None]:
 
     The lock file is removed while still locked, so the directory stays clean; a process that locked a
     file removed meanwhile sees another inode at the path and tries again."""
-    path = root / LEASE_LOCK_NAME
+    path = root / fmt.LEASE_LOCK_NAME
     for _ in range(100):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
@@ -946,7 +943,7 @@ def _lease_lock(root: Path) -> Iterator[None]:
 
 def _write_lease(root: Path, rec: LeaseRecord) -> None:
     """Replace the lease atomically and durably (temp file, fsync, rename over, fsync the directory)."""
-    tmp = root / _LEASE_TMP_NAME
+    tmp = root / fmt.LEASE_TEMP_NAME
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         data = memoryview(rec.to_bytes())

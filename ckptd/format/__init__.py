@@ -94,7 +94,9 @@ from ckptd.format.names import (
     CHECKPOINTS_DIRNAME,
     FORMAT_VERSION,
     KEY_PATTERN,
+    LEASE_LOCK_NAME,
     LEASE_NAME,
+    LEASE_TEMP_NAME,
     MANIFEST_NAME,
     MODEL_INDEX_NAME,
     MODEL_KEY,
@@ -110,8 +112,10 @@ from ckptd.format.names import (
     parse_checkpoint_dirname,
     parse_temp_dirname,
     parse_temp_owner_name,
+    parse_temp_veto_name,
     temp_dirname,
     temp_owner_name,
+    temp_veto_name,
     trash_dirname,
 )
 from ckptd.format.reading import (
@@ -142,6 +146,10 @@ from ckptd.format.safeio import (
 from ckptd.format.tree import TensorLeaf, UnsupportedLeafError, flatten_state, unflatten_state
 
 __all__ = [
+    "LEASE_LOCK_NAME",
+    "LEASE_TEMP_NAME",
+    "parse_temp_veto_name",
+    "temp_veto_name",
     "BrokenCheckpoint",
     "CHECKPOINTS_DIRNAME",
     "CHECKSUM_ALGO",

@@ -19,8 +19,11 @@ MANIFEST_NAME = "checkpoint_manifest.json"
 MODEL_KEY = "model"
 MODEL_INDEX_NAME = "model.safetensors.index.json"
 TREE_METADATA_KEY = "ckptd.tree"
-# The lease naming the one job that writes an output dir (ckptd.ownership reads and writes it).
+# The lease naming the one job that writes an output dir (ckptd.ownership reads and writes it), the lock
+# its read-decide-write runs under, and the temp file it is written to before the rename over it.
 LEASE_NAME = ".ckptd-lease.json"
+LEASE_LOCK_NAME = ".ckptd-lease.lock"
+LEASE_TEMP_NAME = ".ckptd-lease.json.tmp"
 
 KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _KEY_RE = re.compile(KEY_PATTERN + r"\Z")
@@ -29,6 +32,7 @@ _TEMP_RE = re.compile(r"\.tmp-checkpoint-(0|[1-9][0-9]*)-([A-Za-z0-9]+)\Z")
 _TRASH_RE = re.compile(r"\.trash-checkpoint-(0|[1-9][0-9]*)-([A-Za-z0-9]+)\Z")
 _TXN_RE = re.compile(r"[A-Za-z0-9]{1,64}\Z")
 _OWNER_SUFFIX = ".owner"
+_VETO_SUFFIX = ".veto"
 _FILE_RES = [
     re.compile(r"model-[0-9]{5,}-of-[0-9]{5,}\.safetensors\Z"),
     re.compile(re.escape(MODEL_INDEX_NAME) + r"\Z"),
@@ -160,6 +164,35 @@ def parse_temp_owner_name(name: str) -> tuple[int, str] | None:
     if not name.endswith(_OWNER_SUFFIX):
         return None
     return parse_temp_dirname(name[: -len(_OWNER_SUFFIX)])
+
+
+def temp_veto_name(step: int, txn: str) -> str:
+    """The record under which the ranks of one save veto it one at a time, and which keeps the outcome.
+
+    Args:
+        step: the save's step.
+        txn: its transaction id.
+
+    Example:
+        >>> temp_veto_name(5, "ab12")
+        '.tmp-checkpoint-5-ab12.veto'
+    """
+    return temp_dirname(step, txn) + _VETO_SUFFIX
+
+
+def parse_temp_veto_name(name: str) -> tuple[int, str] | None:
+    """``(step, txn)`` of a veto record's name, or None.
+
+    Args:
+        name: a directory entry of ``checkpoints/``.
+
+    Example:
+        >>> parse_temp_veto_name(".tmp-checkpoint-5-ab12.veto")
+        (5, 'ab12')
+    """
+    if not name.endswith(_VETO_SUFFIX):
+        return None
+    return parse_temp_dirname(name[: -len(_VETO_SUFFIX)])
 
 
 def trash_dirname(step: int, token: str) -> str:
