@@ -145,6 +145,7 @@ class Transaction:
     pending_io: int = 0
     io_idle: asyncio.Event = field(default_factory=asyncio.Event)
     trash: list[Path] = field(default_factory=list)  # renamed out of sight, removed before notifying
+    temp_ino: int | None = None  # inode of the temp dir prepare_dir made
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -343,6 +344,7 @@ class Transaction:
         ownership.write_temp_owner(self.root, self.step, self.txn, owner, self.job, self.deadline_unix)
         try:
             os.mkdir(self.temp_dir, 0o755)
+            self.temp_ino = os.lstat(self.temp_dir).st_ino
         except FileExistsError:
             raise TxnError(
                 f"{self.temp_dir} already exists: a rank gave up on this save (its tombstone) or another daemon "
@@ -482,6 +484,14 @@ class Transaction:
 
     def _rename_into_place(self) -> bool:
         """Rename (or, re-saving a step, swap) the temp dir into place; True when it swapped."""
+        # What sits at the temp name must still be the directory this transaction made: a rank that gave up
+        # may have renamed it away, and (killed half-way through its veto) left a tombstone in its place.
+        try:
+            st = os.lstat(self.temp_dir)
+        except FileNotFoundError:
+            raise TxnError(f"{self.temp_dir.name} is gone: a rank gave up on this save and vetoed it") from None
+        if st.st_ino != self.temp_ino:
+            raise TxnError(f"{self.temp_dir.name} is not the directory this save wrote (a rank's veto replaced it)")
         try:
             os.rename(self.temp_dir, self.final_dir)
             return False

@@ -168,6 +168,7 @@ def _prepared_on_disk(tmp_path: Path, step: int = 3, **faults: str) -> tx.Transa
     t.join(request(tmp_path, step=step, txn=f"t{step}x", commit=info(ComponentSpec("w", "global", [0]))), b"r0")
     t.root.mkdir(parents=True, exist_ok=True)
     t.temp_dir.mkdir()
+    t.temp_ino = t.temp_dir.stat().st_ino
     data = fmt.build_safetensors_layout([]).header
     (t.temp_dir / "w_state.safetensors").write_bytes(data)
     t.parts[0].records.append(
@@ -213,6 +214,7 @@ def test_resave_swaps_atomically_and_a_failure_between_the_renames_keeps_the_new
     again = tx.Transaction.open(request(tmp_path, txn="t3y"), FaultInjector.parse("between_renames=eio"))
     again.join(request(tmp_path, txn="t3y", commit=info(ComponentSpec("w", "global", [0]))), b"r0")
     again.temp_dir.mkdir()
+    again.temp_ino = again.temp_dir.stat().st_ino
     data = fmt.build_safetensors_layout([]).header
     (again.temp_dir / "w_state.safetensors").write_bytes(data)
     again.parts[0].records.append(
@@ -248,3 +250,15 @@ def test_ledger_commits_in_hand_over_order_bounds_live_transactions_and_keeps_jo
         ledger.admit(tx.Transaction.open(request(tmp_path, txn="d", job="j2")))
     ledger.retire(b)
     assert ledger.get("a") is None and ledger.get("b") is b  # only the newest finished one is remembered
+
+
+def test_whatever_replaced_the_temp_dir_is_never_renamed_into_place(tmp_path: Path) -> None:
+    """Something else at the temp name (a rank renamed the temp dir away, and something was made in its
+    place) must never become ``checkpoint-<step>``: the rename checks it is the directory this save made."""
+    t = _prepared_on_disk(tmp_path)
+    t.temp_dir.rename(t.root / "elsewhere")
+    t.temp_dir.mkdir()
+    t.begin_commit()
+    outcome = t.commit()
+    assert not outcome.renamed and "not the directory this save wrote" in (outcome.error or "")
+    assert not t.final_dir.exists()
