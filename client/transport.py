@@ -24,6 +24,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ckptd import protocol as proto
+from ckptd import security
 from ckptd.protocol import MsgType
 from client.components import CheckpointError
 
@@ -31,6 +32,12 @@ logger = logging.getLogger(__name__)
 
 DAEMON_START_TIMEOUT_S = 60.0
 EMBEDDED_IDLE_EXIT_S = 10.0
+LOG_MAX_BYTES = 16 * 1024 * 1024  # every job of the user appends to the default endpoint's log
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+)
 
 
 class DaemonUnavailable(CheckpointError):
@@ -54,15 +61,30 @@ class DaemonLink:
     events: deque[Event] = field(default_factory=deque)
     replies: dict[int, Event] = field(default_factory=dict)
     connected: bool = False
+    secure: bool = False  # CURVE (tcp://)
+    refused: str | None = None  # why the daemon's CURVE handshake refused us, if it did
     generation: int = 0  # bumped on every lost connection: transactions sent before it are lost too
     process: subprocess.Popen | None = None  # the embedded daemon this rank started, if any
 
     def _open(self) -> None:
+        try:
+            keys = security.keys_for_endpoint(self.endpoint)
+        except security.SecurityError as e:
+            raise CheckpointError(str(e)) from None
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        if keys is not None:
+            # Over CURVE, "connected" means the handshake succeeded (a refused client still connects at the
+            # TCP level, every retry), and a failed handshake says why at once instead of timing out.
+            security.secure_client_socket(sock, keys)
+            events |= zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            events |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        self.monitor = sock.get_monitor_socket(events)
         sock.connect(self.endpoint)
         self.sock = sock
+        self.secure = keys is not None
+        self.refused = None
         self.connected = False
 
     def reset(self) -> None:
@@ -119,8 +141,13 @@ class DaemonLink:
                 msg = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            if msg["event"] == zmq.EVENT_CONNECTED:
+            event = msg["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or (event == zmq.EVENT_CONNECTED and not self.secure):
                 self.connected = True
+                self.refused = None
+            elif event in _HANDSHAKE_FAILURES:
+                self.refused = security.handshake_failure_reason(event, msg["value"])
+                logger.error("ckptd at %s refused this rank: %s", self.endpoint, self.refused)
             elif msg["event"] == zmq.EVENT_DISCONNECTED:
                 if self.connected:
                     self.generation += 1
@@ -160,6 +187,11 @@ class DaemonLink:
             deadline = time.monotonic() + timeout_s
             while req_id not in self.replies:
                 remaining = deadline - time.monotonic()
+                if self.refused is not None:
+                    raise DaemonUnavailable(
+                        f"ckptd at {self.endpoint} refused this rank: {self.refused}; check CKPTD_KEYS "
+                        "(docs/security.md)"
+                    )
                 if remaining <= 0:
                     raise DaemonUnavailable(
                         f"ckptd at {self.endpoint} did not answer a {msg_type.value} request within {timeout_s:.0f} s"
@@ -171,11 +203,16 @@ class DaemonLink:
             return reply
 
     def ping(self, timeout_s: float) -> bool:
+        """True when a daemon answers; False when none does. A daemon that refuses this rank's CURVE keys
+        raises DaemonUnavailable saying why: retrying with the same keys cannot help."""
         try:
             self.request(MsgType.HELLO, timeout_s, pid=os.getpid(), version=proto.PROTOCOL_VERSION)
             return True
         except DaemonUnavailable:
+            refused = self.refused
             self.reset()
+            if refused is not None:
+                raise
             return False
 
     # -- the embedded daemon --------------------------------------------------------------------------
@@ -219,6 +256,15 @@ def daemon_log_path(endpoint: str) -> Path:
     return Path(proto.runtime_dir()) / "ckptd-tcp.log"
 
 
+def rotate_log(log: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Keep the embedded daemon's log bounded: past ``max_bytes`` it becomes ``<log>.1`` (one old copy)."""
+    try:
+        if log.stat().st_size > max_bytes:
+            os.replace(log, log.with_name(log.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
 def start_embedded_daemon(endpoint: str, output_dir: Path | None = None) -> subprocess.Popen:
     """Start ``python -m ckptd serve`` in its own session so that it outlives this trainer; it removes
     the stale temp directories of ``output_dir`` (left by a daemon that died) as it starts."""
@@ -229,6 +275,7 @@ def start_embedded_daemon(endpoint: str, output_dir: Path | None = None) -> subp
     if output_dir is not None:
         cmd += ["--output-dir", str(output_dir)]
     logger.info("starting embedded ckptd: %s (log %s)", " ".join(cmd), log)
+    rotate_log(log)
     with open(log, "ab") as out:
         return subprocess.Popen(
             cmd,
