@@ -8,6 +8,7 @@ function looks at the real system: directory listings, checkpoint files, /dev/sh
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -230,6 +231,27 @@ def leftovers(output_dir: Path) -> list[str]:
     trash; what must be gone once a daemon has started and a save has committed after a crash."""
     root = fmt.checkpoints_root(output_dir)
     return [n for n in temp_or_trash(output_dir) if not is_marker(root, n)]
+
+
+def describe_entries(output_dir: Path, names: Iterable[str]) -> list[str]:
+    """Names of checkpoints/ entries, each with what it is when that says more than the name: a temp-dir
+    owner record that does not parse (torn: its writer died between creating and filling it)."""
+    root = fmt.checkpoints_root(output_dir)
+    out = []
+    for name in names:
+        note = ""
+        if fmt.parse_temp_owner_name(name) is not None:
+            try:
+                data = (root / name).read_bytes()[:4096]
+            except OSError:
+                data = None
+            if data is not None:
+                try:
+                    json.loads(data)
+                except ValueError:
+                    note = f" (a torn owner record: {len(data)} bytes that are not JSON)"
+        out.append(name + note)
+    return out
 
 
 def markers_never_swept(output_dir: Path, after_s: float) -> list[str]:
