@@ -321,15 +321,48 @@ def _read_small(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes | None:
         os.close(fd)
 
 
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _write_new(path: Path, data: bytes, exclusive: bool) -> None:
+    if exclusive and _link_new(path, data):
+        return
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def _link_new(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` all at once: written into an unnamed O_TMPFILE, then linked in (which
+    fails with EEXIST like O_EXCL). A process killed half-way leaves no torn record for sweeps to puzzle
+    over. False where the file system has no O_TMPFILE (NFS): the caller then writes it in place."""
+    try:
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    except (OSError, AttributeError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        return False
+    try:
+        _write_all(fd, data)
+        # linkat(2) with AT_SYMLINK_FOLLOW through /proc: os.link() would call link(2), which does not
+        # follow the magic link and fails with EXDEV.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        if libc.linkat(-100, f"/proc/self/fd/{fd}".encode(), -100, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
