@@ -288,6 +288,9 @@ def parse_commit_info(v: Any) -> CommitInfo:
     comps_raw = v.get("components")
     if not isinstance(comps_raw, list) or len(comps_raw) > 100_000:
         raise ProtocolError("field 'commit.components' must be a list")
+    if not comps_raw:
+        # A checkpoint of nothing would still be "latest" and let retention delete every real one.
+        raise ProtocolError("field 'commit.components' is empty: a commit must name at least one component")
     comps = []
     for c in comps_raw:
         if not isinstance(c, dict):

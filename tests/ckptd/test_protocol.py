@@ -321,6 +321,7 @@ INVALID_STAGE = [
     ("timeout-too-long", _set("timeout_s", proto.MAX_TIMEOUT_S + 1), "field 'timeout_s' must be a number"),
     ("timeout-bool", _set("timeout_s", True), "field 'timeout_s' must be a number"),
     ("segment-size-negative", _set("segment_size", -1), "field 'segment_size' must be an integer"),
+    ("commit-no-components", _set("commit.components", []), "must name at least one component"),
     ("segment-fd-negative", _set("segment_fd", -1), "field 'segment_fd' must be an integer"),
     ("segment-fd-missing", _set("segment_fd", None), "field 'segment_fd' must be an integer"),
     ("segment-ino-zero", _set("segment_ino", 0), "field 'segment_ino' must be an integer"),
