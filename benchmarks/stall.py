@@ -370,20 +370,17 @@ def meminfo_available() -> int | None:
 
 
 def fit_size(args: argparse.Namespace, base: Path, elem: int) -> int:
-    """The state size in bytes: --size-mib, shrunk (with a message) to what disk, /dev/shm and RAM can hold."""
+    """The state size in bytes: --size-mib, shrunk (with a message) to what disk and RAM can hold."""
     want = args.size_mib * MiB
     small = args.small_tensors is not None
     # disk: a ckptd checkpoint (two in small mode) + torch.save file + DCP directory + raw file, ~4x
     disk_factor = 4.0
-    # /dev/shm: the staging slab(s); RAM: state + floor buffer + slab(s) + DCP's staged copy (+ slack)
-    shm_factor = 2.3 if small else 1.15
+    # RAM: state + floor buffer + slab(s) (memfds: RAM, not /dev/shm) + DCP's staged copy (+ slack)
     # (small mode holds two states, two floor buffers and two slabs)
     ram_factor = (6.5 if small else 4.5) if args.device == "cpu" else (4.5 if small else 3.5)
     limits = []
     free_disk = shutil.disk_usage(base).free
     limits.append(("disk", base, free_disk, disk_factor))
-    if os.path.isdir("/dev/shm"):
-        limits.append(("shared memory", Path("/dev/shm"), shutil.disk_usage("/dev/shm").free, shm_factor))
     ram = meminfo_available()
     if ram is not None:
         limits.append(("memory (MemAvailable)", None, ram, ram_factor))
