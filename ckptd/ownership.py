@@ -48,7 +48,7 @@ import socket
 import stat
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -498,7 +498,8 @@ def write_temp_owner(
     """
     rec = OwnerRecord(owner, step, txn, job, deadline, "temp", time.time())
     path = Path(root) / fmt.temp_owner_name(step, txn)
-    _write_new(path, rec.to_bytes(), exclusive=False)
+    # Exclusive: a record that exists belongs to another daemon holding the same txn; never clobber it.
+    _write_new(path, rec.to_bytes(), exclusive=True)
     return path
 
 
@@ -562,7 +563,7 @@ class Verdict:
 
 def judge_entries(
     output_dir: str | os.PathLike,
-    live_txns: set[str],
+    live_txns: Container[str],
     now: float | None = None,
     unowned_min_age: float = SWEEP_MARGIN_S,
 ) -> list[Verdict]:
@@ -574,7 +575,9 @@ def judge_entries(
 
     Args:
         output_dir: the output dir (its ``checkpoints`` directory is judged).
-        live_txns: the transactions the calling daemon is running (``ckptd gc``: the local daemon's).
+        live_txns: the transactions the calling daemon is running (``ckptd gc``: the local daemon's). A
+            daemon passes a live view of its ledger, so that a transaction admitted while the sweep runs
+            (whose temp dir may appear during it) is seen as live.
         now: the Unix time to judge deadlines by (default: now).
         unowned_min_age: how old a temp dir without an owner record (an older ckptd's) must be to go.
 
@@ -641,7 +644,7 @@ def remove_entry(path: Path) -> bool:
     return gone
 
 
-def sweep_stale(output_dir: str | os.PathLike, live_txns: set[str], now: float | None = None) -> list[Path]:
+def sweep_stale(output_dir: str | os.PathLike, live_txns: Container[str], now: float | None = None) -> list[Path]:
     """Remove what ``judge_entries`` finds stale: temp dirs, tombstones and owner records that nobody can
     still own, and trash. Whatever another live daemon (on this node or another) owns is left alone.
 

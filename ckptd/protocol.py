@@ -52,7 +52,8 @@ from ckptd import format as fmt
 PROTOCOL_VERSION = 1
 # Bounds that keep a hostile message from making the daemon allocate or loop without limit.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_FILES_PER_PART = 1_000_000
+MAX_FILES_PER_PART = 10_000  # files, not tensors: a part holds a few per component (shards)
+MAX_NODE_RANKS = 4096  # ranks one daemon serves in one transaction
 MAX_RANKS = 1 << 20
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 SEGMENT_PREFIX = "ckptd-"
@@ -351,7 +352,7 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
     step = _int(body, "step", 0, (1 << 62))
     world_size = _int(body, "world_size", 1, MAX_RANKS)
     rank = _int(body, "rank", 0, world_size - 1)
-    expected = _int_list(body, "expected_ranks")
+    expected = _int_list(body, "expected_ranks", MAX_NODE_RANKS)
     if rank not in expected or len(set(expected)) != len(expected) or any(r >= world_size for r in expected):
         raise ProtocolError(
             f"field 'expected_ranks' {expected[:16]} must be distinct ranks below world_size {world_size} "

@@ -121,7 +121,11 @@ class Daemon:
         self.sock = sock
         self.faults = faults or FaultInjector()
         self.io_pool = ThreadPoolExecutor(max(1, config.writer_threads), thread_name_prefix="ckptd-writer")
+        # Commits (manifest, renames, retention) one at a time, in order; everything else about directories
+        # (temp dir creation, sweeps, removing trash and aborted temp dirs) beside them, so that a slow
+        # rmtree of an old checkpoint never holds up the next save's mkdir.
         self.commit_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-commit")
+        self.dir_pool = ThreadPoolExecutor(2, thread_name_prefix="ckptd-dirs")
         self.ledger = tx.Ledger()
         self.segments: dict[tuple[int, int, int], writer.Segment] = {}
         self.clients: dict[int, ownership.ProcessIdentity | None] = {}
@@ -185,6 +189,7 @@ class Daemon:
             old = self.ledger.finished.get(req.txn)
             if old is not None:
                 raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}" + _reason(old))
+            owner = ownership.ProcessIdentity.of_pid(req.pid)
             if self.stopping_since is not None:
                 raise tx.TxnError("the daemon is shutting down and takes no new saves; retry against a new daemon")
         # Map the segment before touching any transaction: a part whose bytes cannot be read must neither
@@ -193,17 +198,21 @@ class Daemon:
             segment = self.get_segment(req) if req.files else None
         except (OSError, ValueError) as e:
             raise tx.TxnError(str(e)) from None
+        else:
+            owner = ownership.ProcessIdentity.of_pid(req.pid)
         if txn is None:
             txn = tx.Transaction.open(req, self.faults)
+            self.release_dead_conflicts(txn)
             self.ledger.admit(txn)
             # Directory work (sweep, mkdir) runs off the loop and off the rank's stall: the rank only waits
             # for validation; its part's writer waits for this future.
             sweep = txn.output_dir not in self.swept
             self.swept.add(txn.output_dir)
             self.dirs_seen.add(txn.output_dir)
-            live = self.ledger.live_ids()
+            # A live view of the ledger: the sweep sees transactions admitted while it runs.
+            live = self.ledger.live.keys()
             self.prepared[txn.txn] = asyncio.ensure_future(
-                self.run_io(self.commit_pool, txn.prepare_dir, sweep, live, self.identity)
+                self.run_io(self.dir_pool, txn.prepare_dir, sweep, live, self.identity)
             )
             logger.info(
                 "txn %s opened: step %d in %s, ranks %s, job %s",
@@ -215,9 +224,26 @@ class Daemon:
             )
         part = txn.join(req, identity)
         part.segment = segment
+        part.owner = owner
         self.stats.bytes_staged += sum(f.length for f in req.files)
         await self.send(identity, MsgType.ACCEPTED, req_id, txn=req.txn, rank=req.rank)
         self.spawn(self.run_part(txn, part))
+
+    def release_dead_conflicts(self, txn: tx.Transaction) -> None:
+        """Abort saves of another job in ``txn``'s output dir that can never commit: their job lost the lease,
+        or every rank that staged them is dead. A job restarted after a crash must not wait out (or be
+        refused because of) the deadline of its dead predecessor's half-handed-over save."""
+        for other in self.ledger.conflicts(txn):
+            if other.state not in tx.ABORTABLE:
+                continue
+            if other.orphaned():
+                why = "the ranks that staged it are gone, and a new job writes this output dir"
+            elif not ownership.lease_allows(other.output_dir, other.job or ""):
+                why = f"job {other.job!r} no longer holds the lease of this output dir"
+            else:
+                continue
+            if other.begin_abort(why):
+                self.spawn(self.after_abort(other))
 
     def get_segment(self, req: proto.StageRequest) -> writer.Segment:
         key = (req.pid, req.segment_fd, req.segment_ino)
@@ -238,10 +264,10 @@ class Daemon:
                 await self.run_io(self.io_pool, txn.write_part, part, self.config.direct_io)
             else:
                 part.written = True
-            await self.send(part.identity, MsgType.RELEASED, txn=txn.txn, rank=part.rank)
+            await self.release(txn, part)
             await self.run_io(self.io_pool, txn.sync_part, part)
         except Exception as e:  # any write error aborts the whole transaction, never the daemon
-            await self.send(part.identity, MsgType.RELEASED, txn=txn.txn, rank=part.rank)
+            await self.release(txn, part)
             txn.io_end()
             await self.abort(txn, f"rank {part.rank}: writing failed: {tx.describe_error(e)}")
             return
@@ -252,6 +278,12 @@ class Daemon:
             await self.after_abort(txn)
             return
         await self.commit_ready(txn.output_dir)
+
+    async def release(self, txn: tx.Transaction, part: tx.Part) -> None:
+        """Tell the rank its slab is free, once: the daemon reads no more of it for this part."""
+        if not part.released:
+            part.released = True
+            await self.send(part.identity, MsgType.RELEASED, txn=txn.txn, rank=part.rank)
 
     async def commit_ready(self, output_dir: Path) -> None:
         """Commit the transactions of ``output_dir`` that are PREPARED, in hand-over order."""
@@ -288,7 +320,7 @@ class Daemon:
                 logger.warning("retention failed after committing %s: %s", txn.path, e)
         # Before announcing the commit: a rank that sees "committed" also sees retention done.
         try:
-            await self.run_io(self.commit_pool, txn.empty_trash)
+            await self.run_io(self.dir_pool, txn.empty_trash)
         except Exception as e:
             txn.warnings.append(f"removing trash failed: {tx.describe_error(e)}")
         for w in txn.warnings:
@@ -309,7 +341,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.shield(prepared)
         try:
-            await self.run_io(self.commit_pool, txn.cleanup)
+            await self.run_io(self.dir_pool, txn.cleanup)
         except Exception as e:
             logger.warning("cleanup of aborted %s failed (a later sweep removes it): %s", txn.temp_dir, e)
         txn.finish_abort()
@@ -397,9 +429,10 @@ class Daemon:
             elif msg_type == MsgType.ABORT:
                 txn_id, reason = proto.parse_txn(body), proto.parse_reason(body)
                 txn = self.ledger.live.get(txn_id)
-                if txn is not None:
-                    # Refused in COMMITTING and after: the reply carries the real state instead.
-                    await self.abort(txn, reason)
+                # Refused in COMMITTING and after (the reply carries the real state instead). The cleanup
+                # runs as a task: waiting here for in-flight writes to drain would stop every other client.
+                if txn is not None and txn.begin_abort(reason):
+                    self.spawn(self.after_abort(txn))
                 await self.send(identity, MsgType.TXN_STATE, req_id, **self.txn_state_body(txn_id))
             elif msg_type == MsgType.STATUS:
                 await self.send(identity, MsgType.STATUS_REPORT, req_id, **self.status_body())
@@ -421,6 +454,10 @@ class Daemon:
         """Deadlines, dead clients, sweeps, shutdown and idle exit. Returns True when the daemon should exit."""
         now = time.monotonic()
         for txn in list(self.ledger.live.values()):
+            if txn.orphaned():
+                if txn.begin_abort("every rank that staged it is gone, so the missing ranks can never come"):
+                    self.spawn(self.after_abort(txn))
+                continue
             if not txn.expired(now):
                 continue
             if txn.state in tx.ABORTABLE:
@@ -458,14 +495,13 @@ class Daemon:
 
     async def sweep(self, dirs: list[Path]) -> None:
         for out in dirs:
-            # Taken afresh for each dir: a transaction admitted later creates its temp dir on the same
-            # one-thread pool, so after this sweep of the dir, never during it.
-            live = self.ledger.live_ids()
+            # A live view of the ledger: a transaction admitted while the sweep runs is in it before its
+            # temp dir exists, so the sweep never takes that dir for an own leftover.
             try:
-                await self.run_io(self.commit_pool, ownership.sweep_stale, out, live)
+                await self.run_io(self.dir_pool, ownership.sweep_stale, out, self.ledger.live.keys())
             except OSError as e:
                 logger.warning("sweeping %s failed: %s", out, e)
-        await self.run_io(self.commit_pool, writer.sweep_legacy_slabs)
+        await self.run_io(self.dir_pool, writer.sweep_legacy_slabs)
 
     def stop(self) -> None:
         if self.stopping_since is None:
@@ -477,6 +513,7 @@ class Daemon:
     def close(self) -> None:
         self.io_pool.shutdown(wait=True)
         self.commit_pool.shutdown(wait=True)
+        self.dir_pool.shutdown(wait=True)
         for seg in self.segments.values():
             seg.close()
         self.segments.clear()

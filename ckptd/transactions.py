@@ -58,6 +58,7 @@ On failure: ``begin_abort`` -> (in-flight I/O drains) ``cleanup`` (*I/O*) -> ``f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -65,6 +66,7 @@ import secrets
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +111,8 @@ class Part:
     open_files: list[writer.OpenFile] = field(default_factory=list)
     written: bool = False
     durable: bool = False
+    released: bool = False  # the rank was told its slab is free (exactly once)
+    owner: ownership.ProcessIdentity | None = None  # the rank's process, judged alive by start time
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,9 @@ class Transaction:
     pending_io: int = 0
     io_idle: asyncio.Event = field(default_factory=asyncio.Event)
     trash: list[Path] = field(default_factory=list)  # renamed out of sight, removed before notifying
-    temp_ino: int | None = None  # inode of the temp dir prepare_dir made
+    temp_ino: int | None = None  # inode of the temp dir prepare_dir made: the only dir this txn may remove
+    owner_written: bool = False  # prepare_dir wrote the owner record (so it may remove it)
+    leftover_ino: int | None = None  # a swapped-out old checkpoint still at the temp name (trash rename failed)
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -198,6 +204,13 @@ class Transaction:
 
     def missing_ranks(self) -> list[int]:
         return sorted(self.expected_ranks - set(self.parts))
+
+    def orphaned(self) -> bool:
+        """OPEN, and every rank that staged a part is provably dead: the missing parts can never come (their
+        peers' collective failed with them). A WRITING transaction is not: it finishes what it was handed."""
+        if self.state != TxnState.OPEN or not self.parts:
+            return False
+        return all(p.owner is not None and p.owner.alive() is False for p in self.parts.values())
 
     def expired(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) > self.deadline
@@ -286,7 +299,9 @@ class Transaction:
             writers = by_component.get(c.key)
             if not writers:
                 return f"component {c.key!r} has no file written in this transaction"
-            expected = set(c.ranks) & self.expected_ranks
+            # One node's transaction holds every writer (the client refuses jobs that span nodes); the
+            # multi-node leader will check the union of the nodes' parts instead.
+            expected = set(c.ranks)
             if writers != expected:
                 return (
                     f"component {c.key!r} was written by ranks {sorted(writers)}, the commit names {sorted(expected)}"
@@ -336,12 +351,19 @@ class Transaction:
 
     # -- I/O (worker threads) -------------------------------------------------------------------------
 
-    def prepare_dir(self, sweep: bool, live: set[str], owner: ownership.ProcessIdentity) -> None:
+    def prepare_dir(self, sweep: bool, live: Container[str], owner: ownership.ProcessIdentity) -> None:
         """Create ``checkpoints/`` durably if needed, record the owner, and create the temp dir."""
         ownership.make_dirs_durably(self.root)
         if sweep:
             ownership.sweep_stale(self.output_dir, live)
-        ownership.write_temp_owner(self.root, self.step, self.txn, owner, self.job, self.deadline_unix)
+        try:
+            ownership.write_temp_owner(self.root, self.step, self.txn, owner, self.job, self.deadline_unix)
+        except FileExistsError:
+            raise TxnError(
+                f"{fmt.temp_owner_name(self.step, self.txn)} already exists: another daemon holds this "
+                "transaction; this one will not touch it"
+            ) from None
+        self.owner_written = True
         try:
             os.mkdir(self.temp_dir, 0o755)
             self.temp_ino = os.lstat(self.temp_dir).st_ino
@@ -381,6 +403,11 @@ class Transaction:
     def sync_part(self, part: Part) -> None:
         """fsync (and close) every file a part wrote."""
         files, part.open_files = part.open_files, []
+        if self.state in (TxnState.ABORTING, TxnState.ABORTED):
+            # Nothing of an aborted save needs to be durable: let go of the files, do not hold up its cleanup.
+            for f in files:
+                _close_quietly(f.fd)
+            raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}")
         error: OSError | None = None
         for f in files:
             try:
@@ -452,7 +479,8 @@ class Transaction:
             writer.fsync_dir(self.temp_dir)
             if time.time() > self.deadline_unix:
                 raise TxnError(f"its deadline passed {time.time() - self.deadline_unix:.1f} s before the rename")
-            if self.job is not None and not ownership.lease_allows(self.output_dir, self.job):
+            # A save without a job id may commit only where no live job holds the lease.
+            if not ownership.lease_allows(self.output_dir, self.job or ""):
                 holder = ownership.read_lease(self.output_dir)
                 raise TxnError(
                     f"{self.output_dir} now belongs to job {getattr(holder, 'job', '?')!r}, not {self.job!r}"
@@ -470,6 +498,8 @@ class Transaction:
                 os.rename(self.temp_dir, trash)  # the swapped-out old checkpoint
                 self.trash.append(trash)
             except OSError as e:
+                with contextlib.suppress(OSError):
+                    self.leftover_ino = os.lstat(self.temp_dir).st_ino
                 warnings.append(
                     f"the replaced {self.final_dir.name} stays at {self.temp_dir.name}: {describe_error(e)}"
                 )
@@ -494,14 +524,24 @@ class Transaction:
             raise TxnError(f"{self.temp_dir.name} is not the directory this save wrote (a rank's veto replaced it)")
         try:
             os.rename(self.temp_dir, self.final_dir)
-            return False
+            exchanged = False
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.final_dir.is_dir():
                 raise
-        # Re-saving an existing step: swap, so the old one is visible until the new one is.
-        logger.info("replacing existing %s", self.final_dir)
-        writer.rename_exchange(self.temp_dir, self.final_dir)
-        return True
+            # Re-saving an existing step: swap, so the old one is visible until the new one is.
+            logger.info("replacing existing %s", self.final_dir)
+            writer.rename_exchange(self.temp_dir, self.final_dir)
+            exchanged = True
+        # The check above and the rename are two steps: something that replaced the temp dir in between
+        # (a rank's tombstone) has just been moved into place instead. Put it back out of sight; not committed.
+        if os.lstat(self.final_dir).st_ino != self.temp_ino:
+            if exchanged:
+                writer.rename_exchange(self.temp_dir, self.final_dir)
+            else:
+                os.rename(self.final_dir, self.root / fmt.trash_dirname(self.step, secrets.token_hex(4)))
+            writer.fsync_dir(self.root)
+            raise TxnError(f"{self.temp_dir.name} was replaced while it was renamed (a rank's veto); not committed")
+        return exchanged
 
     def apply_retention(self, limit: int) -> list[Path]:
         """Keep the ``limit`` newest committed checkpoints, always including the one just committed.
@@ -532,11 +572,11 @@ class Transaction:
         """Remove what the commit took out of sight; the owner record goes last, once nothing is left."""
         trash, self.trash = self.trash, []
         # After a committed re-save whose trash rename failed, the old checkpoint still sits at the temp name.
-        if self.temp_dir.is_dir() and not self.temp_dir.is_symlink():
+        if self.leftover_ino is not None and _inode(self.temp_dir) == self.leftover_ino:
             trash.append(self.temp_dir)
         for path in trash:
             shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(self.temp_dir):
+        if self.owner_written and not os.path.lexists(self.temp_dir):
             ownership.remove_temp_owner(self.root, self.step, self.txn)
 
     def cleanup(self) -> None:
@@ -545,9 +585,12 @@ class Transaction:
             for f in part.open_files:
                 _close_quietly(f.fd)
             part.open_files = []
-        if self.temp_dir.is_dir() and not self.temp_dir.is_symlink():
+        # Only the directory this transaction made: whatever else sits at its name (another daemon's dir, a
+        # rank's tombstone) is not ours to remove.
+        if self.temp_ino is not None and _inode(self.temp_dir) == self.temp_ino:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-        ownership.remove_temp_owner(self.root, self.step, self.txn)
+        if self.owner_written and _inode(self.temp_dir) != self.temp_ino:
+            ownership.remove_temp_owner(self.root, self.step, self.txn)
 
 
 class Ledger:
@@ -569,13 +612,17 @@ class Ledger:
                 f"the daemon already has {len(self.live)} saves in flight (limit {self.max_live}); wait for them "
                 "to commit before handing over more"
             )
-        for other in self.live.values():
-            if other.output_dir == txn.output_dir and other.job != txn.job:
+        for other in self.conflicts(txn):
+            if other.state not in (TxnState.ABORTING, TxnState.ABORTED):
                 raise TxnError(
                     f"{txn.output_dir} is being written by job {other.job!r} (step {other.step}); job {txn.job!r} "
                     "may not write the same output_dir at the same time; give each job its own output_dir"
                 )
         self.live[txn.txn] = txn
+
+    def conflicts(self, txn: Transaction) -> list[Transaction]:
+        """Live transactions of another job in ``txn``'s output dir."""
+        return [o for o in self.live.values() if o.output_dir == txn.output_dir and o.job != txn.job]
 
     def retire(self, txn: Transaction) -> None:
         self.live.pop(txn.txn, None)
@@ -593,6 +640,13 @@ class Ledger:
 
     def live_ids(self) -> set[str]:
         return set(self.live)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except OSError:
+        return None
 
 
 def _close_quietly(fd: int) -> None:

@@ -625,9 +625,10 @@ def test_status_reports_pid_in_flight_bytes_written_and_last_commit(
         return peer.request(MsgType.STATUS)[2]["bytes_written"]
 
     wait_until(lambda: total_written() == len(data) + len(data2), 5, "bytes_written to include the part")
-    # An abort request ends it at once and is reflected in status.
+    # An abort request is taken at once (the cleanup follows in the background) and reflected in status.
     t, _, state = peer.request(MsgType.ABORT, txn=txn, reason="test says stop")
-    assert t == MsgType.TXN_STATE and state["state"] == "aborted" and state["reason"] == "test says stop"
+    assert t == MsgType.TXN_STATE and state["state"] in ("aborting", "aborted"), state
+    assert state["reason"] == "test says stop"
     assert peer.notice(MsgType.ABORTED, txn)["reason"] == "test says stop"
     t, _, s = peer.request(MsgType.STATUS)
     assert s["in_flight"] == [] and s["aborts"] == 1 and s["last_commit"] == str(path)

@@ -1,7 +1,8 @@
-"""Review of the daemon side of issue 5 (transaction core): defects reproduced against real daemon processes.
-
-Each test is marked ``xfail(strict=True)`` with the defect it shows; it passes (and must then lose its mark)
-once the daemon is fixed. Only the daemon is under test here; the ranks are hand-driven (tests/ckptd/harness.py).
+"""Races and resource bounds of the daemon, each found by a fresh-context review of issue 5's change and
+reproduced against real daemon processes before it was fixed: an abort that froze the loop, a dead job's
+save that blocked its successor, a temp dir removed by a daemon that did not make it, a job-less save
+past a live lease, a tombstone renamed into place, commit work holding back writes, a huge message, a
+double release, an incomplete component. The ranks are hand-driven (tests/ckptd/harness.py).
 """
 
 from __future__ import annotations
@@ -91,10 +92,6 @@ def child_slab(size: int, data: bytes) -> tuple[subprocess.Popen, int, int]:
 #    queued on the one-thread commit pool) before it reads the next message of ANY client.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: dispatch awaits the whole abort (in-flight writes + cleanup); the daemon answers no one meanwhile",
-)
 def test_an_abort_request_does_not_stop_the_daemon_answering_other_clients(harness: Harness, output_dir: Path) -> None:
     daemon = harness.start(env={"CKPTD_TEST_FAULTS": "after_file_write=stall"})  # a slow disk: 3 s per file
     r0, aborter, other = harness.peer(), harness.peer(), harness.peer()
@@ -130,11 +127,6 @@ def test_an_abort_request_does_not_stop_the_daemon_answering_other_clients(harne
 #    holds the lease, yet every save is refused.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a dead job's OPEN txn (it can never commit) keeps the output dir until its deadline: "
-    "Ledger.admit refuses the new job, and hand-over order holds back the same job's next commit",
-)
 @pytest.mark.parametrize("new_job", ["job-b", "job-a"], ids=["new-job-id", "same-job-id"])
 def test_a_restarted_job_can_save_at_once_after_the_old_job_died_mid_hand_over(
     harness: Harness, output_dir: Path, new_job: str
@@ -199,10 +191,6 @@ def test_a_restarted_job_can_save_at_once_after_the_old_job_died_mid_hand_over(
 #    daemon's temp dir (rmtree) and its owner record (overwritten first, then removed).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: after prepare_dir's mkdir fails (EEXIST), cleanup rmtree's a temp dir this daemon did not make",
-)
 def test_a_daemon_never_removes_a_temp_dir_it_did_not_create(harness: Harness, endpoint: str, output_dir: Path) -> None:
     harness.start()
     other = endpoint.replace(".sock", "-2.sock")
@@ -260,7 +248,6 @@ def test_a_daemon_never_removes_a_temp_dir_it_did_not_create(harness: Harness, e
 #    applies retention) in an output dir another live job holds.
 
 
-@pytest.mark.xfail(strict=True, reason="review: commit skips lease_allows when the stage carries no job")
 def test_a_save_without_a_job_cannot_commit_into_a_dir_another_live_job_holds(
     harness: Harness, output_dir: Path
 ) -> None:
@@ -299,10 +286,6 @@ def test_a_save_without_a_job_cannot_commit_into_a_dir_another_live_job_holds(
 #    finds that the slab cannot be opened.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: parse_stage of up to 1,000,000 file specs runs on the event loop (seconds to tens of s)",
-)
 def test_one_huge_stage_message_does_not_stop_the_daemon_answering(harness: Harness, output_dir: Path) -> None:
     harness.start()
     hostile, other = harness.peer(), harness.peer()
@@ -343,9 +326,6 @@ def test_one_huge_stage_message_does_not_stop_the_daemon_answering(harness: Harn
 # 5. A part whose write succeeded but whose fsync failed gets "released" twice.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: run_part sends RELEASED again from its except branch after sync_part fails"
-)
 def test_a_part_is_released_exactly_once_when_its_fsync_fails(harness: Harness, output_dir: Path) -> None:
     harness.start(env={"CKPTD_TEST_FAULTS": "before_file_fsync=eio"})
     peer = harness.peer()
@@ -366,7 +346,6 @@ def test_a_part_is_released_exactly_once_when_its_fsync_fails(harness: Harness, 
 #    but this version has no multi-node commit). The result verifies and is "latest".
 
 
-@pytest.mark.xfail(strict=True, reason="review: refusal() ignores component writer ranks outside expected_ranks")
 def test_a_component_whose_writer_rank_sent_nothing_is_refused_even_outside_expected_ranks(
     harness: Harness, output_dir: Path
 ) -> None:
@@ -425,11 +404,6 @@ def _prepared_on_disk(output_dir: Path, step: int) -> tx.Transaction:
     return t
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: _rename_into_place checks the temp dir's inode, then renames by name: a tombstone put there "
-    "in between becomes checkpoint-<step>, the txn is COMMITTED and retention deletes the real checkpoints",
-)
 def test_a_tombstone_that_appears_between_the_inode_check_and_the_rename_never_commits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -477,11 +451,6 @@ def test_a_tombstone_that_appears_between_the_inode_check_and_the_rename_never_c
 #    until that unrelated work is done.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: prepare_dir shares the one-thread commit pool with commits/retention/rmtree, so an unrelated "
-    "save's writes (and its slab's release) wait behind them",
-)
 @pytest.mark.parametrize("same_dir", [True, False], ids=["same-output-dir", "other-output-dir"])
 def test_a_saves_writes_are_not_held_back_by_retention(harness: Harness, tmp_path: Path, same_dir: bool) -> None:
     daemon = harness.start(env={"CKPTD_TEST_FAULTS": "retention=stall"})  # a slow delete of an old checkpoint
