@@ -244,9 +244,6 @@ print("not killed")
 """
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: the daemon's inode check and its rename are two steps: a tombstone is committed"
-)
 def test_a_tombstone_can_never_be_renamed_into_place_as_checkpoint_n(tmp_path: Path, monkeypatch) -> None:
     """The daemon's ``_rename_into_place`` checks that the temp name still holds its directory (lstat +
     inode), then renames. Between the two, the ranks can veto:
@@ -266,7 +263,7 @@ def test_a_tombstone_can_never_be_renamed_into_place_as_checkpoint_n(tmp_path: P
     temp, final = root / fmt.temp_dirname(step, txn), root / fmt.checkpoint_dirname(step)
     temp.mkdir()
     (temp / fmt.MANIFEST_NAME).write_text(json.dumps({"format": fmt.FORMAT_VERSION, "step": step, "txn": txn}))
-    daemon_txn = SimpleNamespace(temp_dir=temp, final_dir=final, temp_ino=os.lstat(temp).st_ino)
+    daemon_txn = SimpleNamespace(temp_dir=temp, final_dir=final, temp_ino=os.lstat(temp).st_ino, root=root, step=step)
 
     verdicts = []
     real_rename = os.rename
