@@ -238,6 +238,16 @@ def global_save(
     return path, data
 
 
+def outcome(peer: Peer, txn: str, timeout_s: float = COMMIT_TIMEOUT_S) -> tuple[MsgType, dict[str, Any]]:
+    """The transaction's outcome as ``peer`` hears it: (COMMITTED or ABORTED, the notification's body)."""
+    m = peer.wait(
+        lambda m: m[2].get("txn") == txn and m[0] in (MsgType.COMMITTED, MsgType.ABORTED),
+        f"outcome of {txn}",
+        timeout_s,
+    )
+    return m[0], m[2]
+
+
 def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():

@@ -25,13 +25,13 @@ from ckptd import protocol as proto
 from ckptd import transactions as tx
 from ckptd.protocol import ComponentSpec, FileSpec, MsgType, StageRequest
 from tests.ckptd.harness import (
-    COMMIT_TIMEOUT_S,
     Harness,
     Peer,
     commit_info,
     entries,
     global_file,
     new_txn,
+    outcome,
     rank_file,
     st_bytes,
     stage_req,
@@ -39,15 +39,6 @@ from tests.ckptd.harness import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def outcome(peer: Peer, txn: str, timeout_s: float = COMMIT_TIMEOUT_S) -> tuple[MsgType, dict]:
-    m = peer.wait(
-        lambda m: m[2].get("txn") == txn and m[0] in (MsgType.COMMITTED, MsgType.ABORTED),
-        f"outcome of {txn}",
-        timeout_s,
-    )
-    return m[0], m[2]
 
 
 def drain(peer: Peer, seconds: float) -> list:

@@ -20,7 +20,6 @@ from ckptd import format as fmt
 from ckptd import ownership
 from ckptd.protocol import ComponentSpec, MsgType
 from tests.ckptd.harness import (
-    COMMIT_TIMEOUT_S,
     Harness,
     Peer,
     Shm,
@@ -29,6 +28,7 @@ from tests.ckptd.harness import (
     global_file,
     global_save,
     new_txn,
+    outcome,
     rank_file,
     st_bytes,
     stage_req,
@@ -36,15 +36,6 @@ from tests.ckptd.harness import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def outcome(peer: Peer, txn: str, timeout_s: float = COMMIT_TIMEOUT_S) -> tuple[MsgType, dict]:
-    m = peer.wait(
-        lambda m: m[2].get("txn") == txn and m[0] in (MsgType.COMMITTED, MsgType.ABORTED),
-        f"outcome of {txn}",
-        timeout_s,
-    )
-    return m[0], m[2]
 
 
 def no_more_notices(peer: Peer, txn: str, seconds: float = 1.0) -> None:
