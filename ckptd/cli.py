@@ -10,6 +10,7 @@ progress to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -278,8 +279,14 @@ def manifest_data_size(manifest: fmt.Manifest) -> int:
 
 
 def request_status(endpoint: str, timeout_s: float = DAEMON_TIMEOUT_S) -> dict[str, Any] | None:
-    """Ask the daemon at ``endpoint`` for its status report; None when nothing answers in time."""
+    """Ask the daemon at ``endpoint`` for its status report; None when nothing answers in time.
+
+    Raises:
+        CliError: the keys cannot be loaded, the daemon refused this client's CURVE handshake (a daemon that
+            refuses us is not "no daemon": the message says why and what to do), or it answered nonsense.
+    """
     import zmq
+    from zmq.utils.monitor import parse_monitor_message
 
     try:
         keys = security.keys_for_endpoint(endpoint)
@@ -288,16 +295,43 @@ def request_status(endpoint: str, timeout_s: float = DAEMON_TIMEOUT_S) -> dict[s
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    monitor: zmq.Socket | None = None
+    refused: str | None = None  # why the last CURVE handshake failed, if it did
     try:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
         if keys is not None:
             security.secure_client_socket(sock, keys)
+            # A daemon that refuses our key still accepts the TCP connection; only the handshake says no.
+            monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            )
+            poller.register(monitor, zmq.POLLIN)
         sock.connect(endpoint)
         sock.send(proto.pack(proto.MsgType.STATUS, 1))
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
-                return None
+            ready = dict(poller.poll(max(1, int(remaining * 1000)))) if remaining > 0 else {}
+            if monitor is not None and monitor in ready:
+                while monitor.poll(0, zmq.POLLIN):
+                    event = parse_monitor_message(monitor.recv_multipart())
+                    if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                        refused = None
+                        continue
+                    refused = _refused_message(endpoint, keys, int(event["event"]), int(event["value"]))
+                    if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                        # The daemon's verdict on our keys: retrying cannot change it.
+                        raise CliError(refused)
+            if sock not in ready:
+                if remaining <= 0:
+                    if refused is not None:  # every attempt was hung up on: no daemon would do that
+                        raise CliError(refused)
+                    return None
+                continue
             frame = sock.recv_multipart(zmq.NOBLOCK)[-1]
             try:
                 msg_type, req_id, body = proto.unpack(frame)
@@ -310,11 +344,34 @@ def request_status(endpoint: str, timeout_s: float = DAEMON_TIMEOUT_S) -> dict[s
             if msg_type == proto.MsgType.ERROR:
                 raise CliError(f"the daemon at {endpoint} rejected the status request: {body.get('message')}")
             raise CliError(f"the daemon at {endpoint} answered status with {msg_type.value!r}")
-    except zmq.ZMQError as e:
+    except (SecurityError, zmq.ZMQError) as e:
         raise CliError(f"cannot connect to {endpoint}: {e}") from None
     finally:
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
         sock.close(linger=0)
         ctx.term()
+
+
+def _refused_message(endpoint: str, keys: security.Keys | None, event: int, value: int) -> str:
+    import zmq
+
+    reason = security.handshake_failure_reason(event, value, client=True)
+    where = keys.where() if keys is not None else "no keys"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        todo = (
+            f"expected this client's key ({where}, client.key) in the daemon's {security.AUTHORIZED_DIR}/: copy "
+            f"it there as NAME.key on the daemon's host (docs/security.md, 'More clients'), or pass --keys / "
+            f"${security.KEYS_ENV} naming a key directory the daemon authorizes"
+        )
+    else:
+        todo = (
+            f"expected {where} to hold that daemon's server.key: copy the daemon's server.key into it, or pass "
+            f"--keys / ${security.KEYS_ENV} naming the key directory the daemon was started with"
+        )
+    return f"the daemon at {endpoint} refused this client's CURVE handshake: {reason}; {todo}"
 
 
 def endpoint_arg(arg: str | None) -> str:
@@ -810,6 +867,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (proto.ProtocolError, PermissionError, SecurityError) as e:
         print(f"ckptd serve: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # e.g. the socket directory cannot be created: say so, without a traceback
+        logger.debug("ckptd serve failed", exc_info=True)
+        print(f"ckptd serve: {e}; check the endpoint, --keys and --output-dir paths (-v shows where)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -817,6 +878,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         paths = security.generate_keys(Path(args.dir), force=args.force)
     except SecurityError as e:
         raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(
+            f"cannot write CURVE keys to {args.dir}: {e}; expected a directory this user can create and write: "
+            "pick another path or fix its permissions"
+        ) from None
     print(f"wrote CURVE keys to {paths.directory}:")
     print(f"  server  {paths.server_public} (+ secret, 0600): for 'ckptd serve --keys {paths.directory}'")
     print(f"  client  {paths.client_public} (+ secret, 0600): for ranks, CKPTD_KEYS={paths.directory}")

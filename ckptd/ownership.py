@@ -40,6 +40,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -62,6 +63,7 @@ LEASE_TIMEOUT_S = 120.0  # a holder on another host counts as alive this long af
 LEASE_REFRESH_S = 30.0  # how often a holder refreshes (CheckpointClient does it from a thread)
 SWEEP_MARGIN_S = 600.0  # after a deadline (or, with no record, after the last change) a temp dir is dead
 RECORD_VERSION = 1
+MAX_RECORD_VERSION = 1_000_000  # a sanity bound: newer ckptd versions may write higher ones
 MAX_RECORD_BYTES = 64 * 1024  # a lease or owner record is a few hundred bytes; refuse anything huge
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # read bound when the veto looks for a manifest's txn
 JOB_ENV = "CKPTD_JOB_ID"
@@ -82,6 +84,71 @@ class LeaseHeld(OwnershipError):
 
 class LeaseLost(OwnershipError):
     """The lease this process held was taken over (or removed) by someone else."""
+
+
+# ------------------------------------------------------------------------------------- record parsing
+#
+# Leases and owner records are read from a directory other processes (other daemons, other nodes, an older
+# ckptd, a bit flip) can write. Parsing one raises ValueError and nothing else, whatever the JSON holds, so
+# every reader can skip a bad record with one ``except ValueError`` instead of crashing a sweep or ``gc``.
+
+MAX_PID = 2**31 - 1  # pid_t; Linux's pid_max is at most 2**22
+MAX_UINT64 = 2**64 - 1
+MAX_RECORD_TEXT = 255  # host names and boot ids are far shorter (HOST_NAME_MAX is 64)
+RECORD_KINDS = ("temp", "tombstone", "veto")
+RECORD_OUTCOMES = ("vetoed", "committed")
+_MISSING: Any = object()
+
+
+def _load_json_object(data: bytes, what: str) -> dict[str, Any]:
+    """``data`` parsed as a JSON object; ValueError (never another exception) if it is not one."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, an integer of more than 4300 digits
+        raise ValueError(f"not a JSON {what} ({e})") from None
+    except RecursionError:
+        raise ValueError(f"not a {what}: its JSON is nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"a {what} must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _int_field(raw: dict[str, Any], name: str, what: str, lo: int, hi: int, default: Any = _MISSING) -> int:
+    v = raw.get(name, default)
+    if v is _MISSING:
+        raise ValueError(f"{what} field {name!r} is missing; expected an integer in [{lo}, {hi}]")
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"{what} field {name!r} must be an integer in [{lo}, {hi}], got {_shown(v)}")
+    return v
+
+
+def _time_field(raw: dict[str, Any], name: str, what: str, default: Any = _MISSING) -> float:
+    v = raw.get(name, default)
+    if v is _MISSING:
+        raise ValueError(f"{what} field {name!r} is missing; expected a Unix time")
+    try:
+        t = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an integer too large for a float
+        t = math.inf
+    if not math.isfinite(t):
+        raise ValueError(f"{what} field {name!r} must be a finite Unix time, got {_shown(v)}")
+    return t
+
+
+def _text_field(raw: dict[str, Any], name: str, what: str) -> str:
+    v = raw.get(name)
+    # Printable only: these end up in log lines and in 'ckptd gc' output (no newline can forge a line, no
+    # lone surrogate can make printing them fail).
+    if not isinstance(v, str) or len(v) > MAX_RECORD_TEXT or not v.isprintable():
+        raise ValueError(
+            f"{what} field {name!r} must be a printable string of at most {MAX_RECORD_TEXT} characters, got {_shown(v)}"
+        )
+    return v
+
+
+def _shown(v: Any) -> str:
+    text = repr(v) if isinstance(v, (str, int, float, type(None))) and not isinstance(v, bool) else type(v).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -230,14 +297,14 @@ class ProcessIdentity:
         """
         if not isinstance(obj, dict):
             raise ValueError(f"a process identity must be a JSON object, got {type(obj).__name__}")
-        host, boot, pid, start, ns = (obj.get(k) for k in ("host", "boot_id", "pid", "start_time", "pid_ns"))
-        if not isinstance(host, str) or not isinstance(boot, str):
-            raise ValueError("a process identity needs string fields 'host' and 'boot_id'")
-        for name, v in (("pid", pid), ("start_time", start)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"process identity field {name!r} must be a non-negative integer, got {v!r}")
-        if ns is not None and (not isinstance(ns, int) or isinstance(ns, bool)):
-            raise ValueError(f"process identity field 'pid_ns' must be an integer or null, got {ns!r}")
+        what = "process identity"
+        host = _text_field(obj, "host", what)
+        boot = _text_field(obj, "boot_id", what)
+        pid = _int_field(obj, "pid", what, 0, MAX_PID)
+        start = _int_field(obj, "start_time", what, 0, MAX_UINT64)
+        ns = obj.get("pid_ns")
+        if ns is not None:
+            ns = _int_field(obj, "pid_ns", what, 0, MAX_UINT64)
         return cls(host, boot, pid, start, ns)
 
 
@@ -435,32 +502,43 @@ class OwnerRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> OwnerRecord:
-        """Parse a record; raises ValueError saying what is wrong."""
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"not a JSON owner record ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError("an owner record must be a JSON object")
-        step, txn, job, deadline = raw.get("step"), raw.get("txn"), raw.get("job"), raw.get("deadline")
-        if not isinstance(step, int) or isinstance(step, bool) or not fmt.is_valid_txn(txn):
-            raise ValueError("an owner record needs an integer 'step' and a valid 'txn'")
+        """Parse a record; raises ValueError (and nothing else) saying what is wrong.
+
+        Example:
+            >>> OwnerRecord.from_bytes(b'{"step": 1, "txn": "ab12", "version": []}')
+            Traceback (most recent call last):
+            ...
+            ValueError: owner record field 'version' must be an integer in [1, 1000000], got list
+        """
+        what = "owner record"
+        raw = _load_json_object(data, what)
+        step = _int_field(raw, "step", what, 0, MAX_UINT64)
+        txn = raw.get("txn")
+        if not fmt.is_valid_txn(txn):
+            raise ValueError(f"{what} field 'txn' must be 1-64 letters or digits, got {_shown(txn)}")
+        version = _int_field(raw, "version", what, 1, MAX_RECORD_VERSION, RECORD_VERSION)
+        job = raw.get("job")
         if job is not None and not is_valid_job(job):
-            raise ValueError(f"owner record field 'job' is invalid: {job!r}")
-        if deadline is not None and (not isinstance(deadline, (int, float)) or isinstance(deadline, bool)):
-            raise ValueError(f"owner record field 'deadline' must be a Unix time, got {deadline!r}")
-        created = raw.get("created", 0.0)
+            raise ValueError(f"{what} field 'job' must be null or 1-128 letters, digits or '._:@-', got {_shown(job)}")
+        deadline = raw.get("deadline")
+        if deadline is not None:
+            deadline = _time_field(raw, "deadline", what)
+        kind = raw.get("kind", "temp")
+        if kind not in RECORD_KINDS:
+            raise ValueError(f"{what} field 'kind' must be one of {', '.join(RECORD_KINDS)}, got {_shown(kind)}")
         outcome = raw.get("outcome")
+        if outcome is not None and outcome not in RECORD_OUTCOMES:
+            raise ValueError(f"{what} field 'outcome' must be null or one of {RECORD_OUTCOMES}, got {_shown(outcome)}")
         return cls(
             owner=ProcessIdentity.from_json(raw.get("owner")),
             step=step,
             txn=txn,
             job=job,
-            deadline=None if deadline is None else float(deadline),
-            kind=str(raw.get("kind", "temp")),
-            created=float(created) if isinstance(created, (int, float)) else 0.0,
-            outcome=outcome if outcome in ("vetoed", "committed") else None,
-            version=int(raw.get("version", RECORD_VERSION)),
+            deadline=deadline,
+            kind=kind,
+            created=_time_field(raw, "created", what, 0.0),
+            outcome=outcome,
+            version=version,
         )
 
 
@@ -706,7 +784,7 @@ def _manifest_txn(directory: Path) -> str | None:
         return None
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
         return None
     txn = raw.get("txn") if isinstance(raw, dict) else None
     return txn if isinstance(txn, str) else None
@@ -870,20 +948,23 @@ class LeaseRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LeaseRecord:
-        """Parse a lease; raises ValueError saying what is wrong."""
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"not a JSON lease ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError("a lease must be a JSON object")
+        """Parse a lease; raises ValueError (and nothing else) saying what is wrong.
+
+        Example:
+            >>> LeaseRecord.from_bytes(b'{"job": "j", "refreshed": 1e999}')
+            Traceback (most recent call last):
+            ...
+            ValueError: lease field 'refreshed' must be a finite Unix time, got inf
+        """
+        what = "lease"
+        raw = _load_json_object(data, what)
         job = raw.get("job")
         if not is_valid_job(job):
-            raise ValueError(f"lease field 'job' is invalid: {job!r}")
-        times = [raw.get("acquired", raw.get("refreshed")), raw.get("refreshed")]
-        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
-            raise ValueError("lease fields 'acquired' and 'refreshed' must be Unix times")
-        return cls(job, ProcessIdentity.from_json(raw), float(times[0]), float(times[1]), int(raw.get("version", 1)))
+            raise ValueError(f"{what} field 'job' must be 1-128 letters, digits or '._:@-', got {_shown(job)}")
+        refreshed = _time_field(raw, "refreshed", what)
+        acquired = _time_field(raw, "acquired", what, refreshed)
+        version = _int_field(raw, "version", what, 1, MAX_RECORD_VERSION, 1)
+        return cls(job, ProcessIdentity.from_json(raw), acquired, refreshed, version)
 
     def holder_alive(self, now: float, timeout_s: float = LEASE_TIMEOUT_S) -> bool | None:
         """False if the holder is provably gone (same machine: dead or pid reused; elsewhere: unrefreshed for

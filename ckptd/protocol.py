@@ -466,12 +466,52 @@ def ipc_path(endpoint: str) -> str | None:
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create the socket directory 0700, refusing one that another user owns or can open."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Make sure ``path`` is a directory only this user can enter, for an IPC socket or the node's log.
+
+    A missing directory is created ``0700``. An existing one is used as it is when it is ours and private;
+    its mode is never changed (``ipc:///tmp/x.sock`` as root must not turn ``/tmp`` into ``0700``, a
+    group-shared project directory must keep its group), except for this user's own runtime directory
+    (``runtime_dir()``), which ckptd alone creates and which is made private again if it is not.
+
+    Args:
+        path: the directory (the dirname of an ``ipc://`` socket path).
+
+    Raises:
+        PermissionError: ``path`` is not a directory (a symlink counts as not one), is owned by another
+            user, or is open to group/other; the message says to use a private directory.
+
+    Example:
+        >>> ensure_private_dir(runtime_dir())  # created 0700 on first use
+        >>> ensure_private_dir("/tmp")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        PermissionError: /tmp is accessible by group/other (mode drwxrwxrwt); ...
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+    uid = os.getuid()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
         raise PermissionError(
-            f"{path} must be a directory owned by uid {os.getuid()}; remove it or pick another endpoint"
+            f"{path} must be a directory owned by uid {uid} (found {stat.filemode(st.st_mode)} owned by uid "
+            f"{st.st_uid}); remove it, or put the socket in a private directory of your own, such as {runtime_dir()}"
         )
-    if st.st_mode & 0o077:
+    if not st.st_mode & 0o077:
+        return
+    if created or os.path.abspath(path) == runtime_dir():
+        # Ours alone: made just now (a umask or default ACL may have widened it), or ckptd's own runtime dir.
         os.chmod(path, 0o700)
+        return
+    # A sticky directory is /tmp or alike: shared by design, never to be made private.
+    chmod_hint = "" if st.st_mode & stat.S_ISVTX else f", or run 'chmod 700 {path}' if it is yours alone"
+    raise PermissionError(
+        f"{path} is accessible by group/other (mode {stat.filemode(st.st_mode)}), so other users could reach "
+        f"a socket in it; ckptd changes the mode of no directory it did not create. Expected a private "
+        f"(0700) directory: put the socket in one, such as {runtime_dir()} or a new subdirectory "
+        f"(ipc://{os.path.join(path, 'ckptd', 'ckptd.sock')}){chmod_hint}"
+    )

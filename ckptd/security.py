@@ -237,8 +237,9 @@ def generate_keys(directory: str | os.PathLike[str], force: bool = False) -> Key
         The paths written.
 
     Raises:
-        SecurityError: keys already exist and ``force`` is False, or the directory is writable by
-            group/other (anyone could swap the keys).
+        SecurityError: keys already exist and ``force`` is False, or the directory (or ``authorized/``) is
+            owned by another user or writable by group/other (either could swap the keys).
+        OSError: the directory cannot be created or written (``ckptd keygen`` reports it).
 
     Example:
         >>> paths = generate_keys("/tmp/ckptd-keys")  # doctest: +SKIP
@@ -252,7 +253,7 @@ def generate_keys(directory: str | os.PathLike[str], force: bool = False) -> Key
     except FileExistsError:
         if not root.is_dir():
             raise SecurityError(f"{root} exists and is not a directory; expected a key directory") from None
-        _check_not_shared_writable(root, "key directory")
+        _check_trusted(root, "key directory")
     existing = [
         p
         for p in (paths.server_public, paths.server_secret, paths.client_public, paths.client_secret)
@@ -265,7 +266,7 @@ def generate_keys(directory: str | os.PathLike[str], force: bool = False) -> Key
             "peer holding the old keys would be locked out. Use another directory, or pass --force to replace them"
         )
     paths.authorized.mkdir(mode=0o700, exist_ok=True)
-    _check_not_shared_writable(paths.authorized, "authorized-keys directory")
+    _check_trusted(paths.authorized, "authorized-keys directory")
     old_umask = os.umask(0o077)
     try:
         with tempfile.TemporaryDirectory(prefix=".keygen-", dir=root) as tmp:
@@ -296,9 +297,10 @@ def load_keys(directory: str | os.PathLike[str] | None = None) -> Keys:
 
     ``server.key`` is required. ``server.key_secret``, the client pair and ``authorized/`` are loaded when
     present (a rank's copy of the directory needs no server secret); ``secure_server_socket`` and
-    ``secure_client_socket`` say what they miss. Every file must be a regular file, no larger than 64 KiB,
-    not writable by group/other; secret files must not be readable by group/other; each secret must match
-    its public key.
+    ``secure_client_socket`` say what they miss. The directory, ``authorized/`` and every file must be owned
+    by this user or root and not writable by group/other (as ssh's StrictModes); every file must be a regular
+    file of at most 64 KiB; secret files must not be readable by group/other; each secret must match its
+    public key.
 
     Args:
         directory: the key directory, or None to use ``$CKPTD_KEYS``.
@@ -307,8 +309,9 @@ def load_keys(directory: str | os.PathLike[str] | None = None) -> Keys:
         The keys, with ``directory`` set.
 
     Raises:
-        SecurityError: no directory given, a missing directory or ``server.key``, half a key pair, unsafe
-            permissions, or a malformed key; the message names the file and the fix.
+        SecurityError: no directory given, a missing directory or ``server.key``, half a key pair, a file or
+            directory owned by another user or with unsafe permissions, a malformed key, or any OSError
+            while reading (a symlink loop, EACCES...); the message names the file and the fix.
 
     Example:
         >>> keys = load_keys("/etc/ckptd/keys")  # doctest: +SKIP
@@ -320,6 +323,8 @@ def load_keys(directory: str | os.PathLike[str] | None = None) -> Keys:
         raise SecurityError(
             f"no CURVE key directory given: pass one (--keys DIR) or set {KEYS_ENV}; create one with 'ckptd keygen DIR'"
         )
+    # Any OSError becomes a SecurityError naming the path (a symlink loop, a name too long, EACCES, EIO...):
+    # every caller (ckptd serve, ckptd status, CheckpointClient) answers it with a message, never a traceback.
     try:
         st = os.stat(root)
     except FileNotFoundError:
@@ -327,9 +332,26 @@ def load_keys(directory: str | os.PathLike[str] | None = None) -> Keys:
             f"CURVE key directory {root} does not exist; create it with 'ckptd keygen {root}' "
             f"or point --keys / {KEYS_ENV} at an existing one"
         ) from None
+    except OSError as e:
+        raise _unreadable(root, e) from None
+    try:
+        return _load_keys(root, st)
+    except OSError as e:
+        raise _unreadable(root, e) from None
+
+
+def _unreadable(root: Path, e: OSError) -> SecurityError:
+    where = "" if e.filename is None or str(e.filename) == str(root) else f" ({e.filename})"
+    return SecurityError(
+        f"cannot read the CURVE key directory {root}{where}: {e.strerror or e}; expected a key directory made by "
+        f"'ckptd keygen' that this user can read: check the path (--keys / {KEYS_ENV}), its owner and permissions"
+    )
+
+
+def _load_keys(root: Path, st: os.stat_result) -> Keys:
     if not stat.S_ISDIR(st.st_mode):
         raise SecurityError(f"{root} is not a directory; expected a CURVE key directory made by 'ckptd keygen'")
-    _check_not_shared_writable(root, "key directory")
+    _check_trusted(root, "key directory", st)
     paths = _key_paths(root)
     server_public, _ = _read_key_file(paths.server_public, secret=False)
     server_secret = _read_secret_if_present(paths.server_secret, server_public)
@@ -377,11 +399,21 @@ def _key_paths(root: Path) -> KeyPaths:
     )
 
 
-def _check_not_shared_writable(path: Path, what: str, st: os.stat_result | None = None) -> None:
-    mode = (st or os.stat(path)).st_mode
-    if mode & 0o022:
+def _check_trusted(path: Path, what: str, st: os.stat_result | None = None) -> None:
+    """Refuse a key file or directory that someone other than us (or root) could change, as ssh's StrictModes
+    does: one owned by another user (who may chmod it, swap the keys or add its own to ``authorized/``,
+    whatever its mode says now) or writable by group/other."""
+    st = st or os.stat(path)
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
         raise SecurityError(
-            f"{what} {path} is writable by group/other (mode {stat.filemode(mode)}), so anyone could replace "
+            f"{what} {path} is owned by uid {st.st_uid}, not by this user (uid {me}) or root, so that user could "
+            f"replace the keys in it; expected it owned by uid {me}: chown {me} {path}, or use a key directory "
+            "of your own ('ckptd keygen DIR')"
+        )
+    if st.st_mode & 0o022:
+        raise SecurityError(
+            f"{what} {path} is writable by group/other (mode {stat.filemode(st.st_mode)}), so anyone could replace "
             f"the keys in it; expected no group/other write: chmod go-w {path}"
         )
 
@@ -419,7 +451,7 @@ def _read_authorized(directory: Path) -> tuple[AuthorizedKey, ...]:
         return ()
     if not stat.S_ISDIR(st.st_mode):
         raise SecurityError(f"{directory} is not a directory; expected a directory of authorized public keys")
-    _check_not_shared_writable(directory, "authorized-keys directory", st)
+    _check_trusted(directory, "authorized-keys directory", st)
     names = sorted(n for n in os.listdir(directory) if n.endswith(PUBLIC_SUFFIX) and not n.startswith("."))
     if len(names) > MAX_AUTHORIZED_KEYS:
         raise SecurityError(f"{directory} holds {len(names)} keys; at most {MAX_AUTHORIZED_KEYS} are supported")
@@ -449,7 +481,7 @@ def _read_key_file(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
                 f"{kind} {path} is {st.st_size} bytes; a key file is under {MAX_KEY_FILE_BYTES} bytes, "
                 "so this is not one"
             )
-        _check_not_shared_writable(path, kind, st)
+        _check_trusted(path, kind, st)
         if secret and st.st_mode & 0o044:
             raise SecurityError(
                 f"{kind} {path} is readable by group/other (mode {stat.filemode(st.st_mode)}); a secret key "
@@ -847,7 +879,7 @@ class ServerSecurity:
         logger.warning("refused %s: %s; its messages are dropped%s", who, reason, repeats)
 
 
-def handshake_failure_reason(event: int, value: int) -> str:
+def handshake_failure_reason(event: int, value: int, client: bool = False) -> str:
     """A readable cause for a socket monitor's handshake-failure event, on either end of a connection.
 
     The daemon logs it for refused peers; a client can use it on its own monitor to tell its user why a
@@ -856,6 +888,8 @@ def handshake_failure_reason(event: int, value: int) -> str:
     Args:
         event: ``zmq.EVENT_HANDSHAKE_FAILED_*`` (``parse_monitor_message(...)["event"]``).
         value: the event's value (a ZMTP protocol error code, or a ZAP status code for auth failures).
+        client: the event was seen by the connecting side. A failure without detail then means the daemon
+            hung up on us, which is what a daemon does with a HELLO it cannot decrypt.
 
     Example:
         >>> handshake_failure_reason(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400)
@@ -875,6 +909,11 @@ def handshake_failure_reason(event: int, value: int) -> str:
                 "(server.key), or a key is corrupt"
             )
         return f"malformed ZMTP handshake ({_PROTOCOL_ERRORS.get(value, hex(value))})"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and client:
+        return (
+            "the daemon hung up mid-handshake: it could not decrypt this client's CURVE hello, so the server.key "
+            "this client trusts is most likely not that daemon's (or the endpoint does not speak CURVE)"
+        )
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         # A peer without CURVE often sees the mismatch first and hangs up, so the server only sees this.
         return (

@@ -494,14 +494,22 @@ class Daemon:
         return idle is not None and not self.clients and now - self.last_activity > idle
 
     async def sweep(self, dirs: list[Path]) -> None:
+        # Best effort: a sweep only reclaims space, so whatever goes wrong in it (an unreadable directory, a
+        # file it cannot parse, a bug of ours) is logged and the daemon goes on serving. It must never keep
+        # a daemon from starting, or every CheckpointClient of that output dir would fail for good.
         for out in dirs:
             # A live view of the ledger: a transaction admitted while the sweep runs is in it before its
             # temp dir exists, so the sweep never takes that dir for an own leftover.
             try:
                 await self.run_io(self.dir_pool, ownership.sweep_stale, out, self.ledger.live.keys())
             except OSError as e:
-                logger.warning("sweeping %s failed: %s", out, e)
-        await self.run_io(self.dir_pool, writer.sweep_legacy_slabs)
+                logger.warning("sweeping %s failed: %s; its leftovers stay until a later sweep or 'ckptd gc'", out, e)
+            except Exception:
+                logger.exception("sweeping %s failed; its leftovers stay until a later sweep or 'ckptd gc'", out)
+        try:
+            await self.run_io(self.dir_pool, writer.sweep_legacy_slabs)
+        except Exception:
+            logger.exception("sweeping leftover shared-memory slabs failed; they stay until a later sweep")
 
     def stop(self) -> None:
         if self.stopping_since is None:

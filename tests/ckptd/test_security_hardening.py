@@ -1,14 +1,27 @@
-"""Review of the CURVE security of the change (issue 5, "TCP needs authentication") and of the IPC socket
-directory, with real daemons (``python -m ckptd serve``), real keys and real sockets.
+"""Hardening of ckptd's two gates, with real daemons (``python -m ckptd serve``), real keys and real sockets.
 
-xfail(strict) tests reproduce defects found in review (an XPASS, i.e. a failure, once fixed); the others
-pin down what held, so that it keeps holding.
+What it proves:
+
+- key material is trusted only when this user (or root) owns it: a key directory, ``authorized/``, a public
+  key in it or a server secret owned by another uid is refused, whatever its mode (as ssh's StrictModes);
+- a key path that cannot be read (a FIFO, a symlink loop) is refused with exit 2 and a message naming it,
+  never a traceback, by ``ckptd serve``, ``ckptd status`` and ``CheckpointClient`` alike;
+- ``ckptd status`` against a daemon that refuses our CURVE key says it was refused, why, and what to do,
+  instead of "no daemon answered";
+- ``ckptd serve`` on ``ipc://`` never changes the mode of a directory it did not create (``/tmp``-like 1777
+  directories keep their sticky bit; a shared directory is refused with a message naming a private one),
+  creates a missing one ``0700`` and still repairs its own runtime directory ``/tmp/ckptd-<uid>``;
+- a flood of unauthorized CURVE handshakes neither stalls the daemon nor floods its log, and IPC endpoints
+  stay plain whatever ``$CKPTD_KEYS`` says.
+
+These started as a review's strict-xfail reproductions (issue 5, "TCP needs authentication").
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -22,6 +35,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from ckptd import protocol as proto
 from ckptd import security as sec
 from ckptd.cli import request_status
 from ckptd.security import SecurityError
@@ -102,12 +116,6 @@ def tcp_daemon(key_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
 # ------------------------------------------------------------------ 1. key files owned by someone else
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: load_keys checks mode bits only (_check_not_shared_writable, ckptd/security.py), never "
-    "the owner: a key directory, authorized/ or a secret owned by another user is accepted, although that user "
-    "can swap the keys or drop its own key into authorized/ (ssh's StrictModes refuses this)",
-)
 @pytest.mark.parametrize("target", ["authorized", "authorized/client.key", ".", "server.key_secret"])
 def test_load_keys_refuses_key_files_owned_by_another_user(key_dir: Path, target: str) -> None:
     path = key_dir / target
@@ -116,15 +124,24 @@ def test_load_keys_refuses_key_files_owned_by_another_user(key_dir: Path, target
         sec.load_keys(key_dir)
 
 
+def test_keygen_refuses_to_write_into_a_directory_owned_by_another_user(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    r = ckptd_cli("keygen", str(theirs))
+    assert r.returncode == 2 and "owned by uid 4242" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (theirs / "server.key").exists()
+
+
+def test_keygen_into_a_path_it_cannot_create_answers_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    r = ckptd_cli("keygen", str(tmp_path / "a-file" / "keys"))
+    assert r.returncode == 2 and "cannot write CURVE keys" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 # ---------------------------------------------------- 2. ckptd status when the daemon refuses the key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: request_status (ckptd/cli.py) has no handshake monitor: a daemon refusing the client "
-    "key looks like no daemon at all ('no daemon answered ... start one with ckptd serve'), unlike the rank's "
-    "transport, which says why",
-)
 def test_status_with_a_refused_key_says_it_was_refused(
     tcp_daemon: tuple[str, Path], key_dir: Path, tmp_path: Path
 ) -> None:
@@ -139,15 +156,28 @@ def test_status_with_a_refused_key_says_it_was_refused(
     assert "start one with" not in r.stderr, r.stderr
 
 
+def test_status_with_another_daemons_server_key_is_not_told_no_daemon_answered(
+    tcp_daemon: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The client trusts a server key this daemon does not hold: the CURVE handshake cannot complete."""
+    endpoint, _ = tcp_daemon
+    other = tmp_path / "other"
+    sec.generate_keys(other)
+    r = ckptd_cli("status", "--endpoint", endpoint, "--timeout", "2", env={sec.KEYS_ENV: str(other)})
+    assert r.returncode == 2, r.stderr
+    assert "refused this client's CURVE handshake" in r.stderr and "server.key" in r.stderr, r.stderr
+    assert "start one with" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_status_with_the_right_keys_still_answers(tcp_daemon: tuple[str, Path], key_dir: Path) -> None:
+    endpoint, _ = tcp_daemon
+    r = ckptd_cli("status", "--endpoint", endpoint, "--timeout", "5", env={sec.KEYS_ENV: str(key_dir)})
+    assert r.returncode == 0 and "daemon" in r.stdout, r.stderr
+
+
 # ------------------------------------------------- 3. the IPC socket directory of a shared directory
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: ensure_private_dir (ckptd/protocol.py) chmods an existing socket directory to 0700 "
-    "when its owner is us: 'ckptd serve --endpoint ipc:///tmp/x.sock' as root turns /tmp (1777) into 0700 and "
-    "drops its sticky bit, a group-shared project dir loses its group; the docstring says it refuses",
-)
 def test_serve_on_ipc_never_chmods_an_existing_shared_directory(tmp_path: Path) -> None:
     shared = tmp_path / "shared-tmp"
     shared.mkdir()
@@ -158,6 +188,68 @@ def test_serve_on_ipc_never_chmods_an_existing_shared_directory(tmp_path: Path) 
         while proc.poll() is None and request_status(endpoint, 0.5) is None and time.monotonic() < deadline:
             pass
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777, oct(os.stat(shared).st_mode)
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o755, 0o770])
+def test_serve_on_ipc_refuses_a_shared_directory_and_names_a_private_one(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptd", "serve", "--endpoint", f"ipc://{shared}/d.sock"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert str(shared) in r.stderr and "private" in r.stderr and "group/other" in r.stderr, r.stderr
+    assert stat.S_IMODE(os.stat(shared).st_mode) == mode
+    assert not (shared / "d.sock").exists() and not (shared / "d.sock.lock").exists()
+
+
+def test_serve_on_ipc_creates_a_missing_socket_directory_private_and_serves(tmp_path: Path) -> None:
+    sock_dir = tmp_path / "new" / "sockets"
+    endpoint = f"ipc://{sock_dir}/d.sock"
+    with serve("--endpoint", endpoint) as proc:
+        wait_answering(endpoint, None, proc)
+        assert stat.S_IMODE(os.stat(sock_dir).st_mode) == 0o700
+    # A second daemon on the same, now existing and private, directory is fine too.
+    with serve("--endpoint", endpoint) as proc:
+        wait_answering(endpoint, None, proc)
+
+
+def test_the_users_own_runtime_directory_is_made_private_again(tmp_path: Path) -> None:
+    """/tmp/ckptd-<uid> is ckptd's alone: found open to others (an old version, a umask), it is repaired.
+    Run as another uid so that this test never touches the runtime directory other tests use."""
+    runtime = Path(f"/tmp/ckptd-{OTHER_UID}")
+    if runtime.exists():
+        pytest.skip(f"{runtime} exists already; not touching another user's directory")
+    runtime.mkdir(mode=0o755)
+    try:
+        os.chmod(runtime, 0o755)
+        os.chown(runtime, OTHER_UID, OTHER_UID)
+        # A forked child that becomes the other user: the interpreter under /root is not executable for it.
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.setgid(OTHER_UID)
+                os.setuid(OTHER_UID)
+                assert proto.runtime_dir() == str(runtime), proto.runtime_dir()
+                proto.ensure_private_dir(proto.runtime_dir())
+                os.write(write_end, oct(stat.S_IMODE(os.stat(runtime).st_mode)).encode())
+                os._exit(0)
+            except BaseException as e:  # noqa: BLE001 - report anything to the parent
+                os.write(write_end, f"child failed: {e!r}".encode())
+                os._exit(1)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            said = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0 and said == "0o700", said
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- what held
@@ -249,15 +341,38 @@ def test_serve_on_tcp_refuses_to_start_with_a_fifo_as_keys(tmp_path: Path) -> No
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(fifo) in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: load_keys turns FileNotFoundError into SecurityError but lets any other OSError of "
-    "os.stat(root) escape (ELOOP, ENAMETOOLONG, ENOTDIR...); cmd_serve catches PermissionError/SecurityError "
-    "only, so 'ckptd serve --keys LOOP' dies with a traceback and exit 1 (ckptd status, and CheckpointClient "
-    "via keys_for_endpoint, likewise get a raw OSError)",
-)
 def test_serve_on_tcp_refuses_keys_that_are_a_symlink_loop_without_a_traceback(tmp_path: Path) -> None:
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     r = serve_with_keys(loop)
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(loop) in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("where", ["keys", "authorized", "server.key"])
+def test_a_symlink_loop_anywhere_in_the_keys_is_a_security_error_naming_it(key_dir: Path, where: str) -> None:
+    if where == "keys":
+        keys = key_dir.parent / "loop"
+        keys.symlink_to(keys)
+        loop = keys
+    else:
+        keys = key_dir
+        loop = key_dir / where
+        shutil.rmtree(loop) if loop.is_dir() else loop.unlink()
+        loop.symlink_to(loop)
+    with pytest.raises(SecurityError, match=str(loop) if where == "keys" else where):
+        sec.keys_for_endpoint("tcp://127.0.0.1:1", keys)
+
+
+def test_status_and_a_rank_answer_a_symlink_loop_as_keys_in_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client import CheckpointClient, CheckpointError
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    r = ckptd_cli("status", "--endpoint", endpoint, "--timeout", "1", env={sec.KEYS_ENV: str(loop)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and str(loop) in r.stderr, r.stderr
+    monkeypatch.setenv(sec.KEYS_ENV, str(loop))
+    with pytest.raises(CheckpointError, match=str(loop)):
+        CheckpointClient(tmp_path / "out", [], endpoint=endpoint)
