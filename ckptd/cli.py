@@ -211,14 +211,30 @@ def checkpoint_arg(arg: str) -> Path:
     raise CliError(f"{path} has no {fmt.MANIFEST_NAME}, so it is not a committed ckptd checkpoint; {expected}")
 
 
-def load_manifest(path: Path, code: int = EXIT_USAGE) -> fmt.Manifest:
+def open_checkpoint(path: Path, code: int = EXIT_USAGE) -> fmt.CheckpointDir:
+    """The checkpoint directory opened once (``O_DIRECTORY | O_NOFOLLOW``), so that every file is then read
+    relative to it and a directory swapped for a symlink meanwhile is never followed; CliError if not."""
+    try:
+        return fmt.CheckpointDir(path)
+    except FileNotFoundError:
+        raise CliError(
+            f"{path}: no such directory (removed meanwhile?); list checkpoints with 'ckptd ls'", code
+        ) from None
+    except fmt.FormatError as e:
+        raise CliError(str(e), code) from None
+    except OSError as e:
+        raise CliError(f"{path}: cannot be opened ({e.strerror or e})", code) from None
+
+
+def load_manifest(path: Path | fmt.CheckpointDir, code: int = EXIT_USAGE) -> fmt.Manifest:
     """The checkpoint's manifest, read safely (bounded, regular file only); CliError with ``code`` if not."""
+    base = path.path if isinstance(path, fmt.CheckpointDir) else path
     try:
         return fmt.read_manifest(path)
     except fmt.FormatError as e:
-        raise CliError(f"{e}; 'ckptd verify {path}' reports every problem", code) from None
+        raise CliError(f"{e}; 'ckptd verify {base}' reports every problem", code) from None
     except OSError as e:
-        raise CliError(f"{path / fmt.MANIFEST_NAME}: cannot be read ({e.strerror or e})", code) from None
+        raise CliError(f"{base / fmt.MANIFEST_NAME}: cannot be read ({e.strerror or e})", code) from None
 
 
 @dataclass
@@ -468,16 +484,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = checkpoint_arg(args.checkpoint)
-    manifest = load_manifest(path)
+    with open_checkpoint(path) as d:
+        return inspect_checkpoint(args, d)
+
+
+def inspect_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
+    path = d.path
+    manifest = load_manifest(d)
     if args.json:
         try:
-            sys.stdout.write(fmt.read_manifest_bytes(path).decode("utf-8"))
+            sys.stdout.write(fmt.read_manifest_bytes(d).decode("utf-8"))
         except (fmt.FormatError, OSError) as e:  # replaced since it was parsed a moment ago
             raise CliError(f"{path / fmt.MANIFEST_NAME}: cannot be read again ({e})") from None
         return EXIT_OK
-    # Types, sizes and headers of every listed file (a few KiB read each): the manifest is not shown as
-    # truth where the files contradict it.
-    problems = fmt.disk_problems(path, manifest, structure=True)
+    # Types, sizes and headers of every listed file (a few KiB read each), and the model index against the
+    # manifest: the manifest is not shown as truth where the files contradict it.
+    problems = fmt.disk_problems(path, manifest, structure=True, at=d)
     bad_files = {rel for rel in manifest.files if any(p.startswith(f"{path / rel}:") for p in problems)}
     age = timestamp_age(manifest.timestamp)
     header = [
@@ -712,11 +734,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- export
 
 
-def copy_verified(src: Path, dst: Path, record: fmt.FileRecord, progress: Progress) -> None:
+def copy_verified(
+    src: Path, dst: Path, record: fmt.FileRecord, progress: Progress, at: fmt.CheckpointDir | None = None
+) -> fmt.reading.Structure:
     """Copy ``src`` to ``dst`` through a temporary name, keeping it only if the bytes copied are verified.
 
     ``src`` is read by ``fmt.stream_verified``: a regular file only (never a FIFO, a device, or a symlink
-    to something outside the checkpoint), its size, checksum and safetensors header checked as it streams.
+    to something outside the checkpoint), opened relative to ``at`` (the checkpoint directory opened once)
+    when given, its size, checksum and safetensors header checked as it streams. Returns what the header
+    check parsed (``(metadata, layout)`` of a shard, ``(weight_map, tied)`` of the index).
     """
     tmp = dst.with_name(f".{dst.name}.ckptd-export")
     tmp.unlink(missing_ok=True)
@@ -730,21 +756,74 @@ def copy_verified(src: Path, dst: Path, record: fmt.FileRecord, progress: Progre
                 done += os.write(fd, chunk[done:])
 
         try:
-            fmt.stream_verified(src, record, sink=write_all, progress=progress)
+            parsed = fmt.stream_verified(src, record, sink=write_all, progress=progress, at=at)
         except fmt.FormatError as e:
             raise CliError(f"{e}; the checkpoint is damaged, export an older one", EXIT_CHECK_FAILED) from None
         os.close(fd)
         fd = -1
         os.replace(tmp, dst)
+        return parsed
     finally:
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
 
 
+def _is_checkpoints_tree(directory: Path) -> bool:
+    """True for a directory named ``checkpoints`` that holds anything ckptd puts there (a checkpoint, a temp
+    or trash dir, the lease): the ``checkpoints/`` of some output dir, not a user's folder of that name."""
+    if directory.name != fmt.CHECKPOINTS_DIRNAME:
+        return False
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    return any(
+        fmt.parse_checkpoint_dirname(n) is not None
+        or fmt.parse_temp_dirname(n) is not None
+        or fmt.is_trash_dirname(n)
+        or n == fmt.LEASE_NAME
+        for n in names
+    )
+
+
+def export_dest_problem(dest: Path, source: Path) -> str | None:
+    """Why ``dest`` must not receive an export of the checkpoint ``source``, or None.
+
+    Refused: a DEST that resolves (symlinks followed) to the source checkpoint or anywhere inside it, or
+    inside any output dir's ``checkpoints/`` tree (the source's own included): export writes shards and an
+    index, and there they would replace a committed checkpoint's files or be taken for a checkpoint.
+    """
+    target = dest.resolve()
+    src = source.resolve()
+    advice = (
+        "choose a DEST outside every OUTPUT_DIR/checkpoints/ tree, e.g. OUTPUT_DIR/export-"
+        f"{fmt.parse_checkpoint_dirname(source.name) or 'STEP'}"
+    )
+    for a in (target, *target.parents):
+        if a == src:
+            return (
+                f"{dest} resolves to {target}, inside the checkpoint being exported ({source}); writing there "
+                f"would replace its committed files: {advice}"
+            )
+        if a == src.parent or _is_checkpoints_tree(a):
+            return (
+                f"{dest} resolves to {target}, inside {a}, the checkpoints directory of a ckptd output dir; "
+                f"files written there would replace a committed checkpoint's own or be taken for one: {advice}"
+            )
+    return None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     path = checkpoint_arg(args.checkpoint)
-    manifest = load_manifest(path, EXIT_CHECK_FAILED)
+    with open_checkpoint(path, EXIT_CHECK_FAILED) as d:
+        return export_checkpoint(args, d)
+
+
+def export_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
+    """``ckptd export``: every file is read relative to ``d`` (the checkpoint directory opened once)."""
+    path = d.path
+    manifest = load_manifest(d, EXIT_CHECK_FAILED)
     model = manifest.components.get(fmt.MODEL_KEY)
     if model is None:
         raise CliError(
@@ -759,26 +838,25 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"shards with {fmt.MODEL_INDEX_NAME}; only a GLOBAL or REPLICATED model with a flat "
             "{name: tensor} state_dict is written in Hugging Face layout. Load this one with client.load()"
         )
+    index_path = path / fmt.MODEL_INDEX_NAME
     index_rec = manifest.files[fmt.MODEL_INDEX_NAME]
     try:
-        index_bytes = fmt.read_verified(path / fmt.MODEL_INDEX_NAME, index_rec, max_bytes=fmt.MAX_INDEX_BYTES)
-        weight_map, tied = fmt.parse_model_index(bytes(index_bytes))
+        index_bytes = fmt.read_verified(index_path, index_rec, max_bytes=fmt.MAX_INDEX_BYTES, at=d)
+        weight_map, tied = fmt.parse_model_index(bytes(index_bytes), str(index_path))
     except fmt.FormatError as e:
         raise CliError(f"{e}; the checkpoint is damaged, export an older one", EXIT_CHECK_FAILED) from None
     except OSError as e:
-        raise CliError(
-            f"{path / fmt.MODEL_INDEX_NAME}: cannot be read ({e.strerror or e})", EXIT_CHECK_FAILED
-        ) from None
+        raise CliError(f"{index_path}: cannot be read ({e.strerror or e})", EXIT_CHECK_FAILED) from None
+    # Every shard the index names must be a file of the model component (never, say, the optimizer state).
+    problems = fmt.index_problems(path, manifest, weight_map, tied)
+    if problems:
+        raise CliError(f"{problems[0]} (nothing was exported)", EXIT_CHECK_FAILED)
     shards = sorted(set(weight_map.values()))
-    unknown = [s for s in shards if s not in manifest.files]
-    if unknown:
-        raise CliError(
-            f"{path / fmt.MODEL_INDEX_NAME} names shard(s) {unknown} that the manifest does not list; "
-            "the checkpoint is damaged, export an older one",
-            EXIT_CHECK_FAILED,
-        )
 
     dest = Path(args.dest)
+    problem = export_dest_problem(dest, path)
+    if problem is not None:
+        raise CliError(problem)
     if dest.exists() and not dest.is_dir():
         raise CliError(f"{dest} exists and is not a directory; expected a new or empty directory")
     created = not dest.exists()
@@ -794,10 +872,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     written: list[Path] = []
     try:
         for shard in shards:
-            copy_verified(path / shard, dest / shard, manifest.files[shard], progress)
+            parsed = copy_verified(path / shard, dest / shard, manifest.files[shard], progress, at=d)
             written.append(dest / shard)
+            # Each tensor the index maps to this shard must be in its header (checked before the index is
+            # written, so a failure leaves nothing behind).
+            names = {e.name for e in parsed[1].entries} if parsed is not None else set()
+            problems = fmt.index_problems(path, manifest, weight_map, tied, {shard: names})
+            if problems:
+                raise CliError(f"{problems[0]} (nothing was exported)", EXIT_CHECK_FAILED)
         # The index last, as in the checkpoint: without it no loader picks up a partial export.
-        copy_verified(path / fmt.MODEL_INDEX_NAME, dest / fmt.MODEL_INDEX_NAME, index_rec, progress)
+        copy_verified(index_path, dest / fmt.MODEL_INDEX_NAME, index_rec, progress, at=d)
         written.append(dest / fmt.MODEL_INDEX_NAME)
     except BaseException as e:
         if progress.shown and progress.tty:

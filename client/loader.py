@@ -34,6 +34,20 @@ class ReadResult:
     bytes_read: int
 
 
+# What reading hostile content can raise besides FormatError/OSError (torch refusing a shape that
+# safetensors accepts, e.g. [0, 2**63]); it is the checkpoint's fault, so it becomes VerificationFailed.
+CONTENT_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+    RuntimeError,
+)
+
+
 def tensors_from_buffer(buf: Any, layout: fmt.SafetensorsLayout) -> dict[str, torch.Tensor]:
     base = len(layout.header)
     out = {}
@@ -47,32 +61,47 @@ def tensors_from_buffer(buf: Any, layout: fmt.SafetensorsLayout) -> dict[str, to
     return out
 
 
+def _damaged(path: Path, e: BaseException) -> VerificationFailed:
+    """VerificationFailed naming the file for an error its content caused."""
+    if isinstance(e, fmt.FormatError):
+        text = str(e)
+        return VerificationFailed(text if text.startswith(str(path)) else f"{path}: {text}")
+    if isinstance(e, OSError):
+        return VerificationFailed(f"{path}: cannot be read ({e.strerror or e})")
+    return VerificationFailed(
+        f"{path}: cannot be read as a checkpoint file ({type(e).__name__}: {fmt.brief(str(e))}); it is damaged"
+    )
+
+
 def read_safetensors(
-    path: Path, record: fmt.FileRecord, verify: bool
+    d: fmt.CheckpointDir, name: str, record: fmt.FileRecord, verify: bool
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of one safetensors file, mapped copy-on-write and verified; opened relative to
+    the checkpoint directory ``d``. Anything wrong with the file is a VerificationFailed naming it."""
+    path = d.path / name
     try:
-        buf = fmt.map_verified(path, record, verify_checksum=verify)
-    except fmt.FormatError as e:
-        raise VerificationFailed(str(e)) from None
-    except OSError as e:
-        raise VerificationFailed(f"{path}: cannot be read ({e.strerror})") from None
-    view = memoryview(buf)
+        buf = fmt.map_verified(path, record, verify_checksum=verify, at=d)
+    except (fmt.FormatError, OSError) as e:
+        raise _damaged(path, e) from None
     try:
-        meta, layout = fmt.parse_safetensors_header(view, len(buf))
-    except fmt.FormatError as e:
-        raise VerificationFailed(f"{path}: {e}") from None
-    finally:
-        view.release()
-    return meta, tensors_from_buffer(buf, layout)
+        view = memoryview(buf)
+        try:
+            meta, layout = fmt.parse_safetensors_header(view, len(buf))
+        finally:
+            view.release()
+        return meta, tensors_from_buffer(buf, layout)
+    except (fmt.FormatError, *CONTENT_ERRORS) as e:
+        raise _damaged(path, e) from None
 
 
-def read_file(path: Path, record: fmt.FileRecord, verify: bool, max_bytes: int | None = None) -> bytearray:
+def read_file(
+    d: fmt.CheckpointDir, name: str, record: fmt.FileRecord, verify: bool, max_bytes: int | None = None
+) -> bytearray:
+    path = d.path / name
     try:
-        return fmt.read_verified(path, record, verify_checksum=verify, max_bytes=max_bytes)
-    except fmt.FormatError as e:
-        raise VerificationFailed(str(e)) from None
-    except OSError as e:
-        raise VerificationFailed(f"{path}: cannot be read ({e.strerror})") from None
+        return fmt.read_verified(path, record, verify_checksum=verify, max_bytes=max_bytes, at=d)
+    except (fmt.FormatError, OSError) as e:
+        raise _damaged(path, e) from None
 
 
 def _record(ckpt: Path, manifest: fmt.Manifest, name: str) -> fmt.FileRecord:
@@ -109,25 +138,33 @@ def topology_mismatch(
     return None
 
 
-def read_component(ckpt: Path, manifest: fmt.Manifest, p: ComponentPlan, verify: bool) -> tuple[Any, int]:
+def read_component(d: fmt.CheckpointDir, manifest: fmt.Manifest, p: ComponentPlan, verify: bool) -> tuple[Any, int]:
+    ckpt = d.path
     comp = manifest.components[p.key]
     if p.is_model_index and p.filename in comp.files:
+        index_path = ckpt / p.filename
         index_rec = _record(ckpt, manifest, p.filename)
-        index = read_file(ckpt / p.filename, index_rec, verify, max_bytes=fmt.MAX_INDEX_BYTES)
+        index = read_file(d, p.filename, index_rec, verify, max_bytes=fmt.MAX_INDEX_BYTES)
         try:
-            weight_map, tied = fmt.parse_model_index(bytes(index))
+            weight_map, tied = fmt.parse_model_index(bytes(index), str(index_path))
         except fmt.FormatError as e:
-            raise VerificationFailed(f"{ckpt / p.filename}: {e}") from None
+            raise _damaged(index_path, e) from None
+        # Only the model's own shards, never another component's file, whatever the index says.
+        problems = fmt.index_problems(ckpt, manifest, weight_map, tied)
+        if problems:
+            raise VerificationFailed(problems[0])
         state: dict[str, torch.Tensor] = {}
+        shard_tensors: dict[str, set[str]] = {}
         nbytes = index_rec.size
         for shard in sorted(set(weight_map.values())):
             rec = _record(ckpt, manifest, shard)
-            _, tensors = read_safetensors(ckpt / shard, rec, verify)
+            _, tensors = read_safetensors(d, shard, rec, verify)
             nbytes += rec.size
+            shard_tensors[shard] = set(tensors)
             state.update(tensors)
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise VerificationFailed(f"{ckpt / p.filename}: weight_map names tensors no shard holds: {missing[:5]}")
+        problems = fmt.index_problems(ckpt, manifest, weight_map, tied, shard_tensors)
+        if problems:
+            raise VerificationFailed(problems[0])
         for group in tied:
             for alias in group[1:]:
                 state[alias] = state[group[0]]
@@ -136,16 +173,18 @@ def read_component(ckpt: Path, manifest: fmt.Manifest, p: ComponentPlan, verify:
         return ordered, nbytes
     name = p.filename if not p.is_model_index else fmt.component_filename(p.key, p.pattern.value)
     rec = _record(ckpt, manifest, name)
-    meta, tensors = read_safetensors(ckpt / name, rec, verify)
+    meta, tensors = read_safetensors(d, name, rec, verify)
     tree_json = meta.get(fmt.TREE_METADATA_KEY)
     if tree_json is None:
         raise VerificationFailed(f"{ckpt / name}: header metadata lacks {fmt.TREE_METADATA_KEY!r}")
     try:
-        import json
-
-        state = fmt.unflatten_state(json.loads(tree_json), tensors)
-    except (ValueError, fmt.FormatError) as e:
-        raise VerificationFailed(f"{ckpt / name}: cannot rebuild the state tree ({e})") from None
+        tree = fmt.load_tree(tree_json, f"{ckpt / name} (header metadata {fmt.TREE_METADATA_KEY!r})")
+    except fmt.FormatError as e:
+        raise VerificationFailed(str(e)) from None
+    try:
+        state = fmt.unflatten_state(tree, tensors)
+    except fmt.FormatError as e:
+        raise VerificationFailed(f"{ckpt / name}: cannot rebuild the state tree ({e}); the file is damaged") from None
     return state, rec.size
 
 
@@ -161,13 +200,29 @@ def _index_order(weight_map: dict[str, str], tied: list[list[str]]) -> list[str]
 def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: bool, verify: bool) -> ReadResult:
     """Read (and verify) everything this rank needs from ``ckpt``; applies nothing.
 
-    Raises VerificationFailed when the checkpoint is damaged (the caller may fall back to an older one),
-    CheckpointError when it cannot serve this job (missing required component, topology mismatch).
+    Raises VerificationFailed when the checkpoint is damaged (the caller may fall back to an older one):
+    anything wrong with its content, whatever the bytes, is one, naming the file at fault. CheckpointError
+    when it cannot serve this job (missing required component, topology mismatch).
     """
+    # The directory is opened once: every file is read relative to it, never through a path resolved again.
     try:
-        manifest = fmt.read_manifest(ckpt)
-    except fmt.FormatError as e:
-        raise VerificationFailed(str(e)) from None
+        d = fmt.CheckpointDir(ckpt)
+    except FileNotFoundError:
+        raise VerificationFailed(f"{ckpt}: no longer exists (deleted by retention or by hand?)") from None
+    except (fmt.FormatError, OSError) as e:
+        raise _damaged(ckpt, e) from None
+    with d:
+        return _read_share(d, plans, topo, strict, verify)
+
+
+def _read_share(
+    d: fmt.CheckpointDir, plans: list[ComponentPlan], topo: Topology, strict: bool, verify: bool
+) -> ReadResult:
+    ckpt = d.path
+    try:
+        manifest = fmt.read_manifest(d)
+    except (fmt.FormatError, OSError) as e:
+        raise _damaged(ckpt / fmt.MANIFEST_NAME, e) from None
     states: dict[str, Any] = {}
     skipped: list[str] = []
     total = 0
@@ -185,7 +240,7 @@ def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: b
             _warn(f"{ckpt}: {problem}; optional component {p.key!r} is not restored")
             skipped.append(p.key)
             continue
-        state, nbytes = read_component(ckpt, manifest, p, verify)
+        state, nbytes = read_component(d, manifest, p, verify)
         states[p.key] = state
         total += nbytes
     return ReadResult(states, skipped, total)

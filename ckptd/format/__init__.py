@@ -13,12 +13,16 @@ public name is re-exported here. The submodules, each with one job:
 - ``checksums``: xxh3-128, and the one streaming hash-while-copying helper (``HashingWriter``,
   ``hash_chunks``, ``hash_fd``);
 - ``manifest``: ``checkpoint_manifest.json`` records, parsing and reading;
-- ``safeio``: opening checkpoint files (regular files only, no symlinks, never blocking, bounded reads);
+- ``safeio``: opening checkpoint files (regular files only, no symlinks, never blocking, bounded reads),
+  relative to a checkpoint directory opened once (``CheckpointDir``);
+- ``safejson``: parsing JSON from a checkpoint in bounded memory (``load_json``), quoting hostile values;
 - ``reading``: which checkpoints exist, verification, and verified reads, maps and streams.
 
-Readers trust nothing on disk: a FIFO, a device, a symlink (file or checkpoint directory), a manifest of
-more than 64 MiB, a header length past the file's end, or a name with ``/`` or ``..`` is refused with a
-FormatError naming the file, never followed, blocked on or read without bound.
+Readers trust nothing on disk: a FIFO, a device, a symlink (file or checkpoint directory, even one swapped in
+while a reader runs), a manifest of more than 64 MiB, a header length past the file's end, JSON holding more
+values than its kind of file can (``{},`` times millions), a number of 5000 digits, nesting 100,000 deep, a
+field of the wrong type, a shape safetensors would refuse, or a name with ``/`` or ``..`` is refused with a
+FormatError naming the file, never followed, blocked on, read or parsed without bound.
 
 This package never imports torch at import time: the daemon runs without it. Functions that have to touch
 tensors import torch lazily.
@@ -58,6 +62,7 @@ from ckptd.format.header import (
     HEADER_LENGTH_BYTES,
     MAX_HEADER_BYTES,
     STORABLE_TORCH_DTYPES,
+    U64_MAX,
     SafetensorsLayout,
     TensorEntry,
     TensorTable,
@@ -74,6 +79,7 @@ from ckptd.format.header import (
 from ckptd.format.manifest import (
     MAX_FILE_SIZE,
     MAX_MANIFEST_BYTES,
+    MAX_METADATA_DEPTH,
     ComponentRecord,
     FileRecord,
     Manifest,
@@ -126,6 +132,7 @@ from ckptd.format.reading import (
     check_structure,
     disk_problems,
     find_latest_checkpoint,
+    index_problems,
     list_checkpoints,
     map_verified,
     read_verified,
@@ -136,6 +143,7 @@ from ckptd.format.reading import (
 )
 from ckptd.format.safeio import (
     OPEN_FLAGS,
+    CheckpointDir,
     check_directory,
     describe_mode,
     entry_problem,
@@ -143,7 +151,16 @@ from ckptd.format.safeio import (
     pread_exact,
     read_bounded,
 )
-from ckptd.format.tree import TensorLeaf, UnsupportedLeafError, flatten_state, unflatten_state
+from ckptd.format.safejson import MAX_JSON_VALUES, brief, json_value_count, load_json
+from ckptd.format.tree import (
+    MAX_TREE_VALUES,
+    TensorLeaf,
+    UnsupportedLeafError,
+    flatten_state,
+    load_tree,
+    tree_value_count,
+    unflatten_state,
+)
 
 __all__ = [
     "LEASE_LOCK_NAME",
@@ -153,6 +170,7 @@ __all__ = [
     "BrokenCheckpoint",
     "CHECKPOINTS_DIRNAME",
     "CHECKSUM_ALGO",
+    "CheckpointDir",
     "CheckpointInfo",
     "CheckpointSurvey",
     "ComponentRecord",
@@ -169,7 +187,10 @@ __all__ = [
     "MAX_FILE_SIZE",
     "MAX_HEADER_BYTES",
     "MAX_INDEX_BYTES",
+    "MAX_JSON_VALUES",
     "MAX_MANIFEST_BYTES",
+    "MAX_METADATA_DEPTH",
+    "MAX_TREE_VALUES",
     "MODEL_INDEX_NAME",
     "MODEL_KEY",
     "Manifest",
@@ -181,10 +202,12 @@ __all__ = [
     "TensorEntry",
     "TensorLeaf",
     "TensorTable",
+    "U64_MAX",
     "UnsupportedLeafError",
     "VerifyResult",
     "alignment_order",
     "build_model_index",
+    "brief",
     "build_safetensors_layout",
     "check_directory",
     "check_structure",
@@ -203,11 +226,15 @@ __all__ = [
     "hash_chunks",
     "hash_fd",
     "header_span",
+    "index_problems",
     "is_trash_dirname",
     "is_valid_filename",
     "is_valid_key",
     "is_valid_txn",
+    "json_value_count",
     "list_checkpoints",
+    "load_json",
+    "load_tree",
     "manifest_problems",
     "map_verified",
     "model_shard_filename",
@@ -236,6 +263,7 @@ __all__ = [
     "tensor_table",
     "torch_dtype",
     "torch_dtype_name",
+    "tree_value_count",
     "trash_dirname",
     "unflatten_state",
     "verify_checkpoint",

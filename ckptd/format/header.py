@@ -3,7 +3,8 @@
 A ckptd file is a plain safetensors file: an 8-byte little-endian header length N, N bytes of JSON padded
 with spaces to a multiple of 8, then the tensors back to back with no gap. :func:`parse_safetensors_header`
 enforces every rule the safetensors reader does, so a file that passes here opens with
-``safetensors.safe_open``; it never allocates more than :data:`MAX_HEADER_BYTES` for a header.
+``safetensors.safe_open``; it never allocates more than :data:`MAX_HEADER_BYTES` for a header, parses its JSON
+in bounded memory, and raises nothing but FormatError whatever the bytes.
 
 No torch at import time (the daemon runs without it); :func:`torch_dtype` imports it lazily.
 """
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptd.format.errors import FormatError
+from ckptd.format.safejson import brief, load_json
 
-# A header larger than this is hostile or corrupt; safetensors itself caps headers at 100 MB.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A header larger than this is hostile or corrupt; the safetensors reader refuses headers over 100,000,000 bytes
+# (MAX_HEADER_SIZE in its Rust crate), so a larger one could never be opened by it anyway.
+MAX_HEADER_BYTES = 100_000_000
+U64_MAX = 2**64 - 1
 HEADER_LENGTH_BYTES = 8
 
 # torch dtype name -> (safetensors dtype, item size in bytes)
@@ -239,9 +243,16 @@ def header_span(head: bytes | memoryview, file_size: int) -> int:
 def parse_safetensors_header(head: bytes | memoryview, file_size: int) -> tuple[dict[str, str], SafetensorsLayout]:
     """Validate and parse the header at the start of a safetensors file of ``file_size`` bytes.
 
-    ``head`` must hold at least the first 8 + header-length bytes. Checks the rules the safetensors
-    reader enforces (known dtypes, sizes matching shapes, tensors back to back covering the data
-    exactly), so a file that passes here opens with safetensors.safe_open.
+    ``head`` must hold at least the first 8 + header-length bytes. Checks every rule the safetensors
+    reader (the Rust crate) enforces, so a file that passes here opens with safetensors.safe_open:
+
+    - a JSON object of at most :data:`MAX_HEADER_BYTES` holding at most ``MAX_JSON_VALUES`` values (parsed in
+      bounded memory: see ``safejson``);
+    - ``__metadata__``, if present and not null, maps strings to strings;
+    - every other entry has a known ``dtype`` string, a ``shape`` of unsigned 64-bit integers whose running
+      product (times the item size) never overflows 64 bits, even when a later dimension is 0 (as the Rust
+      reader computes it), and ``data_offsets`` of two unsigned 64-bit integers spanning exactly that size;
+    - the tensors lie back to back from offset 0 and cover the data exactly.
 
     Args:
         head: the first bytes of the file, at least 8 + its header length (see :func:`header_span`).
@@ -249,6 +260,9 @@ def parse_safetensors_header(head: bytes | memoryview, file_size: int) -> tuple[
 
     Returns:
         ``(metadata, layout)``: the ``__metadata__`` strings and the header bytes with every tensor entry.
+
+    Raises:
+        FormatError: saying what is wrong (never another exception, whatever the bytes).
 
     Example:
         >>> layout = build_safetensors_layout([("w", "F32", (2,))])
@@ -260,37 +274,85 @@ def parse_safetensors_header(head: bytes | memoryview, file_size: int) -> tuple[
     if len(head) < 8 + n:
         raise FormatError(f"safetensors header needs {8 + n} bytes, only {len(head)} given")
     try:
-        header = json.loads(bytes(head[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"safetensors header is not valid JSON ({e})") from None
+        text = bytes(head[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"safetensors header is not valid JSON (invalid UTF-8: {e})") from None
+    header = _load_header(text)  # callers prefix the file's path to every message
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise FormatError("safetensors __metadata__ must map strings to strings")
+        raise FormatError(f"safetensors __metadata__ must map strings to strings, got {brief(meta)}")
     entries = []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise FormatError(f"safetensors entry {name!r} lacks dtype/shape/data_offsets") from None
-        if dtype not in DTYPE_SIZES:
-            raise FormatError(f"safetensors entry {name!r} has unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(_is_uint(s) for s in shape)):
-            raise FormatError(f"safetensors entry {name!r} has invalid shape {shape!r}")
-        if not (_is_uint(begin) and _is_uint(end) and begin <= end):
-            raise FormatError(f"safetensors entry {name!r} has invalid data_offsets {[begin, end]!r}")
-        if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise FormatError(f"safetensors entry {name!r}: {end - begin} bytes do not match shape {shape} {dtype}")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise FormatError(f"safetensors entry {brief(name)} lacks dtype/shape/data_offsets: {brief(info)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise FormatError(f"safetensors entry {brief(name)} has unsupported dtype {brief(dtype)}")
+        if not (isinstance(shape, list) and all(_is_u64(s) for s in shape)):
+            raise FormatError(
+                f"safetensors entry {brief(name)} has invalid shape {brief(shape)} "
+                "(expected a list of unsigned 64-bit integers)"
+            )
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise FormatError(
+                f"safetensors entry {brief(name)} lacks a [begin, end] pair of data_offsets, got {brief(offsets)}"
+            )
+        if not all(_is_u64(o) for o in offsets):
+            raise FormatError(f"safetensors entry {brief(name)} has invalid data_offsets {brief(offsets)}")
+        begin, end = offsets
+        if begin > end:
+            raise FormatError(f"safetensors entry {brief(name)} has invalid data_offsets {brief(offsets)}")
+        nbytes = _checked_nbytes(shape, DTYPE_SIZES[dtype])
+        if nbytes is None:
+            raise FormatError(
+                f"safetensors entry {brief(name)}: shape {brief(shape)} {dtype} overflows 64 bits (the product "
+                "of the dimensions, taken left to right, must stay below 2^64 as the safetensors reader "
+                "computes it)"
+            )
+        if end - begin != nbytes:
+            raise FormatError(
+                f"safetensors entry {brief(name)}: {end - begin} bytes do not match shape {brief(shape)} {dtype}"
+            )
         entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))
     entries.sort(key=lambda e: (e.begin, e.end))
     expected = 0
     for e in entries:
         if e.begin != expected:
-            raise FormatError(f"safetensors entry {e.name!r} starts at {e.begin}, expected {expected} (gap or overlap)")
+            raise FormatError(
+                f"safetensors entry {brief(e.name)} starts at {e.begin}, expected {expected} (gap or overlap)"
+            )
         expected = e.end
     if 8 + n + expected != file_size:
         raise FormatError(
             f"safetensors data covers {expected} bytes but the file holds {file_size - 8 - n} after its header"
         )
     return meta, SafetensorsLayout(bytes(head[: 8 + n]), tuple(entries))
+
+
+def _load_header(text: str) -> Any:
+    try:
+        return load_json(text, "safetensors header", "safetensors header")
+    except FormatError as e:
+        # load_json says "<where>: <what> ..."; here where and what are the same words.
+        raise FormatError(str(e).removeprefix("safetensors header: ")) from None
+
+
+def _is_u64(v: object) -> bool:
+    # JSON true/false parse as bool, an int subclass; the safetensors reader rejects them, and sizes are u64.
+    return type(v) is int and 0 <= v <= U64_MAX
+
+
+def _checked_nbytes(shape: list[int], item_size: int) -> int | None:
+    """Bytes of a tensor as the safetensors reader computes them (``try_fold(1, checked_mul)`` over the
+    dimensions, then times the item size), or None where any step overflows 64 bits."""
+    n = 1
+    for dim in shape:
+        n *= dim
+        if n > U64_MAX:
+            return None
+    n *= item_size
+    return None if n > U64_MAX else n

@@ -2,7 +2,9 @@
 
 It is written last into the temp directory, before the rename; a ``checkpoint-<step>`` directory whose
 manifest does not parse is not a checkpoint. It is read with a bound of :data:`MAX_MANIFEST_BYTES` from a
-regular file only (see ``safeio``), and every file name in it must pass ``is_valid_filename``.
+regular file only (see ``safeio``), parsed in bounded memory (see ``safejson``), and every field must have
+its type (a manifest that parses is safe to print, sum and compare), and every file name in it must pass
+``is_valid_filename``.
 """
 
 from __future__ import annotations
@@ -10,18 +12,22 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptd.format.errors import FormatError
 from ckptd.format.names import FORMAT_VERSION, MANIFEST_NAME, is_valid_filename
-from ckptd.format.safeio import check_directory, read_bounded
+from ckptd.format.safeio import CheckpointDir, read_bounded
+from ckptd.format.safejson import brief, load_json
 
 # A manifest holds a few hundred bytes per file: 64 MiB is ~200,000 files, far beyond any real checkpoint.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 # Sizes are file offsets (off_t): anything larger is a lie, whatever the file system.
 MAX_FILE_SIZE = 2**63 - 1
+# User metadata and topology are nested JSON; the daemon accepts at most 32 levels (protocol._json_like).
+MAX_METADATA_DEPTH = 64
 
 
 @dataclass
@@ -93,7 +99,11 @@ def _is_size(v: object) -> bool:
 
 
 def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
-    """Parse and validate a manifest; raises FormatError saying what is wrong.
+    """Parse and validate a manifest; raises FormatError saying what is wrong (never another exception).
+
+    Besides the JSON itself (bounded: see ``safejson``), every field must have its type: strings, counts
+    (non-negative integers, never booleans), lists of ranks, maps for the metadata (nested at most
+    :data:`MAX_METADATA_DEPTH` levels), and each file name must be one a checkpoint file can have.
 
     Args:
         data: the manifest's bytes.
@@ -103,24 +113,19 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
         >>> parse_manifest(manifest.to_json()) == manifest  # doctest: +SKIP
         True
     """
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(
-            f"{where}: not valid JSON ({type(e).__name__}: {e}); the checkpoint is damaged, resume from an older one"
-        ) from None
+    raw = load_json(data, where, "manifest")
     if not isinstance(raw, dict):
-        raise FormatError(f"{where}: expected a JSON object")
+        raise FormatError(f"{where}: expected a JSON object, got {type(raw).__name__}; the checkpoint is damaged")
     if raw.get("format") != FORMAT_VERSION:
-        raise FormatError(f"{where}: format {raw.get('format')!r}, expected {FORMAT_VERSION!r}")
+        raise FormatError(f"{where}: format {brief(raw.get('format'))}, expected {FORMAT_VERSION!r}")
     try:
         files = {}
         for path, rec in raw["files"].items():
             fr = FileRecord(**rec)
             if fr.path != path or not is_valid_filename(path) or not _is_size(fr.size):
-                raise FormatError(f"{where}: invalid file record {path!r}")
+                raise FormatError(f"{where}: invalid file record {brief(path)}")
             if not isinstance(fr.checksum, str):
-                raise FormatError(f"{where}: invalid file record {path!r}: checksum must be a string")
+                raise FormatError(f"{where}: invalid file record {brief(path)}: checksum must be a string")
             files[path] = fr
         components = {k: ComponentRecord(**c) for k, c in raw["components"].items()}
         fields = {k: v for k, v in raw.items() if k not in ("files", "components")}
@@ -128,51 +133,163 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     except FormatError:
         raise
     except (KeyError, TypeError, AttributeError) as e:
-        raise FormatError(f"{where}: missing or unexpected field ({e!r}); the manifest is damaged") from None
-    if not isinstance(manifest.step, int) or not isinstance(manifest.world_size, int):
-        raise FormatError(f"{where}: step and world_size must be integers")
-    for comp in manifest.components.values():
+        raise FormatError(
+            f"{where}: missing or unexpected field ({brief(e)}); the manifest is damaged, resume from an older "
+            "checkpoint"
+        ) from None
+    if not _is_count(manifest.step) or not _is_count(manifest.world_size):
+        raise FormatError(
+            f"{where}: step and world_size must be integers (non-negative), got {brief(manifest.step)} and "
+            f"{brief(manifest.world_size)}"
+        )
+    _check_fields(manifest, _MANIFEST_FIELDS, where, "")
+    for key, comp in manifest.components.items():
+        context = f"component {brief(key)}: "
         if not isinstance(comp.files, list) or not all(isinstance(f, str) for f in comp.files):
-            raise FormatError(f"{where}: component {comp.key!r}: 'files' must be a list of file names")
+            raise FormatError(f"{where}: {context}'files' must be a list of file names")
         if not _is_size(comp.size_bytes):
-            raise FormatError(f"{where}: component {comp.key!r}: size_bytes {comp.size_bytes!r} is not a size")
+            raise FormatError(f"{where}: {context}size_bytes {brief(comp.size_bytes)} is not a size")
+        _check_fields(comp, _COMPONENT_FIELDS, where, context)
+        if comp.key != key:
+            raise FormatError(f"{where}: {context}its record names key {brief(comp.key)}; the manifest is damaged")
         for f in comp.files:
             if f not in manifest.files:
-                raise FormatError(f"{where}: component {comp.key!r} lists {f!r}, which has no file record")
+                raise FormatError(f"{where}: component {brief(key)} lists {brief(f)}, which has no file record")
+    for path, rec in manifest.files.items():
+        _check_fields(rec, _FILE_FIELDS, where, f"file record {brief(path)}: ")
     return manifest
 
 
-def read_manifest_bytes(checkpoint_dir: str | os.PathLike) -> bytes:
+# A field's check: (predicate, what it must be, for messages).
+_Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_count(v: object) -> bool:
+    return type(v) is int and 0 <= v <= MAX_FILE_SIZE
+
+
+def _is_str(v: object) -> bool:
+    return isinstance(v, str)
+
+
+def _is_counts(v: object) -> bool:
+    return isinstance(v, list) and all(_is_count(x) for x in v)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _depth_within(v: object, limit: int) -> bool:
+    """True if ``v`` nests at most ``limit`` lists/dicts deep (iterative: never a RecursionError)."""
+    stack = [(v, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, (list, dict)):
+            if depth > limit:
+                return False
+            stack.extend((y, depth + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return True
+
+
+def _is_json_map(v: object) -> bool:
+    return isinstance(v, dict) and _depth_within(v, MAX_METADATA_DEPTH)
+
+
+_STR: _Check = (_is_str, "a string")
+_OPT_STR: _Check = (_optional(_is_str), "a string or null")
+_COUNT: _Check = (_is_count, "a non-negative integer")
+_OPT_COUNT: _Check = (_optional(_is_count), "a non-negative integer or null")
+_COUNTS: _Check = (_is_counts, "a list of non-negative integers (ranks)")
+_MAP: _Check = (_is_json_map, f"a JSON object nested at most {MAX_METADATA_DEPTH} levels")
+
+_MANIFEST_FIELDS: dict[str, _Check] = {
+    "checkpoint_path": _STR,
+    "txn": _STR,
+    "timestamp": (_is_str, "a string (an ISO-8601 time)"),
+    "topology": _MAP,
+    "metadata": _MAP,
+    "pytorch_version": _OPT_STR,
+    "ckptd_version": _OPT_STR,
+    "training_args_hash": _OPT_STR,
+}
+_COMPONENT_FIELDS: dict[str, _Check] = {
+    "key": _STR,
+    "sharing_pattern": _STR,
+    "ranks": _COUNTS,
+    "replicated_across": (_optional(_is_counts), "a list of non-negative integers (ranks) or null"),
+    "group_name": _OPT_STR,
+    "group_instances": (
+        _optional(lambda v: isinstance(v, list) and all(_is_counts(m) for m in v)),
+        "a list of rank lists or null",
+    ),
+    "checksum": _OPT_STR,
+    "required": (lambda v: isinstance(v, bool), "true or false"),
+    "metadata": _MAP,
+}
+_FILE_FIELDS: dict[str, _Check] = {
+    "component": _STR,
+    "kind": _STR,
+    "rank": _OPT_COUNT,
+    "group_instance": _OPT_COUNT,
+    "node": _OPT_COUNT,
+    "written_by": _COUNT,
+}
+
+
+def _check_fields(record: object, checks: dict[str, _Check], where: str, context: str) -> None:
+    for name, (ok, expected) in checks.items():
+        value = getattr(record, name)
+        if not ok(value):
+            raise FormatError(
+                f"{where}: {context}field {name!r} must be {expected}, got {brief(value)}; the manifest is "
+                "damaged, resume from an older checkpoint"
+            )
+
+
+def read_manifest_bytes(checkpoint_dir: str | os.PathLike | CheckpointDir) -> bytes:
     """The raw manifest of a checkpoint, read safely: the directory is a real one, the manifest a regular
     file of at most MAX_MANIFEST_BYTES (a FIFO, a symlink to /dev/zero or a huge file is a FormatError).
 
     Args:
-        checkpoint_dir: ``…/checkpoints/checkpoint-<step>``.
+        checkpoint_dir: ``…/checkpoints/checkpoint-<step>``, or that directory already open (the manifest is
+            then read relative to it: see ``safeio.CheckpointDir``).
 
     Example:
         >>> json.loads(read_manifest_bytes("out/checkpoints/checkpoint-5"))["step"]  # doctest: +SKIP
         5
     """
+    if isinstance(checkpoint_dir, CheckpointDir):
+        return _read_manifest_at(checkpoint_dir)
     path = Path(checkpoint_dir) / MANIFEST_NAME
     try:
-        check_directory(checkpoint_dir)
-        return read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
+        d = CheckpointDir(checkpoint_dir)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing; this is not a committed ckptd checkpoint") from None
+    with d:
+        return _read_manifest_at(d)
+
+
+def _read_manifest_at(d: CheckpointDir) -> bytes:
+    path = d.path / MANIFEST_NAME
+    try:
+        return read_bounded(path, MAX_MANIFEST_BYTES, "manifest", at=d)
     except FileNotFoundError:
         raise FormatError(f"{path}: missing; this is not a committed ckptd checkpoint") from None
 
 
-def read_manifest(checkpoint_dir: str | os.PathLike) -> Manifest:
+def read_manifest(checkpoint_dir: str | os.PathLike | CheckpointDir) -> Manifest:
     """Read and validate a checkpoint's manifest (see :func:`read_manifest_bytes` for what is refused).
 
     Args:
-        checkpoint_dir: ``…/checkpoints/checkpoint-<step>``.
+        checkpoint_dir: ``…/checkpoints/checkpoint-<step>``, or that directory already open.
 
     Example:
         >>> read_manifest("out/checkpoints/checkpoint-5").step  # doctest: +SKIP
         5
     """
-    path = Path(checkpoint_dir) / MANIFEST_NAME
-    return parse_manifest(read_manifest_bytes(checkpoint_dir), str(path))
+    base = checkpoint_dir.path if isinstance(checkpoint_dir, CheckpointDir) else Path(checkpoint_dir)
+    return parse_manifest(read_manifest_bytes(checkpoint_dir), str(base / MANIFEST_NAME))
 
 
 def manifest_problems(manifest: Manifest) -> list[str]:

@@ -1,8 +1,9 @@
 """The model component in Hugging Face's layout: how it is split into shards, and its index file.
 
-``model.safetensors.index.json`` is small JSON; readers load it with a bound of :data:`MAX_INDEX_BYTES`, and
-every shard name it lists must be a valid checkpoint file name (so it can never point outside the
-checkpoint directory).
+``model.safetensors.index.json`` is small JSON; readers load it with a bound of :data:`MAX_INDEX_BYTES`, parse
+it in bounded memory, and every shard name it lists must be a valid checkpoint file name (so it can never
+point outside the checkpoint directory). Which files those shards may be (the model component's own) is
+checked against the manifest by ``reading.index_problems``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ckptd.format.errors import FormatError
 from ckptd.format.names import FORMAT_VERSION, MODEL_INDEX_NAME, is_valid_filename
+from ckptd.format.safejson import brief, load_json
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3
 # An index lists one line per tensor: even a model of a million tensors stays far below this.
@@ -64,27 +66,37 @@ def build_model_index(weight_map: dict[str, str], total_size: int, tied: Sequenc
     return (json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n").encode("utf-8")
 
 
-def parse_model_index(data: bytes) -> tuple[dict[str, str], list[list[str]]]:
-    """Validate and parse ``model.safetensors.index.json``.
+def parse_model_index(data: bytes, where: str = MODEL_INDEX_NAME) -> tuple[dict[str, str], list[list[str]]]:
+    """Validate and parse ``model.safetensors.index.json`` (in bounded memory: see ``safejson``).
 
     Args:
         data: the file's bytes (read with a bound of MAX_INDEX_BYTES).
+        where: its path, for messages.
 
     Returns:
-        ``(weight_map, tied)``; every shard name in ``weight_map`` is a valid checkpoint file name.
+        ``(weight_map, tied)``; every shard name in ``weight_map`` is a valid checkpoint file name, every
+        tied group a non-empty list of tensor names.
+
+    Raises:
+        FormatError: naming ``where`` and what is wrong (never another exception).
 
     Example:
         >>> parse_model_index(b'{"weight_map": {"w": "model-00001-of-00001.safetensors"}}')
         ({'w': 'model-00001-of-00001.safetensors'}, [])
     """
+    index = load_json(data, where, "index")
     try:
-        index = json.loads(data.decode("utf-8"))
         weight_map = index["weight_map"]
         tied = index.get("metadata", {}).get("tied_weights", [])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-        raise FormatError(f"{MODEL_INDEX_NAME} is not a valid index ({e})") from None
+    except (KeyError, AttributeError, TypeError) as e:
+        raise FormatError(
+            f"{where}: not a valid index (missing or mistyped field: {brief(e)}); expected "
+            '{"metadata": {...}, "weight_map": {tensor: shard}}: the checkpoint is damaged'
+        ) from None
     if not isinstance(weight_map, dict) or not all(is_valid_filename(f) for f in weight_map.values()):
-        raise FormatError(f"{MODEL_INDEX_NAME}: weight_map must map tensor names to shard files of this checkpoint")
-    if not (isinstance(tied, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in tied)):
-        raise FormatError(f"{MODEL_INDEX_NAME}: metadata.tied_weights must be a list of lists of tensor names")
+        raise FormatError(f"{where}: weight_map must map tensor names to shard files of this checkpoint")
+    if not (
+        isinstance(tied, list) and all(isinstance(g, list) and g and all(isinstance(n, str) for n in g) for g in tied)
+    ):
+        raise FormatError(f"{where}: metadata.tied_weights must be a list of non-empty lists of tensor names")
     return weight_map, [list(g) for g in tied]

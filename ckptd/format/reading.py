@@ -10,7 +10,13 @@ retention all see the same checkpoints and the same verdicts:
   model index);
 - :func:`stream_verified`: one file streamed to a sink while it is verified (``ckptd export``);
 - :func:`read_verified`, :func:`map_verified`: one file in memory or mapped copy-on-write (the loader);
-- :func:`disk_problems`: what ``lstat`` alone reveals, cheap enough for ``ckptd ls``.
+- :func:`disk_problems`: what ``lstat`` alone reveals, cheap enough for ``ckptd ls``;
+- :func:`index_problems`: a model index checked against the manifest (its shards are the model's own
+  files) and against the shards' headers (each tensor is where the index says).
+
+A reader of a whole checkpoint passes ``at=`` (a ``safeio.CheckpointDir`` opened once) so that every file is
+opened relative to the directory it started with, never through a path resolved again (see ``safeio``).
+Whatever the bytes of a file, the only exception its content can cause here is a FormatError naming it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from ckptd.format.checksums import Sink, hash_chunks, hash_fd, short_checksum
 from ckptd.format.errors import FormatError
-from ckptd.format.header import HEADER_LENGTH_BYTES, header_span, parse_safetensors_header
+from ckptd.format.header import HEADER_LENGTH_BYTES, SafetensorsLayout, header_span, parse_safetensors_header
 from ckptd.format.manifest import FileRecord, Manifest, manifest_problems, read_manifest
 from ckptd.format.model_index import MAX_INDEX_BYTES, parse_model_index
 from ckptd.format.names import (
@@ -34,7 +40,8 @@ from ckptd.format.names import (
     is_valid_filename,
     parse_checkpoint_dirname,
 )
-from ckptd.format.safeio import entry_problem, open_regular, pread_exact, size_mismatch
+from ckptd.format.safeio import CheckpointDir, entry_problem, open_regular, pread_exact, size_mismatch
+from ckptd.format.safejson import brief, brief_text
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +164,23 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 # ----------------------------------------------------------------------------------------- one file
 
 
-def check_structure(fd: int, size: int, path: Path) -> None:
+# What check_structure parsed: (metadata, layout) of a safetensors file, (weight_map, tied) of a model index.
+Structure = tuple[dict[str, str], SafetensorsLayout] | tuple[dict[str, str], list[list[str]]] | None
+
+# What hostile content can make a parser raise besides FormatError; each becomes a FormatError naming the file.
+_CONTENT_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+    MemoryError,
+)
+
+
+def check_structure(fd: int, size: int, path: Path) -> Structure:
     """Check that an open checkpoint file is what its name says: a safetensors file whose header parses and
     whose tensors cover the data exactly, or a valid model index. Reads the header only (bounded).
 
@@ -166,29 +189,42 @@ def check_structure(fd: int, size: int, path: Path) -> None:
         size: its size.
         path: its path; the name decides what it must be.
 
+    Returns:
+        ``(metadata, layout)`` for a safetensors file, ``(weight_map, tied)`` for the model index, else None.
+
+    Raises:
+        FormatError: naming the file (never another exception, whatever its bytes).
+
     Example:
-        >>> check_structure(fd, os.fstat(fd).st_size, ckpt / "model-00001-of-00002.safetensors")  # doctest: +SKIP
+        >>> shard = ckpt / "model-00001-of-00002.safetensors"
+        >>> meta, layout = check_structure(fd, os.fstat(fd).st_size, shard)  # doctest: +SKIP
     """
     try:
         if path.name == MODEL_INDEX_NAME:
             if size > MAX_INDEX_BYTES:
                 raise FormatError(f"{size} bytes, larger than any model index can be (at most {MAX_INDEX_BYTES})")
-            parse_model_index(pread_exact(fd, size, 0, path))
-        elif path.name.endswith(".safetensors"):
+            return parse_model_index(pread_exact(fd, size, 0, path), str(path))
+        if path.name.endswith(".safetensors"):
             head = pread_exact(fd, min(size, HEADER_LENGTH_BYTES), 0, path)
             span = header_span(head, size)  # refuses an 8 EiB length before anything is allocated
-            parse_safetensors_header(head + pread_exact(fd, span - len(head), len(head), path), size)
+            return parse_safetensors_header(head + pread_exact(fd, span - len(head), len(head), path), size)
+        return None
     except FormatError as e:
         text = str(e)
         raise FormatError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+    except _CONTENT_ERRORS as e:  # a parser missed a case: still the file's fault, still named
+        raise FormatError(
+            f"{path}: cannot be parsed ({type(e).__name__}: {brief_text(str(e))}); the file is damaged, resume from "
+            "an older checkpoint"
+        ) from None
 
 
-def _open_checked(path: Path, record: FileRecord) -> tuple[int, int]:
+def _open_checked(path: Path, record: FileRecord, at: CheckpointDir | None = None) -> tuple[int, int]:
     """Open a listed file safely and check its size against the manifest; returns ``(fd, size)``."""
     if not is_valid_filename(path.name):
         raise FormatError(f"{path}: not a name a checkpoint file can have; the manifest is damaged")
     try:
-        fd, st = open_regular(path)
+        fd, st = open_regular(path, at=at)
     except FileNotFoundError:
         raise FormatError(f"{path}: missing (manifest lists {record.size} bytes)") from None
     if st.st_size != record.size:
@@ -212,7 +248,8 @@ def stream_verified(
     progress: Progress | None = None,
     verify_checksum: bool = True,
     structure: bool = True,
-) -> None:
+    at: CheckpointDir | None = None,
+) -> Structure:
     """Stream a checkpoint file to ``sink`` while checking it: type, size, checksum, then structure.
 
     Everything is checked before this returns, but the sink sees the bytes as they are read: a caller
@@ -225,6 +262,10 @@ def stream_verified(
         progress: called with the size of each chunk.
         verify_checksum: compare the checksum (without a sink and without this, the data is not read).
         structure: check the safetensors header / model index too.
+        at: the checkpoint directory, already open: the file is opened relative to it.
+
+    Returns:
+        what :func:`check_structure` parsed (None without ``structure``).
 
     Raises:
         FormatError: naming the file and what is wrong with it (missing, a FIFO, a symlink, size mismatch,
@@ -234,15 +275,14 @@ def stream_verified(
         >>> with open(tmp, "wb") as out:  # doctest: +SKIP
         ...     stream_verified(ckpt / name, manifest.files[name], sink=out.write)
     """
-    fd, size = _open_checked(path, record)
+    fd, size = _open_checked(path, record, at)
     try:
         if verify_checksum or sink is not None:
             got = hash_fd(fd, size, where=path, sink=sink, progress=progress)
             if verify_checksum:
                 _check_checksum(path, record, got)
         # After the checksum: a damaged file is reported as such; a forged one (checksum recomputed) here.
-        if structure:
-            check_structure(fd, size, path)
+        return check_structure(fd, size, path) if structure else None
     finally:
         os.close(fd)
 
@@ -254,6 +294,7 @@ def read_verified(
     verify_checksum: bool = True,
     progress: Progress | None = None,
     max_bytes: int | None = None,
+    at: CheckpointDir | None = None,
 ) -> bytearray:
     """Read a whole checkpoint file, checking its size always and its checksum when asked.
 
@@ -267,11 +308,12 @@ def read_verified(
         verify_checksum: compare the checksum.
         progress: called with the size of each chunk read.
         max_bytes: refuse a file larger than this (e.g. MAX_INDEX_BYTES for the model index).
+        at: the checkpoint directory, already open: the file is opened relative to it.
 
     Example:
         >>> index = read_verified(ckpt / MODEL_INDEX_NAME, rec, max_bytes=MAX_INDEX_BYTES)  # doctest: +SKIP
     """
-    fd, size = _open_checked(path, record)
+    fd, size = _open_checked(path, record, at)
     try:
         if max_bytes is not None and size > max_bytes:
             raise FormatError(f"{path}: {size} bytes, larger than such a file can be (at most {max_bytes} bytes)")
@@ -284,7 +326,9 @@ def read_verified(
         os.close(fd)
 
 
-def map_verified(path: Path, record: FileRecord, *, verify_checksum: bool = True) -> mmap.mmap:
+def map_verified(
+    path: Path, record: FileRecord, *, verify_checksum: bool = True, at: CheckpointDir | None = None
+) -> mmap.mmap:
     """Map a whole checkpoint file copy-on-write, checking its size always and its checksum when asked.
 
     The mapping shares the page cache: no fresh buffer has to be allocated and faulted in, and no copy is
@@ -296,11 +340,12 @@ def map_verified(path: Path, record: FileRecord, *, verify_checksum: bool = True
         path: the file (a non-empty regular file with a checkpoint file name).
         record: its manifest entry.
         verify_checksum: compare the checksum.
+        at: the checkpoint directory, already open: the file is opened relative to it.
 
     Example:
         >>> mm = map_verified(ckpt / "optimizer_state.safetensors", rec)  # doctest: +SKIP
     """
-    fd, size = _open_checked(path, record)
+    fd, size = _open_checked(path, record, at)
     try:
         if size == 0:
             raise FormatError(f"{path}: empty; a safetensors file holds at least its 8-byte header length")
@@ -348,9 +393,13 @@ def verify_checkpoint(
     """Check every file of a checkpoint against its manifest entry and its own structure.
 
     For each listed file: a regular file (never a FIFO, device or symlink: none is opened), its exact size,
-    its checksum (unless ``checksums=False``), and its structure (a safetensors header that parses with
-    tensors covering the data exactly; a valid model index). The manifest must be a bounded regular file in
-    a real directory, and agree with itself (component sizes).
+    its checksum (unless ``checksums=False``), and its structure (a safetensors header that parses, with every
+    rule of the safetensors reader, with tensors covering the data exactly; a valid model index). The
+    manifest must be a bounded regular file in a real directory, and agree with itself (component sizes);
+    the model index must map tensors only to the model's own shards, each holding the tensors mapped to it.
+
+    The directory is opened once and every file read relative to it, so a checkpoint directory swapped for
+    a symlink while this runs is never followed (see ``safeio.CheckpointDir``).
 
     Args:
         path: the checkpoint directory.
@@ -365,54 +414,160 @@ def verify_checkpoint(
     path = Path(path)
     result = VerifyResult(path)
     try:
-        manifest = read_manifest(path)
+        d = CheckpointDir(path)
+    except FileNotFoundError:
+        result.problems.append(f"{path / MANIFEST_NAME}: missing; this is not a committed ckptd checkpoint")
+        return result
     except FormatError as e:
         result.problems.append(str(e))
         return result
     except OSError as e:
-        result.problems.append(f"{path / MANIFEST_NAME}: cannot be read ({e.strerror or e})")
+        result.problems.append(f"{path}: cannot be opened ({e.strerror or e})")
         return result
-    result.problems.extend(f"{path / MANIFEST_NAME}: {p}" for p in manifest_problems(manifest))
-    for rel, record in manifest.files.items():
-        fpath = path / rel
+    with d:
         try:
-            stream_verified(fpath, record, progress=progress, verify_checksum=checksums)
+            manifest = read_manifest(d)
         except FormatError as e:
             result.problems.append(str(e))
-            continue
-        except OSError as e:  # e.g. an unreadable file
-            result.problems.append(f"{fpath}: cannot be read ({e.strerror or e})")
-            continue
-        result.files_checked += 1
-        result.bytes_checked += record.size
+            return result
+        except OSError as e:
+            result.problems.append(f"{path / MANIFEST_NAME}: cannot be read ({e.strerror or e})")
+            return result
+        result.problems.extend(f"{path / MANIFEST_NAME}: {p}" for p in manifest_problems(manifest))
+        parsed: dict[str, Structure] = {}
+        for rel, record in manifest.files.items():
+            fpath = path / rel
+            try:
+                parsed[rel] = stream_verified(fpath, record, progress=progress, verify_checksum=checksums, at=d)
+            except FormatError as e:
+                result.problems.append(str(e))
+                continue
+            except OSError as e:  # e.g. an unreadable file
+                result.problems.append(f"{fpath}: cannot be read ({e.strerror or e})")
+                continue
+            result.files_checked += 1
+            result.bytes_checked += record.size
+        result.problems.extend(_index_problems_of(path, manifest, parsed))
     return result
 
 
-def disk_problems(checkpoint_dir: Path, manifest: Manifest, *, structure: bool = False) -> list[str]:
+def _index_problems_of(path: Path, manifest: Manifest, parsed: dict[str, Structure]) -> list[str]:
+    """index_problems for a checkpoint whose files were parsed (``parsed``: file -> check_structure result)."""
+    index = parsed.get(MODEL_INDEX_NAME)
+    if index is None:
+        return []
+    weight_map, tied = index
+    shard_tensors = {
+        rel: {e.name for e in st[1].entries}
+        for rel, st in parsed.items()
+        if rel != MODEL_INDEX_NAME and st is not None and isinstance(st[1], SafetensorsLayout)
+    }
+    return index_problems(path, manifest, weight_map, tied, shard_tensors)  # type: ignore[arg-type]
+
+
+def index_problems(
+    checkpoint_dir: Path,
+    manifest: Manifest,
+    weight_map: dict[str, str],
+    tied: list[list[str]],
+    shard_tensors: dict[str, set[str]] | None = None,
+) -> list[str]:
+    """What is wrong with a model index against the manifest and, where known, the shards' headers.
+
+    Every file ``weight_map`` names must be a safetensors file of the index's own component (the model),
+    never another component's file (an optimizer state exported as a model shard); every tensor mapped to a
+    shard whose header is known (``shard_tensors``) must be in it; every tied group must start with a stored
+    tensor and alias names the index does not store.
+
+    Args:
+        checkpoint_dir: the checkpoint directory, for messages.
+        manifest: its parsed manifest.
+        weight_map: tensor name -> shard file, from the index.
+        tied: tied groups from the index (stored name first).
+        shard_tensors: shard file -> the tensor names its header holds, for the shards read so far.
+
+    Example:
+        >>> index_problems(ckpt, manifest, {"w": "optimizer_state.safetensors"}, [])  # doctest: +SKIP
+        ['…/model.safetensors.index.json: maps 1 tensor(s) (e.g. 'w') to optimizer_state.safetensors, …']
+    """
+    where = checkpoint_dir / MODEL_INDEX_NAME
+    record = manifest.files.get(MODEL_INDEX_NAME)
+    component = manifest.components.get(record.component) if record is not None else None
+    own = set(component.files) if component is not None else set()
+    problems = []
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    for shard, names in sorted(by_shard.items()):
+        if shard not in own or not shard.endswith(".safetensors"):
+            owner = manifest.files[shard].component if shard in manifest.files else None
+            what = f"a file of the {owner!r} component" if owner is not None else "not listed in the manifest"
+            problems.append(
+                f"{where}: maps {len(names)} tensor(s) (e.g. {brief(names[0])}) to {brief(shard)}, which is {what}, "
+                f"not a safetensors shard of the {brief(record.component if record else None)} component; the "
+                "index is damaged, resume or export from an older checkpoint"
+            )
+            continue
+        if shard_tensors is not None and shard in shard_tensors:
+            absent = [n for n in names if n not in shard_tensors[shard]]
+            if absent:
+                problems.append(
+                    f"{where}: maps {len(absent)} tensor(s) (e.g. {brief(absent[0])}) to {shard}, whose header "
+                    "does not hold them; the index is damaged, resume or export from an older checkpoint"
+                )
+    for group in tied:
+        if group[0] not in weight_map:
+            problems.append(
+                f"{where}: tied_weights group {brief(group)} starts with {brief(group[0])}, which no shard stores "
+                "(weight_map does not name it); the index is damaged"
+            )
+        stored_aliases = [a for a in group[1:] if a in weight_map]
+        if stored_aliases:
+            problems.append(
+                f"{where}: tied_weights group {brief(group)} aliases {brief(stored_aliases[0])}, which is stored "
+                "in its own right; the index is damaged"
+            )
+    return problems
+
+
+def disk_problems(
+    checkpoint_dir: Path, manifest: Manifest, *, structure: bool = False, at: CheckpointDir | None = None
+) -> list[str]:
     """What the directory entries of a checkpoint reveal against its manifest, without reading any data.
 
     Catches missing files, FIFOs, devices, symlinks, sizes the manifest lies about (a 909 TiB claim for a
-    1 KiB file) and manifest self-contradictions; with ``structure``, also safetensors headers and the
-    model index (a few KiB read per file). Checksums are ``verify_checkpoint``'s job.
+    1 KiB file) and manifest self-contradictions; with ``structure``, also safetensors headers, the model
+    index and the index against the manifest and the headers (a few KiB read per file). Checksums are
+    ``verify_checkpoint``'s job.
 
     Args:
         checkpoint_dir: the checkpoint directory.
         manifest: its parsed manifest.
         structure: also check each file's header (``ckptd inspect``); ``ckptd ls`` leaves it off.
+        at: the checkpoint directory, already open (else it is opened here, once).
 
     Example:
         >>> disk_problems(ckpt, read_manifest(ckpt))  # doctest: +SKIP
         ['…/model-00001-of-00002.safetensors: size mismatch (manifest 999474621104128 bytes, file 1221 bytes)']
     """
+    if at is None:
+        try:
+            with CheckpointDir(checkpoint_dir) as d:
+                return disk_problems(checkpoint_dir, manifest, structure=structure, at=d)
+        except FormatError as e:
+            return [str(e)]
+        except OSError as e:
+            return [f"{checkpoint_dir}: cannot be opened ({e.strerror or e})"]
     problems = [f"{checkpoint_dir / MANIFEST_NAME}: {p}" for p in manifest_problems(manifest)]
+    parsed: dict[str, Structure] = {}
     for rel, record in manifest.files.items():
         fpath = checkpoint_dir / rel
-        problem = entry_problem(fpath, record.size)
+        problem = entry_problem(fpath, record.size, at=at)
         if problem is None and structure:
             try:
-                fd, size = _open_checked(fpath, record)
+                fd, size = _open_checked(fpath, record, at)
                 try:
-                    check_structure(fd, size, fpath)
+                    parsed[rel] = check_structure(fd, size, fpath)
                 finally:
                     os.close(fd)
             except FormatError as e:
@@ -421,4 +576,6 @@ def disk_problems(checkpoint_dir: Path, manifest: Manifest, *, structure: bool =
                 problem = f"{fpath}: cannot be read ({e.strerror or e})"
         if problem is not None:
             problems.append(problem)
+    if structure:
+        problems.extend(_index_problems_of(checkpoint_dir, manifest, parsed))
     return problems

@@ -10,7 +10,11 @@ block forever (a FIFO), never end (a symlink to /dev/zero), or read outside the 
 - it is then opened with ``O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC`` and ``fstat``-ed again, so an
   entry swapped in between is refused too, and a FIFO can never block the open;
 - whole-file reads (manifest, index) are bounded by a limit checked against the size before any buffer is
-  allocated, and again while reading.
+  allocated, and again while reading;
+- a reader of a whole checkpoint opens its directory once (:class:`CheckpointDir`: ``O_DIRECTORY |
+  O_NOFOLLOW``) and every file relative to that descriptor (``openat``), so a checkpoint directory renamed
+  away and replaced by a symlink (or another directory) halfway through is never followed: the reader goes
+  on reading the directory it started with.
 
 Errors are FormatError naming the file, what it is, and what to do.
 """
@@ -51,19 +55,20 @@ def describe_mode(mode: int) -> str:
     return f"a special file (mode {mode:o})"
 
 
-def _link_target(path: str | os.PathLike) -> str:
+def _link_target(path: str | os.PathLike, dir_fd: int | None = None) -> str:
     try:
-        return os.readlink(path)
+        return os.readlink(path, dir_fd=dir_fd)
     except OSError:
         return "?"
 
 
-def not_a_regular_file(path: str | os.PathLike, mode: int) -> FormatError:
+def not_a_regular_file(path: str | os.PathLike, mode: int, target: str | None = None) -> FormatError:
     """The error for a checkpoint file that is not a regular file (a FIFO, a symlink, a device...).
 
     Args:
         path: the file.
         mode: its ``st_mode`` from lstat (so that a symlink shows as one).
+        target: where a symlink points (read from ``path`` when not given).
 
     Example:
         >>> str(not_a_regular_file("ckpt/model-00001-of-00001.safetensors", stat.S_IFIFO))[:60]
@@ -71,7 +76,7 @@ def not_a_regular_file(path: str | os.PathLike, mode: int) -> FormatError:
     """
     if stat.S_ISLNK(mode):
         return FormatError(
-            f"{path}: is a symbolic link (to {_link_target(path)}), not a regular file; checkpoint files are "
+            f"{path}: is a symbolic link (to {target or _link_target(path)}), not a regular file; checkpoint files are "
             "never symlinks, so ckptd does not follow it: restore the real file, or resume from an older checkpoint"
         )
     return FormatError(
@@ -80,11 +85,13 @@ def not_a_regular_file(path: str | os.PathLike, mode: int) -> FormatError:
     )
 
 
-def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+def open_regular(path: str | os.PathLike, *, at: CheckpointDir | None = None) -> tuple[int, os.stat_result]:
     """Open a checkpoint file for reading: a regular file only, never through a symlink, never blocking.
 
     Args:
         path: the file; the caller has checked its name (``is_valid_filename``) and its directory.
+        at: the checkpoint directory it is in, already open: the file is then opened relative to that
+            descriptor (``path`` must be ``at.path / name``), never by resolving ``path`` again.
 
     Returns:
         ``(fd, stat)``; the caller closes ``fd``.
@@ -97,14 +104,19 @@ def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
         >>> fd, st = open_regular(ckpt / "optimizer_state.safetensors")  # doctest: +SKIP
         >>> os.close(fd)
     """
-    st = os.lstat(path)
+    name: str | os.PathLike = path
+    dir_fd = None
+    if at is not None:
+        name, dir_fd = at.name_of(path), at.fd
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if not stat.S_ISREG(st.st_mode):
-        raise not_a_regular_file(path, st.st_mode)
+        raise not_a_regular_file(path, st.st_mode, _link_target(name, dir_fd) if stat.S_ISLNK(st.st_mode) else None)
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        fd = os.open(name, OPEN_FLAGS, dir_fd=dir_fd)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a symlink or a socket since the lstat
-            raise not_a_regular_file(path, os.lstat(path).st_mode) from None
+            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            raise not_a_regular_file(path, mode, _link_target(name, dir_fd) if stat.S_ISLNK(mode) else None) from None
         raise
     try:
         st = os.fstat(fd)
@@ -140,13 +152,14 @@ def pread_exact(fd: int, n: int, offset: int, where: str | os.PathLike) -> bytes
     return b"".join(parts)
 
 
-def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
+def read_bounded(path: str | os.PathLike, limit: int, what: str, *, at: CheckpointDir | None = None) -> bytes:
     """The whole content of a small regular file (a manifest, an index), never more than ``limit`` bytes.
 
     Args:
         path: the file.
         limit: the most bytes such a file may hold; a larger one is refused before anything is allocated.
         what: what the file is, for messages ("manifest").
+        at: its checkpoint directory, already open (see :func:`open_regular`).
 
     Raises:
         FileNotFoundError: nothing is there.
@@ -156,7 +169,7 @@ def read_bounded(path: str | os.PathLike, limit: int, what: str) -> bytes:
         >>> read_bounded(ckpt / "checkpoint_manifest.json", 64 << 20, "manifest")[:1]  # doctest: +SKIP
         b'{'
     """
-    fd, st = open_regular(path)
+    fd, st = open_regular(path, at=at)
     try:
         if st.st_size > limit:
             raise _too_large(path, st.st_size, limit, what)
@@ -214,7 +227,67 @@ def check_directory(path: str | os.PathLike) -> os.stat_result:
     return st
 
 
-def entry_problem(path: Path, expected_size: int) -> str | None:
+_DIRECTORY_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class CheckpointDir:
+    """A checkpoint directory opened once, so that every file in it is opened relative to that descriptor.
+
+    Opened with ``O_DIRECTORY | O_NOFOLLOW`` after :func:`check_directory`: a symlink or anything but a real
+    directory is refused with a FormatError. Every later open (:func:`open_regular` with ``at=``) is an
+    ``openat`` on this descriptor with a single-component name, so if the directory is renamed away and a
+    symlink put in its place halfway through a verify, an export or a load, the reader still reads the
+    directory it started with, never the link.
+
+    Use it as a context manager (or call :meth:`close`).
+
+    Example:
+        >>> with CheckpointDir("out/checkpoints/checkpoint-5") as d:  # doctest: +SKIP
+        ...     fd, st = open_regular(d.path / "optimizer_state.safetensors", at=d)
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        """Open ``path``; raises FileNotFoundError if nothing is there, FormatError if it is not a real directory."""
+        self.path = Path(path)
+        check_directory(self.path)
+        try:
+            self.fd = os.open(self.path, _DIRECTORY_FLAGS)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped since the lstat
+                check_directory(self.path)  # says what is there now
+                raise FormatError(
+                    f"{self.path}: was replaced while being opened; a committed checkpoint never changes: "
+                    "check what is modifying it, then retry"
+                ) from None
+            raise
+
+    def name_of(self, path: str | os.PathLike) -> str:
+        """The name of ``path`` inside this directory; refuses a path that is not ``self.path / <name>``."""
+        p = Path(path)
+        if p.parent != self.path or p.name in ("", ".", ".."):
+            raise ValueError(f"{p} is not a file directly inside {self.path}")
+        return p.name
+
+    def lstat(self, path: str | os.PathLike) -> os.stat_result:
+        """``lstat`` of ``self.path / name``, relative to the open directory."""
+        return os.stat(self.name_of(path), dir_fd=self.fd, follow_symlinks=False)
+
+    def link_target(self, path: str | os.PathLike) -> str:
+        return _link_target(self.name_of(path), self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> CheckpointDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def entry_problem(path: Path, expected_size: int, *, at: CheckpointDir | None = None) -> str | None:
     """What is wrong with a listed checkpoint file judged by ``lstat`` alone (no open, no read), or None.
 
     Cheap enough for ``ckptd ls`` over every checkpoint: it catches a missing file, anything that is not a
@@ -223,19 +296,21 @@ def entry_problem(path: Path, expected_size: int) -> str | None:
     Args:
         path: the file.
         expected_size: the size its manifest record claims.
+        at: its checkpoint directory, already open (the lstat is then relative to it).
 
     Example:
         >>> entry_problem(ckpt / "optimizer_state.safetensors", 909 << 40)  # doctest: +SKIP
         '…/optimizer_state.safetensors: size mismatch (manifest 999474621104128 bytes, file 1221 bytes)'
     """
     try:
-        st = os.lstat(path)
+        st = at.lstat(path) if at is not None else os.lstat(path)
     except FileNotFoundError:
         return f"{path}: missing (manifest lists {expected_size} bytes)"
     except OSError as e:
         return f"{path}: cannot be examined ({e.strerror or e})"
     if not stat.S_ISREG(st.st_mode):
-        return str(not_a_regular_file(path, st.st_mode))
+        target = (at.link_target(path) if at is not None else None) if stat.S_ISLNK(st.st_mode) else None
+        return str(not_a_regular_file(path, st.st_mode, target))
     if st.st_size != expected_size:
         return size_mismatch(path, expected_size, st.st_size)
     return None

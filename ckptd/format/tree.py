@@ -2,7 +2,9 @@
 
 :func:`flatten_state` splits a state dict into a JSON-able tree and the tensors it holds; the tree goes into
 ``__metadata__["ckptd.tree"]`` of the component's file. :func:`unflatten_state` rebuilds it. An unsupported
-leaf fails the save naming its dotted path, because pickling it would make loading run code.
+leaf fails the save naming its dotted path, because pickling it would make loading run code. A tree read
+back is parsed in bounded memory (:func:`load_tree`, at most :data:`MAX_TREE_VALUES` values, which
+:func:`flatten_state` enforces at save time too) and checked node by node.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from typing import Any
 
 from ckptd.format.errors import FormatError
 from ckptd.format.header import STORABLE_TORCH_DTYPES, safetensors_dtype
+from ckptd.format.safejson import brief, brief_text, load_json
+
+# Values (see safejson) the tree of one file may hold. A save whose non-tensor state needs more fails naming
+# the component, so every tree that was saved also loads; ~100 bytes each when loaded, so ~400 MB at most.
+MAX_TREE_VALUES = 4_000_000
 
 _TAG = "__ckptd__"
 
@@ -131,11 +138,65 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
             "dict/list/tuple, str, int, float, bool, None or bytes; convert it in state_dict()"
         )
 
-    return enc(obj, prefix), leaves
+    tree = enc(obj, prefix)
+    n = tree_value_count(tree)
+    if n > MAX_TREE_VALUES:
+        raise UnsupportedLeafError(
+            f"{prefix}: the state holds {n} values outside tensors (numbers, strings, lists...), more than the "
+            f"{MAX_TREE_VALUES} one component can store in its header; expected large sequences as tensors: "
+            "convert them in state_dict() (e.g. torch.tensor(indices))"
+        )
+    return tree, leaves
+
+
+def tree_value_count(tree: Any) -> int:
+    """The count ``safejson.json_value_count`` gives for ``json.dumps(tree)``: one per value, plus one per empty
+    list or dict (iterative: never a RecursionError).
+
+    Example:
+        >>> tree_value_count({"a": [1, 2], "b": {}})
+        6
+    """
+    n = 0
+    stack = [tree]
+    while stack:
+        x = stack.pop()
+        n += 1
+        if isinstance(x, dict):
+            stack.extend(x.values())
+            n += not x
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+            n += not x
+    return n
+
+
+def load_tree(tree_json: str, where: str) -> Any:
+    """Parse the tree JSON of a file's ``__metadata__`` in bounded memory (at most MAX_TREE_VALUES values).
+
+    Args:
+        tree_json: ``__metadata__["ckptd.tree"]``.
+        where: the file, for messages.
+
+    Raises:
+        FormatError: naming ``where``.
+
+    Example:
+        >>> load_tree('{"step": 3}', "opt_state.safetensors")
+        {'step': 3}
+    """
+    return load_json(tree_json, where, "state tree", MAX_TREE_VALUES)
+
+
+_CONTENT_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError)
 
 
 def unflatten_state(tree: Any, tensors: dict[str, Any]) -> Any:
     """Inverse of flatten_state: rebuild the state dict from its tree and ``{name: tensor}``.
+
+    The tree comes from a file and is checked node by node: whatever it holds, the only exception is a
+    FormatError saying what is wrong (a node without its fields, a field of the wrong type, a tensor the
+    file does not hold, nesting deeper than the interpreter allows...).
 
     Args:
         tree: the JSON tree from the file's ``__metadata__["ckptd.tree"]``.
@@ -145,7 +206,26 @@ def unflatten_state(tree: Any, tensors: dict[str, Any]) -> Any:
         >>> unflatten_state({"step": 3, "w": {"__ckptd__": "tensor", "name": "opt.w"}}, {"opt.w": t})["step"]
         3
     """
+    try:
+        return _decode(tree, tensors)
+    except FormatError:
+        raise
+    except RecursionError:
+        raise FormatError("state tree is nested too deeply to rebuild") from None
+    except _CONTENT_ERRORS as e:
+        raise FormatError(f"state tree is malformed ({type(e).__name__}: {brief_text(str(e))})") from None
 
+
+def _field(node: dict[str, Any], name: str, kind: type) -> Any:
+    value = node.get(name)
+    if not isinstance(value, kind):
+        raise FormatError(
+            f"state tree node {brief(node.get(_TAG))} needs field {name!r} of type {kind.__name__}, got {brief(value)}"
+        )
+    return value
+
+
+def _decode(tree: Any, tensors: dict[str, Any]) -> Any:
     def dec(x: Any) -> Any:
         if isinstance(x, list):
             return [dec(v) for v in x]
@@ -155,43 +235,56 @@ def unflatten_state(tree: Any, tensors: dict[str, Any]) -> Any:
         if tag is None:
             return {k: dec(v) for k, v in x.items()}
         if tag == "tensor":
-            return _lookup(tensors, x["name"])
+            return _lookup(tensors, _field(x, "name", str))
         if tag == "ndarray":
-            return _lookup(tensors, x["name"]).numpy()
+            return _lookup(tensors, _field(x, "name", str)).numpy()
         if tag == "tuple":
-            return tuple(dec(v) for v in x["items"])
+            return tuple(dec(v) for v in _field(x, "items", list))
         if tag == "dict":
-            return {_hashable(dec(k)): dec(v) for k, v in x["items"]}
+            out = {}
+            for pair in _field(x, "items", list):
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise FormatError(f"state tree dict node holds {brief(pair)}, expected [key, value] pairs")
+                out[_hashable(dec(pair[0]))] = dec(pair[1])
+            return out
         if tag == "float":
-            return float(x["repr"])
+            return float(_field(x, "repr", str))
         if tag == "bytes":
-            return base64.b64decode(x["b64"])
+            return base64.b64decode(_field(x, "b64", str), validate=True)
         if tag == "npscalar":
             import numpy as np
 
-            return np.dtype(x["dtype"]).type(dec(x["value"]))
+            dtype = np.dtype(_field(x, "dtype", str))
+            if dtype.kind not in "biuf":
+                raise FormatError(f"state tree names NumPy dtype {brief(dtype.str)}; only numbers are ever stored")
+            return dtype.type(dec(x.get("value")))
         if tag == "torch_dtype":
             import torch
 
             # A hostile tree could name any attribute of torch; only a dtype is ever stored here.
-            dtype = getattr(torch, str(x["name"]), None)
+            dtype = getattr(torch, str(x.get("name")), None)
             if not isinstance(dtype, torch.dtype):
-                raise FormatError(f"tree names {x['name']!r} as a torch dtype; it is not one")
+                raise FormatError(f"tree names {brief(x.get('name'))} as a torch dtype; it is not one")
             return dtype
         if tag == "torch_device":
             import torch
 
-            return torch.device(x["name"])
+            return torch.device(_field(x, "name", str))
         if tag == "torch_size":
             import torch
 
-            return torch.Size(x["items"])
-        raise FormatError(f"unknown tree node type {tag!r}; the file was written by a newer ckptd")
+            items = _field(x, "items", list)
+            if not all(type(i) is int and 0 <= i < 2**63 for i in items):
+                raise FormatError(f"state tree torch_size node holds {brief(items)}, expected sizes (integers)")
+            return torch.Size(items)
+        raise FormatError(f"unknown tree node type {brief(tag)}; the file was written by a newer ckptd")
 
     return dec(tree)
 
 
 def _hashable(k: Any) -> Any:
+    if isinstance(k, dict):
+        raise FormatError("state tree has a dict as a dict key; ckptd never writes one")
     return tuple(_hashable(v) for v in k) if isinstance(k, list) else k
 
 
@@ -199,4 +292,4 @@ def _lookup(tensors: dict[str, Any], name: str) -> Any:
     try:
         return tensors[name]
     except KeyError:
-        raise FormatError(f"tree refers to tensor {name!r}, which the file does not contain") from None
+        raise FormatError(f"tree refers to tensor {brief(name)}, which the file does not contain") from None

@@ -340,6 +340,21 @@ HOSTILE_HEADERS = {
     "float_dim": ({"a": {"dtype": "U8", "shape": [1.0], "data_offsets": [0, 1]}}, 1, "invalid shape"),
     "bool_offset": ({"a": {"dtype": "U8", "shape": [1], "data_offsets": [False, True]}}, 1, "invalid data_offsets"),
     "reversed_offsets": ({"a": {"dtype": "U8", "shape": [0], "data_offsets": [1, 0]}}, 1, "invalid data_offsets"),
+    # The running product overflows u64 before the 0 (as safetensors computes it), although Python says 0.
+    "shape_product_overflows": (
+        {"a": {"dtype": "U8", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}},
+        0,
+        "overflows 64 bits",
+    ),
+    "dim_past_u64": ({"a": {"dtype": "U8", "shape": [0, 2**70], "data_offsets": [0, 0]}}, 0, "invalid shape"),
+    "bytes_overflow_u64": ({"a": {"dtype": "F64", "shape": [2**62], "data_offsets": [0, 0]}}, 0, "overflows 64 bits"),
+    "metadata_empty_list": (
+        {"__metadata__": [], "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}},
+        1,
+        "__metadata__",
+    ),
+    "dtype_list": ({"a": {"dtype": [], "shape": [1], "data_offsets": [0, 1]}}, 1, "unsupported dtype"),
+    "dtype_object": ({"a": {"dtype": {"U8": 1}, "shape": [1], "data_offsets": [0, 1]}}, 1, "unsupported dtype"),
     "trailing_bytes": ({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, 2, "covers 1 bytes"),
 }
 
@@ -1344,3 +1359,155 @@ def test_model_index_total_size_matches_the_shards_tensor_bytes(tmp_path):
 def test_parse_model_index_rejects_malformed_indexes(data, message):
     with pytest.raises(fmt.FormatError, match=message):
         fmt.parse_model_index(data)
+
+
+# ------------------------------------------------------------------ hostile content: bounded, typed, named
+
+
+def _header_bytes(text: bytes) -> bytes:
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def test_a_zero_sized_tensor_with_a_dimension_of_2_to_the_64_minus_1_passes_as_in_safetensors(tmp_path):
+    data = _header_bytes(json.dumps({"a": {"dtype": "U8", "shape": [0, 2**64 - 1], "data_offsets": [0, 0]}}).encode())
+    _, layout = fmt.parse_safetensors_header(data, len(data))
+    assert layout.entries[0].shape == (0, 2**64 - 1)
+    (tmp_path / "a.safetensors").write_bytes(data)
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:  # the reference reader agrees
+        assert list(f.keys()) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        pytest.param(b'{"a": [' + b"1" * 5000 + b"]}", "4300 digits", id="int-5000-digits"),
+        pytest.param(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply", id="deep"),
+        pytest.param(b'{"a": [' + b"{}," * 3_000_000 + b"{}]}", "JSON values", id="millions-of-objects"),
+    ],
+)
+def test_every_json_reader_turns_hostile_json_into_a_format_error_naming_the_file(text, message):
+    with pytest.raises(fmt.FormatError, match=message) as info:
+        fmt.parse_manifest(text, "ckpt/checkpoint_manifest.json")
+    assert str(info.value).startswith("ckpt/checkpoint_manifest.json: ")
+    with pytest.raises(fmt.FormatError, match=message) as info:
+        fmt.parse_model_index(text, "ckpt/model.safetensors.index.json")
+    assert str(info.value).startswith("ckpt/model.safetensors.index.json: ")
+    data = _header_bytes(text)
+    with pytest.raises(fmt.FormatError, match=message):
+        fmt.parse_safetensors_header(data, len(data))
+    with pytest.raises(fmt.FormatError, match=message):
+        fmt.load_tree(text.decode(), "ckpt/x_state.safetensors")
+
+
+def test_json_values_inside_strings_do_not_count_against_the_limit():
+    # A tree stored as a string in a header holds commas and brackets: they are not values of the header.
+    text = json.dumps({"__metadata__": {"ckptd.tree": "[" + ",".join(["{}"] * 50) + "]"}}).encode()
+    assert fmt.json_value_count(text) > 50
+    assert fmt.json_value_count(text, limit=10) == 3  # the object, __metadata__, and the one string
+    assert fmt.load_json(text, "x", "header", max_values=10)["__metadata__"]["ckptd.tree"].startswith("[{}")
+    with pytest.raises(fmt.FormatError, match="holds 4 JSON values, more than the 3"):
+        fmt.load_json(b'{"a": [1, 2]}', "x", "header", max_values=3)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"__ckptd__": "tensor"},
+        {"__ckptd__": "tensor", "name": 5},
+        {"__ckptd__": "ndarray", "name": "missing"},
+        {"__ckptd__": "tuple", "items": 5},
+        {"__ckptd__": "dict", "items": [[{}, 1]]},
+        {"__ckptd__": "dict", "items": [[1]]},
+        {"__ckptd__": "float", "repr": "abc"},
+        {"__ckptd__": "float"},
+        {"__ckptd__": "bytes", "b64": "!!"},
+        {"__ckptd__": "npscalar", "dtype": "O", "value": 1},
+        {"__ckptd__": "npscalar", "dtype": "no-such-dtype", "value": 1},
+        {"__ckptd__": "torch_device", "name": "nowhere"},
+        {"__ckptd__": "torch_size", "items": ["x"]},
+        {"__ckptd__": "torch_size", "items": [2**63]},
+        {"__ckptd__": "torch_dtype", "name": []},
+        {"__ckptd__": ["unhashable"]},
+        {"__ckptd__": "from-the-future"},
+    ],
+    ids=repr,
+)
+def test_unflatten_raises_only_format_errors_whatever_the_tree(tree):
+    with pytest.raises(fmt.FormatError):
+        fmt.unflatten_state({"x": [tree]}, {})
+
+
+def test_a_state_tree_too_large_to_load_fails_the_save_naming_the_component():
+    state = {"indices": list(range(fmt.MAX_TREE_VALUES))}  # one list too many values (plus the dict)
+    with pytest.raises(fmt.UnsupportedLeafError, match="sampler: the state holds .* values outside tensors"):
+        fmt.flatten_state(state, "sampler")
+    tree, _ = fmt.flatten_state({"indices": list(range(1000))}, "sampler")
+    assert fmt.tree_value_count(tree) == fmt.json_value_count(json.dumps(tree), limit=0) == 1002
+
+
+MANIFEST_WRONG_TYPES = [
+    ("timestamp", lambda r: r.update(timestamp=5)),
+    ("txn", lambda r: r.update(txn=None)),
+    ("topology", lambda r: r.update(topology=[])),
+    ("metadata", lambda r: r.update(metadata=json.loads('{"a":' * 100 + "1" + "}" * 100))),
+    ("pytorch_version", lambda r: r.update(pytorch_version=2)),
+    ("ranks", lambda r: r["components"]["optim"].update(ranks="abc")),
+    ("ranks", lambda r: r["components"]["optim"].update(ranks=[0, True])),
+    ("replicated_across", lambda r: r["components"]["optim"].update(replicated_across=5)),
+    ("group_instances", lambda r: r["components"]["optim"].update(group_instances=[5])),
+    ("required", lambda r: r["components"]["optim"].update(required="yes")),
+    ("checksum", lambda r: r["components"]["optim"].update(checksum=1)),
+    ("metadata", lambda r: r["components"]["optim"].update(metadata=None)),
+    ("key", lambda r: r["components"]["optim"].update(key="other")),
+    ("component", lambda r: r["files"][OPT].update(component=None)),
+    ("rank", lambda r: r["files"][OPT].update(rank="0")),
+    ("written_by", lambda r: r["files"][OPT].update(written_by=-1)),
+]
+
+
+@pytest.mark.parametrize("field, mutate", MANIFEST_WRONG_TYPES, ids=[f for f, _ in MANIFEST_WRONG_TYPES])
+def test_parse_manifest_checks_the_type_of_every_field(field, mutate):
+    with pytest.raises(fmt.FormatError, match=f"{field}") as info:
+        fmt.parse_manifest(_mutated(mutate), "ckpt/checkpoint_manifest.json")
+    assert str(info.value).startswith("ckpt/checkpoint_manifest.json: ")
+
+
+def test_files_are_read_relative_to_the_checkpoint_directory_opened_once(tmp_path):
+    checkpoint = write_checkpoint(tmp_path, 4)
+    link = tmp_path / "checkpoints" / "checkpoint-5"
+    link.symlink_to(checkpoint)
+    with pytest.raises(fmt.FormatError, match="is a symbolic link .* not a checkpoint directory"):
+        fmt.CheckpointDir(link)
+    with fmt.CheckpointDir(checkpoint) as d:
+        manifest = fmt.read_manifest(d)
+        rec = manifest.files[OPT]
+        moved = checkpoint.with_name("elsewhere")
+        checkpoint.rename(moved)  # the path now names nothing; the open directory is still the checkpoint
+        assert bytes(fmt.read_verified(checkpoint / OPT, rec, at=d)) == (moved / OPT).read_bytes()
+        with pytest.raises(ValueError, match="not a file directly inside"):
+            fmt.read_verified(moved / OPT, rec, at=d)
+    with pytest.raises(FileNotFoundError):
+        fmt.CheckpointDir(checkpoint)
+
+
+def test_index_problems_name_a_shard_of_another_component_and_a_tensor_a_shard_lacks():
+    files = {"model-00001-of-00001.safetensors": b"abc", fmt.MODEL_INDEX_NAME: b"{}", OPT: b"xyz"}
+    m = make_manifest(files=files)
+    for name, rec in m.files.items():
+        rec.component = "optim" if name == OPT else "model"
+    model_files = ["model-00001-of-00001.safetensors", fmt.MODEL_INDEX_NAME]
+    m.components["model"] = fmt.ComponentRecord("model", "global", [0], files=model_files)
+    m.components["optim"].files = [OPT]
+    ckpt = Path("ckpt")
+    good = {"w": "model-00001-of-00001.safetensors"}
+    assert fmt.index_problems(ckpt, m, good, [["w", "w_tied"]], {"model-00001-of-00001.safetensors": {"w"}}) == []
+    (problem,) = fmt.index_problems(ckpt, m, {**good, "x": OPT}, [])
+    assert problem.startswith(f"ckpt/{fmt.MODEL_INDEX_NAME}: maps 1 tensor(s) (e.g. 'x') to '{OPT}'")
+    assert "'optim' component" in problem
+    (problem,) = fmt.index_problems(ckpt, m, good, [], {"model-00001-of-00001.safetensors": {"v"}})
+    assert "whose header does not hold them" in problem
+    (problem,) = fmt.index_problems(ckpt, m, good, [["missing", "alias"]])
+    assert "'missing', which no shard stores" in problem
+    (problem,) = fmt.index_problems(ckpt, m, {**good, "v": "model-00001-of-00001.safetensors"}, [["w", "v"]])
+    assert "stored in its own right" in problem

@@ -1,10 +1,30 @@
-"""Review of the readers, the CLI and export against hostile or odd files (issue 5, defect 9), beyond the
-cases in test_hostile_files.py. Each xfail(strict) test reproduces one defect found in review; it turns into
-an XPASS (a failure) once the defect is fixed, and the marker is then removed.
+"""Hostile *content* in a committed checkpoint whose checksums vouch for it (issue 5, defect 9, second review).
+
+test_hostile_files.py plants hostile file *types* (FIFOs, symlinks, /dev/zero, an 8 EiB header length);
+this module plants hostile bytes inside regular files whose manifest records match them, so that only
+the structure is wrong, and proves that:
+
+- a manifest or header that parses to trouble (a 5000-digit integer, nesting 100,000 deep, a dtype that
+  is a list or an object) is a damaged checkpoint named by ``ls``, ``inspect``, ``verify`` and ``export``,
+  never a traceback;
+- ``verify`` refuses every header the safetensors reader itself refuses (a shape whose running product
+  overflows 64 bits although a later dimension is 0, a dimension past 2^64, a ``__metadata__`` that is not
+  a map), and an index that maps a tensor to a file of another component or to a shard that lacks it;
+- ``load("latest")`` falls back past a newest checkpoint with any of these, or with a state tree that is
+  malformed (a node without its fields, a torch.Size of strings, nesting 100,000 deep), a shape torch cannot
+  build, or tied weights naming a tensor no shard stores, warning with the file's name, bit-exact;
+- manifest fields of the wrong type (``timestamp: 5``, ``ranks: "abc"``...) are reported, not crashed on;
+- JSON within its byte limit but of millions of empty objects is refused before it is parsed, so ``ls`` and
+  ``verify`` run in bounded memory (under a 1 GiB address-space limit);
+- ``export`` never writes into a committed checkpoint or any ``checkpoints/`` tree, and never exports
+  another component's file as a model shard;
+- ``verify`` never reads through a checkpoint directory swapped for a symlink while it runs (every file is
+  opened relative to the directory it started with).
 
 Real files and real processes: every CLI verb and ``load("latest")`` runs as a subprocess under an
 address-space limit and a timeout (``test_hostile_files.run_bounded``: a hang, or a traceback on stderr,
 fails the test). The checkpoints are built by the same helpers as test_hostile_files (the daemon's layout).
+No mocks.
 """
 
 from __future__ import annotations
@@ -170,14 +190,9 @@ def hostile_tree(tree_json: str) -> Callable[[dict, bytes], tuple[bytes, bytes]]
 OPTIMIZER = fmt.component_filename("optimizer", "global")
 
 
-# ------------------------------------------------------------------------- 1. manifest: huge integers
+# ---------------------------------------------------------------------------- manifest: huge integers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a manifest holding a >4300-digit integer raises a raw ValueError from json.loads "
-    "(parse_manifest catches JSONDecodeError only): ls/inspect/verify/export crash with a traceback",
-)
 def test_a_manifest_with_a_5000_digit_integer_is_a_broken_checkpoint_for_every_verb(out: Path, tmp_path: Path) -> None:
     c = ckpt(out, 2)
     replace_manifest_text(c, '"world_size": 1', '"world_size": ' + "9" * 5000)
@@ -195,15 +210,9 @@ def test_a_manifest_with_a_5000_digit_integer_is_a_broken_checkpoint_for_every_v
     assert json.loads(r.stdout)["latest"] == str(ckpt(out, 1))
 
 
-# ------------------------------------------------------------------- 2. verify: hostile header JSON
+# ----------------------------------------------------------------------------- hostile header JSON
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: parse_safetensors_header lets TypeError (unhashable dtype), RecursionError (deep nesting) "
-    "and ValueError (int of >4300 digits) escape; verify_checkpoint/check_structure catch FormatError only, so "
-    "ckptd verify/inspect/export crash with a traceback instead of naming the shard",
-)
 @pytest.mark.parametrize(
     "edit",
     [
@@ -228,15 +237,9 @@ def test_a_hostile_header_is_named_by_verify_inspect_and_export_not_a_traceback(
     assert not (tmp_path / "exported").exists()
 
 
-# ------------------------------------------------ 3. verify passes headers that safetensors refuses
+# ------------------------------------------------- verify refuses what the safetensors reader refuses
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: parse_safetensors_header accepts shapes whose product overflows u64 when a dimension is 0, "
-    "dimensions past u64, and a non-map __metadata__; safetensors.safe_open refuses all three (the docstring "
-    "claims a file that passes opens with safe_open), and ckptd verify says OK",
-)
 @pytest.mark.parametrize(
     "edit",
     [
@@ -260,7 +263,7 @@ def test_verify_refuses_a_header_that_safetensors_itself_refuses(
     assert hf.line_naming(r.stdout, OPTIMIZER, "safetensors"), r.text
 
 
-# --------------------------------------- 4. load("latest") must fall back, not die, on a hostile newest
+# -------------------------------------------------- load("latest") falls back past a hostile newest
 
 
 def manifest_5000_digits(c: Path) -> str:
@@ -285,6 +288,22 @@ def index_ties_a_missing_tensor(c: Path) -> str:
     return fmt.MODEL_INDEX_NAME
 
 
+def shape_torch_cannot_build(h: dict, body: bytes) -> tuple[bytes, bytes]:
+    # Valid for safetensors (0 * 2^63 = 0 bytes), but torch sizes are signed 64-bit.
+    end = len(body)
+    h["zz"] = {"dtype": "U8", "shape": [0, 2**63], "data_offsets": [end, end]}
+    return json.dumps(h).encode(), body
+
+
+def index_maps_a_tensor_to_the_optimizer_state(c: Path) -> str:
+    index = json.loads((c / fmt.MODEL_INDEX_NAME).read_bytes())
+    index["weight_map"]["not.a.weight"] = OPTIMIZER
+    data = json.dumps(index).encode()
+    (c / fmt.MODEL_INDEX_NAME).write_bytes(data)
+    hf.vouch_for(c, fmt.MODEL_INDEX_NAME, data)
+    return fmt.MODEL_INDEX_NAME
+
+
 LOAD_PLANTS = [
     pytest.param(manifest_5000_digits, id="manifest-int-5000-digits"),
     pytest.param(optimizer_header(dtype_is_a_list), id="header-dtype-list"),
@@ -297,16 +316,14 @@ LOAD_PLANTS = [
         optimizer_header(hostile_tree('{"__ckptd__": "torch_size", "items": ["x"]}')), id="tree-size-of-strings"
     ),
     pytest.param(index_ties_a_missing_tensor, id="index-ties-missing-tensor"),
+    pytest.param(optimizer_header(shape_torch_cannot_build), id="header-shape-torch-cannot-build"),
+    pytest.param(optimizer_header(hostile_tree('{"__ckptd__": "dict", "items": [[{}, 1]]}')), id="tree-dict-key"),
+    pytest.param(optimizer_header(hostile_tree("{}," * 100)), id="tree-not-json"),
+    pytest.param(optimizer_header(metadata_not_a_map), id="header-metadata-list"),
+    pytest.param(index_maps_a_tensor_to_the_optimizer_state, id="index-maps-to-optimizer"),
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the loader turns only FormatError/OSError (and ValueError from the tree) into "
-    "VerificationFailed; any other exception from a hostile newest checkpoint (ValueError from the manifest, "
-    "TypeError/RecursionError from the header or the tree, RuntimeError/TypeError from torch on an overflowing "
-    "shape, KeyError from tied_weights) is 'fatal', so load('latest') raises instead of falling back",
-)
 @pytest.mark.parametrize("plant", LOAD_PLANTS)
 def test_load_latest_falls_back_past_a_hostile_newest_checkpoint(
     plant: Callable[[Path], str], saved: hf.Saved, out: Path, tmp_path: Path, daemon: str
@@ -323,18 +340,13 @@ def test_load_latest_falls_back_past_a_hostile_newest_checkpoint(
         assert torch.equal(loaded[k], v), k
 
 
-# ------------------------------------------------------ 5. inspect: manifest fields of the wrong type
+# ---------------------------------------------------------- inspect: manifest fields of the wrong type
 
 
 def set_component(**fields: object) -> Callable[[dict], None]:
     return lambda raw: raw["components"]["model"].update(**fields)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: parse_manifest does not check the types of timestamp, ranks, replicated_across, "
-    "group_instances or a file record's component; cmd_inspect then crashes (TypeError) on them",
-)
 @pytest.mark.parametrize(
     "edit",
     [
@@ -345,6 +357,11 @@ def set_component(**fields: object) -> Callable[[dict], None]:
         pytest.param(set_component(replicated_across=5), id="replicated-int"),
         pytest.param(set_component(group_name="g", group_instances=5), id="group-instances-int"),
         pytest.param(lambda raw: next(iter(raw["files"].values())).update(component=None), id="file-component-null"),
+        pytest.param(lambda raw: next(iter(raw["files"].values())).update(rank="0"), id="file-rank-str"),
+        pytest.param(set_component(required="yes"), id="required-str"),
+        pytest.param(set_component(metadata=[]), id="component-metadata-list"),
+        pytest.param(lambda raw: raw.update(metadata=nested(200)), id="metadata-nested-200"),
+        pytest.param(lambda raw: raw.update(step=True), id="step-bool"),
     ],
 )
 def test_inspect_reports_manifest_fields_of_the_wrong_type_instead_of_crashing(
@@ -353,41 +370,55 @@ def test_inspect_reports_manifest_fields_of_the_wrong_type_instead_of_crashing(
     c = ckpt(out, 2)
     hf.rewrite_manifest(c, edit)
     r = hf.ckptd("inspect", c)  # run_bounded fails on the traceback
-    assert fmt.MANIFEST_NAME in r.text or r.returncode == 0, r.text
+    assert r.returncode == 2, r.text
+    assert hf.line_naming(r.stderr, fmt.MANIFEST_NAME, "must be"), r.text
+    r = hf.ckptd("ls", ckpt(out, 2).parent.parent)
+    assert "BROKEN checkpoint-2" in r.stdout, r.text
 
 
-# -------------------------------------------------- 6. memory: a bounded read is not a bounded parse
+def nested(depth: int) -> dict:
+    v: dict = {}
+    for _ in range(depth):
+        v = {"k": v}
+    return v
+
+
+# ----------------------------------------------------- memory: a bounded read is a bounded parse too
 
 
 def _limit_1_gib() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (GIB, GIB))
 
 
-def empty_objects_json(prefix: bytes, suffix: bytes, size: int) -> bytes:
-    n = (size - len(prefix) - len(suffix)) // 3
-    return prefix + b"{}," * (n - 1) + b"{}" + suffix
+def repeated_json(prefix: bytes, item: bytes, suffix: bytes, size: int) -> bytes:
+    """``prefix item,item,...,item suffix`` of ``size`` bytes at most: JSON of millions of tiny values."""
+    n = (size - len(prefix) - len(suffix)) // (len(item) + 1)
+    return prefix + (item + b",") * (n - 1) + item + suffix
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: MAX_MANIFEST_BYTES/MAX_HEADER_BYTES bound the bytes read, not what json.loads builds from "
-    "them: 64 MiB of '{},' becomes ~1.7 GiB of dicts before any field is checked (ckptd ls on a clean dir "
-    "takes 28 MiB), so under a 1 GiB limit ls/verify die with a raw MemoryError",
-)
-@pytest.mark.parametrize("where", ["manifest", "header"])
-def test_a_manifest_or_header_within_its_byte_bound_is_parsed_in_bounded_memory(where: str, out: Path) -> None:
+@pytest.mark.parametrize("item", [b"{}", b"1.5"], ids=["empty-objects", "floats"])
+@pytest.mark.parametrize("where", ["manifest", "header", "index"])
+def test_a_manifest_header_or_index_within_its_byte_bound_is_parsed_in_bounded_memory(
+    where: str, item: bytes, out: Path
+) -> None:
+    """64 MiB of ``{},`` would be ~1.7 GiB of dicts: each reader refuses it by its value count, unparsed."""
     c = ckpt(out, 2)
     if where == "manifest":
-        (c / fmt.MANIFEST_NAME).write_bytes(
-            empty_objects_json(b'{"format":"ckptd/1","x":[', b"]}", fmt.MAX_MANIFEST_BYTES - 64)
-        )
+        culprit = fmt.MANIFEST_NAME
+        (c / culprit).write_bytes(repeated_json(b'{"format":"ckptd/1","x":[', item, b"]}", fmt.MAX_MANIFEST_BYTES - 64))
         argv = ["ls", out]
-    else:
+    elif where == "header":
         shard = hf.first_shard(c)
-        header = empty_objects_json(b'{"zz":[', b"]}", fmt.MAX_HEADER_BYTES - 64)
-        data = safetensors_from(header, b"")
+        culprit = shard.name
+        data = safetensors_from(repeated_json(b'{"zz":[', item, b"]}", fmt.MAX_HEADER_BYTES - 64), b"")
         shard.write_bytes(data)
-        hf.vouch_for(c, shard.name, data)
+        hf.vouch_for(c, culprit, data)
+        argv = ["verify", "--size-only", c]
+    else:
+        culprit = fmt.MODEL_INDEX_NAME
+        data = repeated_json(b'{"weight_map":{},"x":[', item, b"]}", fmt.MAX_INDEX_BYTES - 64)
+        (c / culprit).write_bytes(data)
+        hf.vouch_for(c, culprit, data)
         argv = ["verify", "--size-only", c]
     t0 = time.monotonic()
     proc = subprocess.run(
@@ -399,33 +430,67 @@ def test_a_manifest_or_header_within_its_byte_bound_is_parsed_in_bounded_memory(
     )
     assert "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr, proc.stderr[-1500:]
     assert time.monotonic() - t0 < 20
+    assert hf.line_naming(proc.stdout, culprit, "JSON values"), proc.stdout[-1500:]
 
 
-# ------------------------------------------------------------ 7. export into a committed checkpoint
+# ------------------------------------------------------------- export: never into a checkpoints tree
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: cmd_export checks only that DEST is an (empty, or --force) directory; DEST inside the "
-    "output dir's checkpoints/ tree is accepted, so exporting checkpoint-2 into checkpoint-1 replaces "
-    "checkpoint-1's shards with other bytes and checkpoint-1 no longer verifies",
-)
 def test_export_refuses_a_dest_that_is_a_committed_checkpoint(out: Path) -> None:
     older = ckpt(out, 1)
     r = hf.ckptd("export", ckpt(out, 2), older, "--force")
     assert fmt.verify_checkpoint(older).ok, "export overwrote a committed checkpoint's files"
     assert r.returncode == 2, r.text
+    assert "inside" in r.stderr and "checkpoints directory" in r.stderr, r.text
 
 
-# ---------------------------------------- 8. race: the checkpoint directory swapped for a symlink
+def _another_output_dir(tmp_path: Path, saved: hf.Saved) -> Path:
+    other = tmp_path / "other-run"
+    shutil.copytree(saved.out, other, symlinks=True)
+    return other
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: O_NOFOLLOW guards the last path component only; readers re-resolve "
-    "'<checkpoint>/<file>' for every file (no openat on a directory fd), so a checkpoint directory swapped for "
-    "a symlink after check_directory is followed out of the tree",
+@pytest.mark.parametrize(
+    "dest_of",
+    [
+        pytest.param(lambda out, tmp, saved: ckpt(out, 2), id="the-source-itself"),
+        pytest.param(lambda out, tmp, saved: ckpt(out, 2) / "hf", id="inside-the-source"),
+        pytest.param(lambda out, tmp, saved: fmt.checkpoints_root(out) / "hf-export", id="in-its-checkpoints-dir"),
+        pytest.param(
+            lambda out, tmp, saved: ckpt(_another_output_dir(tmp, saved), 1) / "x", id="in-another-run's-checkpoint"
+        ),
+    ],
 )
+def test_export_refuses_any_dest_inside_a_checkpoints_tree(
+    dest_of: Callable[[Path, Path, hf.Saved], Path], out: Path, tmp_path: Path, saved: hf.Saved
+) -> None:
+    dest = dest_of(out, tmp_path, saved)
+    before = sorted(p.name for p in fmt.checkpoints_root(out).iterdir())
+    r = hf.ckptd("export", ckpt(out, 2), dest, "--force")
+    assert r.returncode == 2 and "outside every OUTPUT_DIR/checkpoints/ tree" in r.stderr, r.text
+    assert not dest.exists() or dest == ckpt(out, 2)
+    assert sorted(p.name for p in fmt.checkpoints_root(out).iterdir()) == before
+    assert fmt.verify_checkpoint(ckpt(out, 2)).ok
+
+
+def test_export_refuses_a_dest_symlinked_into_a_checkpoint(out: Path, tmp_path: Path) -> None:
+    link = tmp_path / "looks-harmless"
+    link.symlink_to(ckpt(out, 1), target_is_directory=True)
+    r = hf.ckptd("export", ckpt(out, 2), link, "--force")
+    assert r.returncode == 2 and str(ckpt(out, 1).resolve()) in r.stderr, r.text
+    assert fmt.verify_checkpoint(ckpt(out, 1)).ok
+
+
+def test_export_into_a_users_own_folder_named_checkpoints_works(out: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "checkpoints" / "hf-model"  # not a ckptd tree: nothing of ckptd's in it
+    r = hf.ckptd("export", ckpt(out, 2), dest)
+    assert r.returncode == 0, r.text
+    assert (dest / fmt.MODEL_INDEX_NAME).is_file()
+
+
+# -------------------------------------------- race: the checkpoint directory swapped for a symlink
+
+
 def test_verify_never_reads_files_through_a_checkpoint_dir_swapped_for_a_symlink(out: Path, tmp_path: Path) -> None:
     c = ckpt(out, 2)
     elsewhere = tmp_path / "elsewhere"
@@ -446,78 +511,13 @@ def test_verify_never_reads_files_through_a_checkpoint_dir_swapped_for_a_symlink
     assert swapped
     outside = [p for p in result.problems if "checksum mismatch" in p]
     assert not outside, f"verify read files outside the checkpoint through the swapped-in link: {outside}"
+    # It read the directory it started with, now renamed: every file of it, intact.
+    assert result.ok and result.files_checked == len(fmt.read_manifest(c.with_name(".moved-away")).files), result
 
 
-# --------------------------------------------------------------------- 9. gc: malformed owner records
+# --------------------------------------------------- the model index names the model's own shards only
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: OwnerRecord.from_bytes (ckptd/ownership.py:430) calls int() on 'version' and catches "
-    "nothing: a list gives TypeError, 1e999 OverflowError; _read_record catches ValueError only, so ckptd gc "
-    "(and the daemon's first-save sweep) crash on one malformed .owner file",
-)
-@pytest.mark.parametrize("version", [[], 1e999], ids=["version-list", "version-inf"])
-def test_gc_reports_a_malformed_owner_record_instead_of_crashing(version: object, out: Path) -> None:
-    root = fmt.checkpoints_root(out)
-    (root / fmt.temp_dirname(3, "abc")).mkdir()
-    record = {
-        "owner": {"host": "h", "boot_id": "b", "pid": 1, "start_time": 1},
-        "step": 3,
-        "txn": "abc",
-        "version": version,
-    }
-    (root / fmt.temp_owner_name(3, "abc")).write_text(json.dumps(record))
-    r = hf.ckptd("gc", out, "--timeout", "0.2", "--endpoint", f"ipc://{out}/no-daemon.sock")
-    assert r.returncode == 0, r.text
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the same malformed .owner record kills 'ckptd serve --output-dir OUT' at start "
-    "(Daemon.sweep catches OSError only, ckptd/server.py), so the embedded daemon exits 1 and "
-    "CheckpointClient(...) fails for good in that output dir",
-)
-def test_a_daemon_starts_and_serves_past_a_malformed_owner_record(out: Path, tmp_path: Path) -> None:
-    root = fmt.checkpoints_root(out)
-    (root / fmt.temp_dirname(3, "abc")).mkdir()
-    record = {"owner": {"host": "h", "boot_id": "b", "pid": 1, "start_time": 1}, "step": 3, "txn": "abc", "version": []}
-    (root / fmt.temp_owner_name(3, "abc")).write_text(json.dumps(record))
-    sock_dir = tmp_path / "sock"
-    sock_dir.mkdir(mode=0o700)
-    endpoint = f"ipc://{sock_dir}/d.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint, "--output-dir", str(out)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while request_status(endpoint, 0.5) is None:
-            assert proc.poll() is None, f"ckptd serve exited with {proc.returncode}: {proc.stderr.read()[-800:]}"
-            assert time.monotonic() < deadline, "ckptd serve never answered"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-# ------------------------------------------------- 10. export: an index naming another component's file
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: cmd_export checks only that every weight_map file is listed in the manifest, not that it "
-    "is a shard of the 'model' component holding that tensor: an index mapping a tensor to "
-    "optimizer_state.safetensors exports the optimizer state as a model shard (exit 0) and an HF directory "
-    "whose index names a tensor no shard holds; ckptd verify says OK",
-)
 def test_export_refuses_an_index_that_maps_a_tensor_to_another_components_file(out: Path, tmp_path: Path) -> None:
     c = ckpt(out, 2)
     index = json.loads((c / fmt.MODEL_INDEX_NAME).read_bytes())
@@ -529,3 +529,25 @@ def test_export_refuses_an_index_that_maps_a_tensor_to_another_components_file(o
     r = hf.ckptd("export", c, dest)
     assert not (dest / OPTIMIZER).exists(), "the optimizer state was exported as a model shard"
     assert r.returncode == 1 and fmt.MODEL_INDEX_NAME in r.stderr, r.text
+    assert not dest.exists()
+    r = hf.ckptd("verify", c)
+    assert r.returncode == 1 and hf.line_naming(r.stdout, fmt.MODEL_INDEX_NAME, "'optimizer' component"), r.text
+
+
+def test_verify_and_export_refuse_an_index_mapping_a_tensor_to_a_shard_that_lacks_it(out: Path, tmp_path: Path) -> None:
+    c = ckpt(out, 2)
+    index = json.loads((c / fmt.MODEL_INDEX_NAME).read_bytes())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    name = next(n for n, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][name] = shards[-1]  # a model shard, but not the one holding it
+    data = json.dumps(index).encode()
+    (c / fmt.MODEL_INDEX_NAME).write_bytes(data)
+    hf.vouch_for(c, fmt.MODEL_INDEX_NAME, data)
+    r = hf.ckptd("verify", c)
+    assert r.returncode == 1 and hf.line_naming(r.stdout, name, "does not hold"), r.text
+    r = hf.ckptd("inspect", c)
+    assert hf.line_naming(r.stdout, name, "does not hold"), r.text
+    dest = tmp_path / "exported"
+    r = hf.ckptd("export", c, dest)
+    assert r.returncode == 1 and "does not hold" in r.stderr and not dest.exists(), r.text
