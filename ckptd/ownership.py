@@ -7,9 +7,14 @@ Three kinds of record live beside the checkpoints, in ``<output_dir>/checkpoints
     id, pid namespace, pid, start time). ``Lease.acquire`` takes it when ``CheckpointClient`` is built:
     at once for another process of the same job (a torchrun elastic restart) or for a holder that is
     provably dead (same host, boot and pid namespace, and its pid is gone or now has another start time);
-    never from another live job, which gets ``LeaseHeld``. A holder on another host counts as alive until
-    its lease has gone unrefreshed for ``LEASE_TIMEOUT_S``. The daemon asks ``lease_allows`` right before
-    each commit.
+    never from another live job, which gets ``LeaseHeld``. A holder on another host (or one this host's
+    ``/proc`` hides) counts as alive until its lease file has gone unrewritten for ``LEASE_TIMEOUT_S``,
+    judged on the file system's own clock (``lease_age``), never by comparing two hosts' clocks. A takeover
+    from a dead holder or an earlier process of the same job records the earlier job as a predecessor: its
+    handed-over saves still commit. The daemon asks ``lease_allows`` right before each commit. The lease
+    lock (and a save's veto lock) is waited for at most ``LOCK_TIMEOUT_S``: a stopped holder of it gives a
+    ``LockTimeout`` naming it, never a hang. Only the process that took a lease releases it, and only its
+    last ``Lease`` object of that output dir does.
 
 ``.tmp-checkpoint-<step>-<txn>.owner`` (temp-dir owner records)
     Written by the daemon before it creates the temp dir: the daemon process, the job and the save's
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -47,6 +53,7 @@ import secrets
 import shutil
 import socket
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Container, Iterator
@@ -55,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import format as fmt
+from ckptd.format.names import is_lease_temp_name, lease_temp_name
 from ckptd.protocol import is_valid_job
 
 logger = logging.getLogger(__name__)
@@ -68,6 +76,8 @@ MAX_RECORD_BYTES = 64 * 1024  # a lease or owner record is a few hundred bytes; 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # read bound when the veto looks for a manifest's txn
 JOB_ENV = "CKPTD_JOB_ID"
 _VETO_ATTEMPTS = 8
+LOCK_TIMEOUT_S = 20.0  # the lease lock and a veto lock are held for milliseconds; a holder this slow is stuck
+MAX_PREDECESSORS = 8  # earlier jobs a lease remembers (their handed-over saves may still commit)
 
 
 class OwnershipError(RuntimeError):
@@ -84,6 +94,12 @@ class LeaseHeld(OwnershipError):
 
 class LeaseLost(OwnershipError):
     """The lease this process held was taken over (or removed) by someone else."""
+
+
+class LockTimeout(OwnershipError, TimeoutError):
+    """A lock of the output dir (the lease lock, a save's veto lock) stayed taken past its timeout: its
+    holder is stopped (SIGSTOP, a debugger, a suspended job) or stuck on its file system. Also an OSError
+    (TimeoutError), so callers that handle file-system failures handle this one too."""
 
 
 # ------------------------------------------------------------------------------------- record parsing
@@ -181,6 +197,20 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data.rsplit(b")", 1)[-1].decode("ascii", "replace").split()
 
 
+def _pid_exists(pid: int) -> bool | None:
+    """False if ``pid`` provably names no process (ESRCH); None if one exists that ``/proc`` does not show
+    us (EPERM, or we may signal it but not read it): it may be the process we look for or a reused pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return None
+    except OSError:
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class ProcessIdentity:
     """A process named so that a reused pid can never pass for it.
@@ -247,7 +277,13 @@ class ProcessIdentity:
 
     def alive(self) -> bool | None:
         """True if the process still runs; False if it provably does not (its pid is gone, a zombie, or
-        belongs to a process with another start time); None if it runs elsewhere and cannot be judged here.
+        belongs to a process with another start time); None if this machine cannot tell: it runs elsewhere,
+        or its pid exists but ``/proc`` hides it (``hidepid=2``, another user's process) so that its start
+        time cannot be compared.
+
+        Only ESRCH from ``kill(pid, 0)`` proves a pid gone when ``/proc/<pid>`` cannot be read: EPERM means
+        a live process of another user, which must never be judged dead (its lease taken over, its temp dirs
+        swept) just because ``/proc`` is mounted with ``hidepid``.
 
         Example:
             >>> ProcessIdentity.current().alive()
@@ -255,8 +291,14 @@ class ProcessIdentity:
         """
         if not self.is_local():
             return None
-        now = ProcessIdentity.of_pid(self.pid)
-        return now is not None and now.start_time == self.start_time
+        if self.pid <= 0:
+            return False  # no process has such a pid (and kill(0, ...) would mean our own process group)
+        fields = _stat_fields(self.pid)
+        if fields is None:
+            return _pid_exists(self.pid)
+        if len(fields) < 20 or fields[0] in ("Z", "X"):
+            return False
+        return int(fields[19]) == self.start_time
 
     def same_process(self, other: ProcessIdentity) -> bool:
         """Whether two identities name the same process (the host name alone may differ in spelling).
@@ -438,6 +480,64 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    """One non-blocking try at an exclusive flock on ``fd``; False if another open file holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _lock_holders(fd: int) -> list[str]:
+    """Who holds the flock on ``fd``'s file, from ``/proc/locks`` ("pid 4242 (python)"), best effort: empty
+    when it cannot be told (another pid namespace, another NFS client, no /proc)."""
+    try:
+        st = os.fstat(fd)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return []
+    holders = []
+    for line in lines:
+        # "3: FLOCK  ADVISORY  WRITE 4242 00:2d:1234 0 EOF"; a waiter's line has "->" after the number.
+        parts = line.split()
+        if len(parts) < 6 or parts[1] == "->" or key not in parts:
+            continue
+        pid = parts[parts.index(key) - 1]
+        if not pid.isdigit() or pid == "0":
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                holders.append(f"pid {pid} ({f.read(64).strip()})")
+        except OSError:
+            holders.append(f"pid {pid}")
+    return holders
+
+
+def _lock_timed_out(path: Path, fd: int, timeout_s: float, what: str, advice: str) -> LockTimeout:
+    holders = _lock_holders(fd)
+    by = f"held by {', '.join(holders)}" if holders else "held by a process this machine cannot see"
+    return LockTimeout(
+        f"{what}: the lock {path} stayed taken for {timeout_s:.0f} s ({by}), where it is normally held for "
+        f"milliseconds; that process is stopped (SIGSTOP, a debugger, a suspended job) or stuck on this file "
+        f"system. {advice}",
+    )
+
+
+def _flock_within(fd: int, path: Path, timeout_s: float, what: str, advice: str) -> None:
+    """Take an exclusive flock on ``fd`` within ``timeout_s``, or raise LockTimeout naming the lock and its
+    holder: never wait forever behind a stopped process."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while not _try_flock(fd):
+        if time.monotonic() >= deadline:
+            raise _lock_timed_out(path, fd, timeout_s, what, advice)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def make_dirs_durably(path: Path) -> None:
@@ -645,7 +745,8 @@ def judge_entries(
     now: float | None = None,
     unowned_min_age: float = SWEEP_MARGIN_S,
 ) -> list[Verdict]:
-    """Judge every temp dir, tombstone, veto record, owner record and trash dir of ``output_dir/checkpoints``.
+    """Judge every temp dir, tombstone, veto record, owner record, trash dir and leftover lease temp file of
+    ``output_dir/checkpoints``.
 
     A temp dir (or tombstone) is stale only when its transaction is not in ``live_txns`` and its owner is
     provably gone (see the module docstring); trash dirs always are; an owner record whose temp dir is gone
@@ -675,6 +776,13 @@ def judge_entries(
         path = root / name
         if fmt.is_trash_dirname(name):
             out.append(Verdict(path, True, "trash"))
+            continue
+        if is_lease_temp_name(name):
+            # A lease write (or a clock probe) lives for milliseconds; one left over is from a killed process.
+            mtime = _mtime(path, now)
+            old = now - mtime > unowned_min_age
+            why = f"a lease write's leftover temp file, {now - mtime:.0f} s old" if old else "a lease write in progress"
+            out.append(Verdict(path, old, why))
             continue
         temp = fmt.parse_temp_dirname(name)
         owner_of = fmt.parse_temp_owner_name(name)
@@ -796,6 +904,7 @@ def veto_commit(
     txn: str,
     deadline: float | None,
     owner: ProcessIdentity | None = None,
+    timeout_s: float = LOCK_TIMEOUT_S,
 ) -> bool:
     """Make transaction ``txn`` impossible to commit, or find out that it already has.
 
@@ -816,13 +925,15 @@ def veto_commit(
         deadline: Unix time after which no daemon may commit it; kept in the tombstone, which sweeps remove
             ``SWEEP_MARGIN_S`` after it.
         owner: who vetoes (default: this process), recorded in the tombstone.
+        timeout_s: how long to wait for the save's veto lock (another rank vetoing it) before giving up.
 
     Returns:
         True if ``txn`` can never commit; False if it had already committed (``checkpoint-<step>`` is it).
 
     Raises:
-        OSError: the file system refused every attempt (for example a read-only output dir); the text says
-            that the save may still commit.
+        OSError: the file system refused every attempt (for example a read-only output dir), or the veto
+            lock stayed taken past ``timeout_s`` (``LockTimeout``); the text says that the save may still
+            commit.
 
     Example:
         >>> veto_commit("/data/run1", 40, "9f3a01c2", time.time() + 300)
@@ -835,9 +946,21 @@ def veto_commit(
     # must never put a tombstone where the first had just renamed the daemon's temp dir away (the daemon,
     # at its rename, would then rename the tombstone into place).
     lock = root / fmt.temp_veto_name(step, txn)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(
+                errno.EINVAL,
+                f"could not veto the commit of step {step} (txn {txn}): {lock} is not a regular file; the save "
+                "may still commit; remove that entry",
+            )
+        _flock_within(
+            fd,
+            lock,
+            timeout_s,
+            f"could not veto the commit of step {step} (txn {txn}) in {root}",
+            "The save may still commit; another rank of this job is vetoing it: look for a stopped rank.",
+        )
         data = os.pread(fd, MAX_RECORD_BYTES, 0)
         try:
             earlier = OwnerRecord.from_bytes(data) if data else None
@@ -928,13 +1051,21 @@ def _committed(final: Path, txn: str) -> bool:
 
 @dataclass(frozen=True)
 class LeaseRecord:
-    """The content of ``checkpoints/.ckptd-lease.json``: the job writing the output dir and its holder."""
+    """The content of ``checkpoints/.ckptd-lease.json``: the job writing the output dir and its holder.
+
+    ``predecessors`` are the jobs this one took the output dir over from (a provably dead holder, or an
+    earlier process of the same job), newest first, at most ``MAX_PREDECESSORS``: a save such a job handed
+    over before it died still lands (DESIGN §1), so the daemon admits and commits it beside this job's saves,
+    in hand-over order. ``refreshed`` is the holder's own clock, shown to people only: staleness is judged on
+    the file system's clock (``lease_age``).
+    """
 
     job: str
     holder: ProcessIdentity
     acquired: float
     refreshed: float
     version: int = RECORD_VERSION
+    predecessors: tuple[str, ...] = ()
 
     def to_bytes(self) -> bytes:
         body = {
@@ -943,6 +1074,7 @@ class LeaseRecord:
             "acquired": self.acquired,
             "refreshed": self.refreshed,
             "version": self.version,
+            "predecessors": list(self.predecessors),
         }
         return (json.dumps(body, sort_keys=True) + "\n").encode()
 
@@ -966,21 +1098,60 @@ class LeaseRecord:
         version = _int_field(raw, "version", what, 1, MAX_RECORD_VERSION, 1)
         return cls(job, ProcessIdentity.from_json(raw), acquired, refreshed, version)
 
-    def holder_alive(self, now: float, timeout_s: float = LEASE_TIMEOUT_S) -> bool | None:
-        """False if the holder is provably gone (same machine: dead or pid reused; elsewhere: unrefreshed for
-        ``timeout_s``); True if it runs here; None if it runs elsewhere and refreshed recently."""
+    def holder_alive(self, age_s: float | None, timeout_s: float = LEASE_TIMEOUT_S) -> bool | None:
+        """False if the holder is provably gone; True if it runs here; None if it may be alive.
+
+        Same machine: gone means dead or its pid reused. Elsewhere (or hidden from this machine's ``/proc``):
+        the lease file has not been rewritten for ``timeout_s`` on the file system's own clock, or claims to
+        have been written more than ``timeout_s`` in that clock's future (no refresh writes that: a record
+        dated in the future never becomes immortal).
+
+        Args:
+            age_s: ``lease_age()`` of the output dir: seconds since the lease file was last written, on the
+                file system's clock; None when unknown (then only a local holder can be judged).
+            timeout_s: how long a holder that cannot be judged here counts as alive after its last refresh.
+
+        Example:
+            >>> read_lease("/data/run1").holder_alive(lease_age("/data/run1"))
+            True
+        """
         alive = self.holder.alive()
-        if alive is None and now - self.refreshed > timeout_s:
+        if alive is None and age_s is not None and abs(age_s) > timeout_s:
             return False
         return alive
 
-    def describe(self, now: float | None = None) -> str:
+    def describe(self, now: float | None = None, age_s: float | None = None) -> str:
+        """The job, its holder and how fresh the lease is, for messages (``age_s``: ``lease_age()``)."""
         now = time.time() if now is None else now
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired))
-        return (
-            f"job {self.job!r} ({self.holder.describe()}, holding it since {since}, "
-            f"last refreshed {max(0.0, now - self.refreshed):.0f} s ago)"
+        fresh = (
+            f"lease file last written {age_s:.0f} s ago"
+            if age_s is not None
+            else f"last refreshed {max(0.0, now - self.refreshed):.0f} s ago"
         )
+        return f"job {self.job!r} ({self.holder.describe()}, holding it since {since}, {fresh})"
+
+
+def _predecessors_in(data: bytes) -> tuple[str, ...]:
+    """The ``predecessors`` of a lease's bytes (already parsed by ``LeaseRecord.from_bytes``); invalid or
+    surplus entries are left out, never an error: an older ckptd writes none."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return ()
+    found = raw.get("predecessors") if isinstance(raw, dict) else None
+    if not isinstance(found, list):
+        return ()
+    return tuple(j for j in found[: MAX_PREDECESSORS * 4] if is_valid_job(j))[:MAX_PREDECESSORS]
+
+
+def _bounded_predecessors(jobs: tuple[str, ...], job: str) -> tuple[str, ...]:
+    """``jobs`` without duplicates or ``job`` itself, newest first, at most ``MAX_PREDECESSORS``."""
+    out: list[str] = []
+    for j in jobs:
+        if j != job and j not in out:
+            out.append(j)
+    return tuple(out[:MAX_PREDECESSORS])
 
 
 def lease_path(output_dir: str | os.PathLike) -> Path:
@@ -1004,48 +1175,136 @@ def read_lease(output_dir: str | os.PathLike) -> LeaseRecord | None:
             logger.warning("ignoring %s: not a small regular file", path)
         return None
     try:
-        return LeaseRecord.from_bytes(data)
+        rec = LeaseRecord.from_bytes(data)
     except ValueError as e:
         logger.warning("ignoring the unreadable lease %s: %s", path, e)
         return None
+    predecessors = _predecessors_in(data)
+    return dataclasses.replace(rec, predecessors=predecessors) if predecessors else rec
 
 
-def lease_allows(output_dir: str | os.PathLike, job: str, now: float | None = None) -> bool:
-    """Whether a save of ``job`` may commit in ``output_dir``: no lease, ``job``'s own lease, or a lease
-    whose holder is provably gone. False when another job holds it and may be alive (the daemon then
-    aborts instead of committing).
+def _fs_now(root: Path) -> float | None:
+    """The file system's clock now: the mtime of a probe file created (and removed) in ``root``. None if no
+    file can be created there (a read-only mount)."""
+    probe = root / lease_temp_name(secrets.token_hex(8))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def lease_age(output_dir: str | os.PathLike) -> float | None:
+    """Seconds since the lease file was last written, judged on ONE clock: its mtime against a probe file
+    created now in the same directory (both stamped by the file system: the NFS server, the local kernel),
+    so that a holder whose clock is skewed against this host's is judged by neither clock. Negative if the
+    mtime lies in the file system's future. Where no probe can be written, this host's clock stands in.
+    None if there is no lease file.
+
+    Args:
+        output_dir: the output dir.
+
+    Example:
+        >>> lease_age("/data/run1")
+        12.5
+    """
+    root = fmt.checkpoints_root(output_dir)
+    try:
+        written = os.lstat(root / fmt.LEASE_NAME).st_mtime
+    except OSError:
+        return None
+    now = _fs_now(root)
+    return (time.time() if now is None else now) - written
+
+
+def _judge_holder(
+    rec: LeaseRecord, output_dir: str | os.PathLike, timeout_s: float
+) -> tuple[bool | None, float | None]:
+    """``rec.holder_alive`` and the lease age it was judged by (None when the holder runs here)."""
+    if rec.holder.alive() is not None:
+        return rec.holder_alive(None, timeout_s), None
+    age = lease_age(output_dir)
+    return rec.holder_alive(age, timeout_s), age
+
+
+def lease_allows(output_dir: str | os.PathLike, job: str) -> bool:
+    """Whether a save of ``job`` may commit in ``output_dir``: no lease, ``job``'s own lease, a lease that
+    took over from ``job`` (one of its ``predecessors``: a save handed over before that job died still
+    lands), or a lease whose holder is provably gone. False when another job holds it and may be alive (the
+    daemon then aborts instead of committing).
 
     Args:
         output_dir: the output dir.
         job: the job id the save was staged with.
-        now: the Unix time to judge the lease's age by (default: now).
 
     Example:
         >>> lease_allows("/data/run1", "slurm-4242")
         True
     """
     rec = read_lease(output_dir)
-    if rec is None or rec.job == job:
+    if rec is None or rec.job == job or job in rec.predecessors:
         return True
-    return rec.holder_alive(time.time() if now is None else now) is False
+    return _judge_holder(rec, output_dir, LEASE_TIMEOUT_S)[0] is False
+
+
+def lease_predecessors(output_dir: str | os.PathLike, job: str | None) -> frozenset[str]:
+    """The jobs whose saves may still commit in ``output_dir`` beside ``job``'s: the predecessors of the
+    lease if ``job`` holds it, else none. The daemon does not count their saves in flight as a second job
+    writing the directory.
+
+    Args:
+        output_dir: the output dir.
+        job: the job id of a save being admitted.
+
+    Example:
+        >>> lease_predecessors("/data/run1", "pid-node7-4243-99120")
+        frozenset({'pid-node7-4101-98012'})
+    """
+    rec = read_lease(output_dir)
+    if rec is None or job is None or rec.job != job:
+        return frozenset()
+    return frozenset(rec.predecessors)
 
 
 @contextlib.contextmanager
-def _lease_lock(root: Path) -> Iterator[None]:
-    """An exclusive flock on ``<root>/.ckptd-lease.lock`` around a read-decide-write of the lease.
+def _lease_lock(root: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """An exclusive flock on ``<root>/.ckptd-lease.lock`` around a read-decide-write of the lease, taken
+    within ``timeout_s`` or LockTimeout naming the lock and its holder.
 
     The lock file is removed while still locked, so the directory stays clean; a process that locked a
     file removed meanwhile sees another inode at the path and tries again."""
     path = root / fmt.LEASE_LOCK_NAME
-    for _ in range(100):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not _try_flock(fd):
+                if time.monotonic() >= deadline:
+                    raise _lock_timed_out(
+                        path,
+                        fd,
+                        timeout_s,
+                        f"could not take the lease lock of {root.parent}",
+                        "Resume or stop that process (or remove the lock file if it runs nowhere), then retry.",
+                    )
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
             try:
                 current = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 current = False
             if not current:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"could not lock {path} within {timeout_s:.0f} s: other processes kept replacing it; try again"
+                    )
                 continue
             try:
                 yield
@@ -1055,26 +1314,46 @@ def _lease_lock(root: Path) -> Iterator[None]:
             return
         finally:
             os.close(fd)
-    raise OSError(errno.EAGAIN, f"could not lock {path}: other processes keep taking it; try again")
 
 
 def _write_lease(root: Path, rec: LeaseRecord) -> None:
-    """Replace the lease atomically and durably (temp file, fsync, rename over, fsync the directory)."""
-    tmp = root / fmt.LEASE_TEMP_NAME
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    """Replace the lease atomically and durably (temp file, fsync, rename over, fsync the directory).
+
+    The temp file has a random name and is created O_EXCL | O_NOFOLLOW: whatever sits at any fixed name (a
+    FIFO, a symlink) is never opened, so nothing in the directory can hang or redirect this write."""
+    tmp = root / lease_temp_name(secrets.token_hex(8))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        data = memoryview(rec.to_bytes())
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, root / fmt.LEASE_NAME)
+        try:
+            _write_all(fd, rec.to_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, root / fmt.LEASE_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(root)
+
+
+# Leases this process holds, counted per (checkpoints dir, job, holder): two CheckpointClients of one process
+# on one output dir share one lease record, which only the last of them to close may remove. Process-local
+# by nature (a count of Lease objects alive in this process), guarded by a lock for the refresh threads.
+_holds: dict[tuple[str, str, ProcessIdentity], int] = {}
+_holds_lock = threading.Lock()
+
+
+def _hold_key(output_dir: Path, job: str, holder: ProcessIdentity) -> tuple[str, str, ProcessIdentity]:
+    return (os.path.realpath(fmt.checkpoints_root(output_dir)), job, holder)
 
 
 class Lease:
     """The lease this process holds on an output dir: ``acquire``, ``refresh`` now and then, ``release``.
+
+    Only the process that acquired it refreshes or releases it (a forked child's copy does neither), and
+    when several ``Lease`` objects of this process hold the same record (two clients of one output dir), only
+    the last release removes it.
 
     Example:
         >>> lease = Lease.acquire("/data/run1", current_job_id())
@@ -1088,6 +1367,8 @@ class Lease:
         self.record = record
         self.timeout_s = timeout_s
         self.released = False
+        self._pid = os.getpid()  # the process that took it; a forked child inherits this object, not the lease
+        self._key = _hold_key(self.output_dir, record.job, record.holder)
 
     @property
     def job(self) -> str:
@@ -1105,20 +1386,25 @@ class Lease:
         *,
         holder: ProcessIdentity | None = None,
         timeout_s: float = LEASE_TIMEOUT_S,
+        lock_timeout_s: float = LOCK_TIMEOUT_S,
     ) -> Lease:
         """Take the lease of ``output_dir`` for ``job`` (creating ``checkpoints/`` durably if needed).
 
-        Taken at once when there is none, when it is ``job``'s own (a restart of the same job), or when its
-        holder is provably gone (with a logged warning and a ``RuntimeWarning``).
+        Taken at once when there is none, when it is ``job``'s own (a restart of the same job, or another
+        client of this process), or when its holder is provably gone (with a logged warning and a
+        ``RuntimeWarning``). Taking it over from a dead holder or an earlier process of the same job records
+        the earlier job(s) as ``predecessors``, so that their handed-over saves still commit.
 
         Args:
             output_dir: the output dir.
             job: this job's id (``current_job_id()``).
             holder: the holding process (default: this one).
             timeout_s: how long a holder on another host counts as alive after its last refresh.
+            lock_timeout_s: how long to wait for the lease lock (another process deciding right now).
 
         Raises:
             LeaseHeld: another job holds it and may be alive; the text names it and says what to do.
+            LockTimeout: the lease lock stayed taken (its holder is stopped); the text names it.
             ValueError: ``job`` is not a valid job id.
 
         Example:
@@ -1130,42 +1416,59 @@ class Lease:
         holder = holder or ProcessIdentity.current()
         root = fmt.checkpoints_root(output_dir)
         make_dirs_durably(root)
-        with _lease_lock(root):
+        with _lease_lock(root, lock_timeout_s):
             now = time.time()
             old = read_lease(output_dir)
+            predecessors: tuple[str, ...] = ()
             if old is not None and old.job != job and not old.holder.same_process(holder):
-                alive = old.holder_alive(now, timeout_s)
+                alive, age = _judge_holder(old, output_dir, timeout_s)
                 if alive is not False:
                     raise LeaseHeld(
-                        f"{output_dir} is being written by {old.describe(now)}; this job is {job!r}. Use another "
-                        f"output_dir, stop that job, or, to take it over deliberately, set ${JOB_ENV}={old.job} "
-                        f"(a holder on another host also expires {timeout_s:.0f} s after its last refresh)",
+                        f"{output_dir} is being written by {old.describe(now, age)}; this job is {job!r}. Use "
+                        f"another output_dir, stop that job, or, to take it over deliberately, set "
+                        f"${JOB_ENV}={old.job} (a holder on another host also expires {timeout_s:.0f} s after "
+                        "its last refresh)",
                         old,
                     )
                 text = (
-                    f"taking over the lease of {output_dir} from {old.describe(now)}, which is no longer running; "
-                    f"this job is {job!r}"
+                    f"taking over the lease of {output_dir} from {old.describe(now, age)}, which is no longer "
+                    f"running; this job is {job!r}; saves it handed over still commit"
                 )
                 logger.warning("%s", text)
                 warnings.warn(text, RuntimeWarning, stacklevel=3)
-            elif old is not None and old.job == job and not old.holder.same_process(holder):
-                logger.info("taking over the lease of %s from an earlier process of job %r", output_dir, job)
-            rec = LeaseRecord(job, holder, now, now)
+                predecessors = (old.job, *old.predecessors)
+            elif old is not None and old.job != job:
+                # This same process, under another job id: its saves in flight may still commit too.
+                predecessors = (old.job, *old.predecessors)
+            elif old is not None:
+                if not old.holder.same_process(holder):
+                    logger.info("taking over the lease of %s from an earlier process of job %r", output_dir, job)
+                predecessors = old.predecessors
+            rec = LeaseRecord(job, holder, now, now, predecessors=_bounded_predecessors(predecessors, job))
             _write_lease(root, rec)
-        return cls(Path(output_dir), rec, timeout_s)
+            lease = cls(Path(output_dir), rec, timeout_s)
+            with _holds_lock:
+                _holds[lease._key] = _holds.get(lease._key, 0) + 1
+        return lease
 
     def refresh(self) -> None:
-        """Rewrite the lease's ``refreshed`` time, if it is still ours (or take it again if it is gone).
+        """Rewrite the lease (its ``refreshed`` time and the file's mtime), if it is still ours (or take it
+        again if it is gone). Does nothing once released, or in a forked child of the holder.
 
         Raises:
             LeaseLost: another job (or another process) took the lease over.
+            LockTimeout: the lease lock stayed taken (its holder is stopped).
 
         Example:
             >>> lease.refresh()
         """
+        if self.released or os.getpid() != self._pid:
+            return
         root = fmt.checkpoints_root(self.output_dir)
         make_dirs_durably(root)
         with _lease_lock(root):
+            if self.released:  # released while this refresh waited for the lock: it must not come back
+                return
             cur = read_lease(self.output_dir)
             if cur is not None and (cur.job != self.job or not cur.holder.same_process(self.record.holder)):
                 raise LeaseLost(
@@ -1174,14 +1477,16 @@ class Lease:
                     "of the two jobs"
                 )
             if cur is None:
-                # Removed by hand, or released by another client of this same process: nobody else holds it.
+                # Removed by hand: nobody else holds it.
                 logger.info("the lease of %s was gone; taking it again for job %r", self.output_dir, self.job)
-            rec = LeaseRecord(self.job, self.record.holder, cur.acquired if cur else time.time(), time.time())
+            base = cur or self.record
+            rec = LeaseRecord(self.job, self.record.holder, base.acquired, time.time(), predecessors=base.predecessors)
             _write_lease(root, rec)
             self.record = rec
 
     def release(self) -> bool:
-        """Remove the lease if it is still ours; True if it was.
+        """Remove the lease if it is still ours and no other ``Lease`` of this process holds it; True if it
+        was removed. A forked child of the holder never removes it (its copy of this object is inert).
 
         Example:
             >>> lease.release()
@@ -1190,6 +1495,19 @@ class Lease:
         if self.released:
             return False
         self.released = True
+        if os.getpid() != self._pid:
+            return False  # a forked child (an inherited finalizer at its exit): the lease is its parent's
+        with _holds_lock:
+            left = _holds.get(self._key, 1) - 1
+            if left > 0:
+                _holds[self._key] = left
+            else:
+                _holds.pop(self._key, None)
+        if left > 0:
+            logger.info(
+                "the lease of %s stays: %d other client(s) of this process still hold it", self.output_dir, left
+            )
+            return False
         root = fmt.checkpoints_root(self.output_dir)
         try:
             with _lease_lock(root):

@@ -612,12 +612,19 @@ class Ledger:
                 f"the daemon already has {len(self.live)} saves in flight (limit {self.max_live}); wait for them "
                 "to commit before handing over more"
             )
-        for other in self.conflicts(txn):
-            if other.state not in (TxnState.ABORTING, TxnState.ABORTED):
-                raise TxnError(
-                    f"{txn.output_dir} is being written by job {other.job!r} (step {other.step}); job {txn.job!r} "
-                    "may not write the same output_dir at the same time; give each job its own output_dir"
-                )
+        conflicts = [o for o in self.conflicts(txn) if o.state not in (TxnState.ABORTING, TxnState.ABORTED)]
+        if conflicts:
+            # A job that took the lease over from a dead job (or an earlier process of itself) writes beside
+            # that job's saves still in flight: a save handed over still lands (DESIGN §1), and it commits
+            # first, since commits in one directory go in hand-over order (next_in_line).
+            predecessors = ownership.lease_predecessors(txn.output_dir, txn.job)
+            for other in conflicts:
+                if other.job not in predecessors:
+                    raise TxnError(
+                        f"{txn.output_dir} is being written by job {other.job!r} (step {other.step}); job "
+                        f"{txn.job!r} may not write the same output_dir at the same time; give each job its own "
+                        "output_dir"
+                    )
         self.live[txn.txn] = txn
 
     def conflicts(self, txn: Transaction) -> list[Transaction]:

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0  # at most this long between queries about a save in flight
 HEARTBEAT_TIMEOUT_S = 15.0  # a daemon that does not answer a query this long is given up on
 DEFAULT_TXN_TIMEOUT_S = 300.0
-ABORT_REQUEST_TIMEOUT_S = 1.0  # the courtesy abort sent after giving up; the veto already decided
+MAX_FAILURES_KEPT = 64  # failed saves remembered for the next client.wait() (the oldest beyond are dropped)
 LEASE_REFRESH_ON_SAVE_S = 5.0  # a save refreshes the lease when it is older than this
 DEFAULT_PREEMPTION_TIMEOUT_S = 60.0
 
@@ -63,9 +63,12 @@ class SaveHandle:
     bytes_staged: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic, repr=False)
+    query_id: int | None = field(default=None, repr=False)  # the heartbeat QUERY awaiting its reply, if any
+    query_sent: float = field(default=0.0, repr=False)
 
     def done(self) -> bool:
-        """True once the save has committed or failed; never blocks."""
+        """True once the save has committed or failed; never blocks (a heartbeat query to the daemon is sent
+        without waiting, and its reply is taken by a later call)."""
         if self.path is None and self.error is None:
             with self.client._call():
                 self.client._progress(0.0)
@@ -76,6 +79,14 @@ class SaveHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.client._call():
             while self.path is None and self.error is None:
+                if self.client._inflight.get(self.txn) is not self:
+                    # Neither in flight nor settled: nothing could ever settle it, so waiting would spin
+                    # forever. Only a bug of ours gets here; say so rather than hang.
+                    raise CheckpointError(
+                        f"the save of step {self.step} (txn {self.txn}) is no longer tracked by this client and "
+                        "was never settled; its outcome is unknown: check 'ckptd ls' for "
+                        f"checkpoint-{self.step} and report this as a ckptd bug"
+                    )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"save of step {self.step} not committed within {timeout} s (still in flight)")
@@ -147,7 +158,8 @@ class CheckpointClient:
         self._points_seen = False  # the loop calls preemption_point(): the emergency save happens there
         self._preemption_done = threading.Event()
         self._emergency = False
-        self._last_handed_off: int | None = None
+        self._last_committed: int | None = None  # the step of the newest save this client saw commit
+        self._failed: list[SaveHandle] = []  # handed-off saves that failed since the last client.wait()
         self.job: str | None = None
         # Every rank calls this first: it is a collective, and nothing before it can fail on one rank only.
         self._group = _make_sync_group()
@@ -193,21 +205,23 @@ class CheckpointClient:
                 "available in this version of ckptd; run on one node"
             )
         self._is_local_leader = self.topology.local_rank == 0
-        self._link = DaemonLink(self.endpoint)
-        self._link_generation = self._link.generation
+        # A read-only client only loads, which never talks to a daemon: it neither needs one nor starts one
+        # (an embedded daemon would sweep the directory it was only meant to read).
+        self._link = None if self.read_only else DaemonLink(self.endpoint)
+        self._link_generation = 0 if self._link is None else self._link.generation
 
         # 3. The plan, and the daemon: local rank 0 starts it if none answers. Agreed before the other ranks
         #    wait for it, so that a leader that failed does not leave them waiting out their start timeout.
         def plan_and_start() -> None:
             self.plans = planning.plan(self.components, self.topology)
-            if self._is_local_leader:
+            if self._is_local_leader and not self.read_only:
                 self._ensure_daemon()
 
         self._agree_on("CheckpointClient(...)", plan_and_start)
 
         # 4. Every other rank reaches the daemon.
         def connect() -> None:
-            if not self._is_local_leader:
+            if not self._is_local_leader and not self.read_only:
                 self._ensure_daemon()
 
         self._agree_on("CheckpointClient(...)", connect)
@@ -261,7 +275,7 @@ class CheckpointClient:
     def _take_lease(self, job: str) -> ownership.Lease:
         try:
             return ownership.Lease.acquire(self.output_dir, job)
-        except ownership.LeaseHeld as e:
+        except (ownership.LeaseHeld, ownership.LockTimeout) as e:
             raise CheckpointError(str(e)) from None
         except OSError as e:
             raise CheckpointError(
@@ -283,7 +297,7 @@ class CheckpointClient:
         except ownership.LeaseLost as e:
             self._lease_error = str(e)
             logger.error("%s", e)
-        except OSError as e:  # a transient NFS error must not stop the job; the next refresh retries
+        except OSError as e:  # a transient NFS error (or a stuck lock holder) must not stop the job; retried
             logger.warning("could not refresh the lease of %s: %s", self.output_dir, e)
 
     # -- daemon ---------------------------------------------------------------------------------------
@@ -323,33 +337,48 @@ class CheckpointClient:
             self._heartbeat()
 
     def _heartbeat(self) -> None:
+        """Ask the daemon about each save in flight now and then, never waiting for the answer here: a QUERY
+        is sent, its reply taken by a later call (``pump`` receives it), and the daemon is given up on only
+        once a query has gone unanswered for ``heartbeat_timeout_s``. So ``done()`` never blocks, even on a
+        frozen daemon."""
         assert self._link is not None
         now = time.monotonic()
         interval = min(HEARTBEAT_S, self.heartbeat_timeout_s / 3)
         for h in list(self._inflight.values()):
-            if h.txn not in self._inflight or now - h.last_beat < interval:
-                continue
-            h.last_beat = now
-            try:
-                reply = self._link.request(MsgType.QUERY, self.heartbeat_timeout_s, txn=h.txn)
-            except DaemonUnavailable as e:
-                self._abandon_all(f"ckptd stopped answering ({e})")
-                return
-            except CheckpointError as e:
-                self._abandon([h.txn], str(e))
-                continue
-            for ev in self._link.take_events():
-                self._apply_event(ev)
             if h.txn not in self._inflight:
                 continue
-            state = reply.body.get("state")
-            if state == TxnState.COMMITTED.value and reply.body.get("path"):
-                self._settle(h.txn, path=Path(reply.body["path"]))
-            elif state == TxnState.ABORTED.value:
-                # ABORTED (not ABORTING) is reported once the daemon has cleaned up: it reads nothing more.
-                self._settle(h.txn, error=str(reply.body.get("reason") or "aborted by ckptd"))
-            elif state == TxnState.UNKNOWN.value:
-                self._abandon([h.txn], "ckptd does not know this save (it was restarted)")
+            if h.query_id is not None:
+                reply = self._link.take_reply(h.query_id)
+                if reply is None:
+                    if now - h.query_sent > self.heartbeat_timeout_s:
+                        self._abandon_all(
+                            f"ckptd stopped answering (ckptd at {self.endpoint} did not answer a query request "
+                            f"within {self.heartbeat_timeout_s:.0f} s)"
+                        )
+                        return
+                    continue
+                h.query_id = None
+                self._apply_query_reply(h, reply)
+                continue
+            if now - h.last_beat < interval:
+                continue
+            h.last_beat = now
+            sent = self._link.send(MsgType.QUERY, txn=h.txn)
+            # One that could not even be queued counts as unanswered (-1 never gets a reply).
+            h.query_id, h.query_sent = (-1 if sent is None else sent), now
+
+    def _apply_query_reply(self, h: SaveHandle, reply: Any) -> None:
+        if reply.type == MsgType.ERROR:
+            self._abandon([h.txn], f"ckptd rejected the query request: {reply.body.get('message')}")
+            return
+        state = reply.body.get("state")
+        if state == TxnState.COMMITTED.value and reply.body.get("path"):
+            self._settle(h.txn, path=Path(reply.body["path"]))
+        elif state == TxnState.ABORTED.value:
+            # ABORTED (not ABORTING) is reported once the daemon has cleaned up: it reads nothing more.
+            self._settle(h.txn, error=str(reply.body.get("reason") or "aborted by ckptd"))
+        elif state == TxnState.UNKNOWN.value:
+            self._abandon([h.txn], "ckptd does not know this save (it was restarted)")
 
     def _apply_event(self, ev: Any) -> None:
         txn = ev.body.get("txn")
@@ -360,23 +389,40 @@ class CheckpointClient:
         elif ev.type == MsgType.ABORTED:
             self._settle(txn, error=str(ev.body.get("reason")))
 
+    def _forget_query(self, h: SaveHandle) -> None:
+        if self._link is not None and h.query_id is not None and h.query_id >= 0:
+            self._link.forget(h.query_id)
+        h.query_id = None
+
+    def _committed(self, h: SaveHandle, path: Path) -> None:
+        h.path = path
+        if self._last_committed is None or h.step >= self._last_committed:
+            self._last_committed = h.step
+
+    def _failed_with(self, h: SaveHandle, error: str) -> None:
+        h.error = error
+        self._failed.append(h)
+        del self._failed[:-MAX_FAILURES_KEPT]
+        logger.error("%s", error)
+
     def _settle(self, txn: str, path: Path | None = None, error: str | None = None) -> None:
         """The daemon's word on a save (committed or aborted): it is done with the slab, which is reused."""
         self._release_slab(txn)
         h = self._inflight.pop(txn, None)
         if h is None:
             return
+        self._forget_query(h)
         if path is not None:
-            h.path = path
+            self._committed(h, path)
             logger.info(
                 "step %d committed: %s (%.3f s after save_async)", h.step, path, time.monotonic() - h.started_at
             )
         else:
-            h.error = (
+            self._failed_with(
+                h,
                 f"checkpoint for step {h.step} was not committed: {error}; earlier checkpoints are untouched "
-                "and training can continue (the next save retries)"
+                "and training can continue (the next save retries)",
             )
-            logger.error("%s", h.error)
 
     def _abandon_all(self, reason: str) -> None:
         self._abandon(list(self._inflight), reason)
@@ -384,7 +430,11 @@ class CheckpointClient:
     def _abandon(self, txns: list[str], reason: str) -> None:
         """Give up on saves without the daemon's word: their slabs go to the daemon for good (a new one is
         made for the next save), and each commit is vetoed on disk, so the daemon can never commit one later.
-        A veto that finds the save already committed reports it committed."""
+        A veto that finds the save already committed reports it committed.
+
+        Every handle given up on is settled whatever happens: a veto that fails in any way (an OSError, a
+        hostile file, a bug) is reported in that handle's error, and even an interruption (Ctrl-C) settles
+        every handle before it propagates, so no handle is ever left neither in flight nor settled."""
         for txn in txns:
             for slab in [s for s in self._slabs if s.busy_txn == txn]:
                 self._slabs.remove(slab)
@@ -395,38 +445,57 @@ class CheckpointClient:
                     slab.name,
                 )
         handles = [h for h in (self._inflight.pop(txn, None) for txn in txns) if h is not None]
-        for h in handles:
-            try:
-                vetoed = ownership.veto_commit(self.output_dir, h.step, h.txn, h.deadline)
-            except OSError as e:
-                h.error = (
-                    f"checkpoint for step {h.step} was abandoned ({reason}), and making it impossible to commit "
-                    f"failed ({e}); it may still appear as checkpoint-{h.step} if ckptd resumes"
-                )
-                logger.error("%s", h.error)
-                continue
-            if not vetoed:
-                h.path = fmt.checkpoints_root(self.output_dir) / fmt.checkpoint_dirname(h.step)
-                logger.warning("step %d committed before this rank gave up on it (%s): %s", h.step, reason, h.path)
-                continue
-            h.error = (
-                f"checkpoint for step {h.step} was abandoned and can never commit: {reason}; this rank vetoed "
-                "its commit on disk, so ckptd cannot commit it even if it resumes; earlier checkpoints are "
-                "untouched and training can continue (the next save uses a new staging slab)"
+        try:
+            for h in handles:
+                self._forget_query(h)
+                self._veto(h, reason)
+        finally:
+            for h in handles:
+                if h.path is None and h.error is None:  # the veto loop was interrupted before this one
+                    self._failed_with(
+                        h,
+                        f"checkpoint for step {h.step} was abandoned ({reason}), and making it impossible to "
+                        f"commit was interrupted; it may still appear as checkpoint-{h.step} if ckptd resumes",
+                    )
+            # A courtesy to a daemon that still runs; the veto already decided. Sent without waiting.
+            for h in handles:
+                self._courtesy_abort(h.txn, reason)
+
+    def _veto(self, h: SaveHandle, reason: str) -> None:
+        """Make ``h``'s save impossible to commit (or learn that it committed) and settle ``h`` by it."""
+        try:
+            vetoed = ownership.veto_commit(self.output_dir, h.step, h.txn, h.deadline)
+        except Exception as e:  # noqa: BLE001 - whatever the veto raises, the handle must be settled
+            what = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            if not isinstance(e, OSError):
+                logger.exception("vetoing the commit of step %d (txn %s) failed", h.step, h.txn)
+            self._failed_with(
+                h,
+                f"checkpoint for step {h.step} was abandoned ({reason}), and making it impossible to commit "
+                f"failed ({what}); it may still appear as checkpoint-{h.step} if ckptd resumes",
             )
-            logger.error("%s", h.error)
-        # A courtesy to a daemon that still runs; the veto already decided. One try: a daemon that does not
-        # answer it would not answer the next either.
-        for h in handles:
-            if self._link is None:
-                break
-            try:
-                reason_text = f"rank {self.rank}: {reason}"
-                self._link.request(MsgType.ABORT, ABORT_REQUEST_TIMEOUT_S, txn=h.txn, reason=reason_text)
-            except DaemonUnavailable:
-                break
-            except CheckpointError:
-                continue
+            return
+        if not vetoed:
+            self._committed(h, fmt.checkpoints_root(self.output_dir) / fmt.checkpoint_dirname(h.step))
+            logger.warning("step %d committed before this rank gave up on it (%s): %s", h.step, reason, h.path)
+            return
+        self._failed_with(
+            h,
+            f"checkpoint for step {h.step} was abandoned and can never commit: {reason}; this rank vetoed "
+            "its commit on disk, so ckptd cannot commit it even if it resumes; earlier checkpoints are "
+            "untouched and training can continue (the next save uses a new staging slab)",
+        )
+
+    def _courtesy_abort(self, txn: str, reason: str) -> None:
+        """Tell the daemon this rank gave up on ``txn`` (so it aborts the other ranks' parts at once), without
+        waiting for the reply: a frozen daemon must not stall the caller, and the veto or the refusal already
+        decided the outcome."""
+        if self._link is None:
+            return
+        try:
+            self._link.forget(self._link.send(MsgType.ABORT, txn=txn, reason=f"rank {self.rank}: {reason}"))
+        except CheckpointError as e:
+            logger.debug("could not send the abort of txn %s to ckptd: %s", txn, e)
 
     def _release_slab(self, txn: str | None) -> None:
         for slab in self._slabs:
@@ -564,11 +633,12 @@ class CheckpointClient:
         except CheckpointError as e:
             # Refused: the daemon reads nothing of this part; the other ranks' parts are aborted.
             self._settle(txn, error=str(e))
-            with contextlib.suppress(CheckpointError):
-                self._link.request(MsgType.ABORT, ABORT_REQUEST_TIMEOUT_S, txn=txn, reason=f"rank {self.rank}: {e}")
+            self._courtesy_abort(txn, str(e))
         if handle.error is not None:
+            # Raised here, so not reported again by the next client.wait().
+            with contextlib.suppress(ValueError):
+                self._failed.remove(handle)
             raise CheckpointError(handle.error)
-        self._last_handed_off = step
         handle.staged_s = t_staged - t0
         handle.bytes_staged = stats.bytes
         logger.debug(
@@ -659,7 +729,10 @@ class CheckpointClient:
         )
 
     def wait(self, timeout: float | None = None) -> list[Path]:
-        """Block until every save in flight has committed; raises CheckpointError if any aborted.
+        """Block until every save in flight has committed; returns their paths. Raises CheckpointError if any
+        of them failed, or if any save handed off since the previous ``client.wait()`` failed meanwhile (also
+        one already settled in the background, or whose own ``handle.wait()`` raised): a loop that keeps no
+        handles still learns that a checkpoint is missing.
 
         Args:
             timeout: seconds to wait for each save (None: as long as it takes).
@@ -668,17 +741,22 @@ class CheckpointClient:
             >>> client.wait()
             [PosixPath('out/checkpoints/checkpoint-100')]
         """
-        handles = list(self._inflight.values())
-        errors = []
-        paths = []
-        for h in handles:
+        paths, errors = self._wait_in_flight(timeout)
+        failed, self._failed = self._failed, []
+        errors = [h.error for h in failed if h.error is not None and h.error not in errors] + errors
+        if errors:
+            raise CheckpointError("; ".join(errors))
+        return paths
+
+    def _wait_in_flight(self, timeout: float | None = None) -> tuple[list[Path], list[str]]:
+        """Wait for the saves in flight now: their paths, and the errors of those that failed."""
+        paths, errors = [], []
+        for h in list(self._inflight.values()):
             try:
                 paths.append(h.wait(timeout))
             except CheckpointError as e:
                 errors.append(str(e))
-        if errors:
-            raise CheckpointError("; ".join(errors))
-        return paths
+        return paths, errors
 
     # -- load -----------------------------------------------------------------------------------------
 
@@ -724,8 +802,9 @@ class CheckpointClient:
         may_fall_back = False
         try:
             self._check_open()
-            if self._inflight:
-                self.wait()
+            failed = self._wait_in_flight()[1] if self._inflight else []
+            if failed:
+                raise CheckpointError("; ".join(failed))
             cands, may_fall_back = loader.candidates(self.output_dir, checkpoint)
         except CheckpointError as e:
             local_error = str(e)
@@ -817,10 +896,11 @@ class CheckpointClient:
         On the signal, no new save starts (``save_async`` raises), and then:
 
         - If the loop calls ``preemption_point(step)`` at its step boundaries: at the next one, every rank
-          together waits for the saves in flight, saves ``step`` (the "emergency save", unless that step
-          was just saved) and exits. A step boundary is where the state is consistent; a signal arrives
-          anywhere, for example halfway through ``optimizer.step()``, so the save is never made from the
-          signal handler itself. If no step boundary comes within ``timeout_s``, the process exits anyway.
+          together waits for the saves in flight, saves ``step`` (the "emergency save", unless a save of
+          that step has committed; ranks agree on it) and exits. A step boundary is where the state is
+          consistent; a signal arrives anywhere, for example halfway through ``optimizer.step()``, so the
+          save is never made from the signal handler itself. If no step boundary comes within
+          ``timeout_s``, the process exits anyway.
         - If it never does: the handler waits for the saves in flight and exits (no emergency save).
 
         Either way at most ``timeout_s`` is spent waiting (set it below the cluster's grace period), and the
@@ -861,14 +941,8 @@ class CheckpointClient:
             >>> client.preemption_point(step)
         """
         self._points_seen = True
-        flag = self._signal is not None
-        if self._group is not None:
-            # Every rank takes part, handler installed or not, so that the ranks stop at the same step.
-            import torch.distributed as dist
-
-            t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-            flag = bool(t.item())
+        # Every rank takes part, handler installed or not, so that the ranks stop at the same step.
+        flag = self._any_rank(self._signal is not None)
         if flag:
             if self._preemption is None:  # another rank got the signal; this one has no handler of its own
                 self._preemption = PreemptionSettings(DEFAULT_PREEMPTION_TIMEOUT_S, {})
@@ -941,19 +1015,35 @@ class CheckpointClient:
             raise SystemExit(128 + signum)
 
     def _emergency_save(self, step: int, deadline: float) -> None:
-        if self._closed or self.read_only:
-            return
-        if step == self._last_handed_off:
-            logger.warning("preemption: step %d is already saved; no emergency save", step)
-            return
+        """Save ``step`` unless it is committed already, decided by every rank together.
+
+        Only a commit counts: a save of ``step`` that was handed off but then aborted, vetoed or given up on
+        does not. The decision is agreed (any rank that needs the save makes every rank save) after the
+        saves in flight were waited for, so that a save of ``step`` that commits during that wait is not made
+        twice, and no rank ever enters the snapshot collective alone. A rank whose peers are gone gets the
+        backend's RuntimeError from the collective: logged, and the job exits without the save."""
+        mine = not (self._closed or self.read_only) and step != self._last_committed
         self._emergency = True
         try:
+            if not self._any_rank(mine):
+                logger.warning("preemption: step %d is already committed; no emergency save", step)
+                return
             path = self._save_async(step, {"preempted": True}).wait(max(0.0, deadline - time.monotonic()))
             logger.warning("preemption: emergency save of step %d committed: %s", step, path)
-        except (CheckpointError, TimeoutError, ValueError) as e:
+        except (CheckpointError, TimeoutError, ValueError, RuntimeError) as e:
             logger.error("preemption: emergency save of step %s failed: %s", step, e)
         finally:
             self._emergency = False
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (a one-integer all-reduce; this rank's own flag alone)."""
+        if self._group is None:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(t.item())
 
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
@@ -987,10 +1077,9 @@ class CheckpointClient:
             return
         with self._call():
             if wait:
-                try:
-                    self.wait()
-                except CheckpointError as e:
-                    logger.error("a save failed before close: %s", e)
+                failed = self._wait_in_flight()[1]
+                if failed:
+                    logger.error("a save failed before close: %s", "; ".join(failed))
             self._closed = True
             if self._link is not None:
                 with contextlib.suppress(CheckpointError):

@@ -9,6 +9,8 @@ writes ``header + data`` as a single range without re-serialising or copying aga
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import itertools
 import json
@@ -35,6 +37,10 @@ REGION_ALIGN = 4096  # each file starts on a page boundary of the slab
 BIG_COPY = 1 << 20  # bytes from which a tensor is copied on its own (multi-threaded) rather than batched
 GROWTH = 1.125  # headroom when a slab grows, so small state changes do not reallocate every save
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the slab at allocation, not in the first copy
+_MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", 10)  # a forked child does not inherit the mapping
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_PROT_NONE = 0
 
 
 # ------------------------------------------------------------------------------------------------ slab
@@ -47,6 +53,12 @@ class Slab:
     own mapping, so the slab has no name anywhere: when both processes let go (exit, kill -9, ``close``),
     the kernel frees the memory. ``F_SEAL_SHRINK`` guarantees the daemon that no process can truncate it
     under its mapping (which would kill the daemon with SIGBUS).
+
+    A forked child (DataLoader workers, multiprocessing pools) keeps neither: the mapping is
+    ``MADV_DONTFORK`` and an at-fork hook closes the memfd in the child, so a slab this process replaces or
+    abandons is freed as soon as this process and the daemon let go, however long the children live. In
+    the child the slab's address range is reserved inaccessible (touching it faults instead of reading a
+    stale snapshot) and the slab counts as destroyed.
 
     Example:
         >>> slab = Slab.create(64 << 20, rank=0)
@@ -62,10 +74,13 @@ class Slab:
         self.size = size
         self.mm = mm
         self.tensor = torch.frombuffer(mm, dtype=torch.uint8)  # uint8 view of the whole mapping
+        self.addr = self.tensor.data_ptr()  # the mapping's address (the at-fork hook reserves it in a child)
+        self._mm_fd = _dup_held_by_mmap(name, fd)  # Python's mmap keeps its own dup of the memfd
         self.pinned = False
         self.busy_txn: str | None = None  # the transaction whose bytes the daemon may still be reading
         # A slab dropped without destroy() still closes its memfd when collected (or at exit).
         self._close_fd = weakref.finalize(self, os.close, fd)
+        _live_slabs.add(self)
 
     def __repr__(self) -> str:
         return f"Slab({self.name!r}, fd={self.fd}, size={self.size}, busy_txn={self.busy_txn!r})"
@@ -109,6 +124,10 @@ class Slab:
             mm.madvise(_MADV_POPULATE_WRITE)
         except (OSError, ValueError):
             pass
+        try:
+            mm.madvise(_MADV_DONTFORK)
+        except (OSError, ValueError) as e:  # the at-fork hook still replaces the child's mapping
+            logger.debug("madvise(MADV_DONTFORK) on slab %s failed: %s", name, e)
         slab = cls(name, fd, ino, size, mm)
         if torch.cuda.is_available():
             rc = torch.cuda.cudart().cudaHostRegister(slab.tensor.data_ptr(), size, 0)
@@ -147,6 +166,84 @@ class Slab:
             logger.debug("slab %s still has views; unmapped when they go", self.name)
         self._close_fd()
         self.fd = -1
+
+    def _forget_in_child(self) -> None:
+        """In a forked child, right after the fork: let go of the parent's slab without touching it. The fd
+        is closed (its finalizer detached, so it can never close a reused fd number later), and the address
+        range, which MADV_DONTFORK left unmapped (or which still maps the memfd where that failed), becomes
+        an inaccessible reservation: nothing the child maps later can land there and be unmapped when the
+        child's copy of the mmap object goes."""
+        if self.closed:
+            return
+        self._close_fd.detach()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        if self._mm_fd is not None:
+            # The mmap object's own dup of the memfd: it closes that number when it goes, so the number must
+            # stay taken until then; /dev/null takes it over (holding no memory).
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                os.dup2(null, self._mm_fd, inheritable=False)
+                os.close(null)
+        self.fd = -1
+        self.pinned = False  # a CUDA registration is the parent's
+        _reserve_range(self.addr, self.size)
+
+
+def _dup_held_by_mmap(name: str, fd: int) -> int | None:
+    """The fd (other than ``fd``) of this process that refers to the memfd named ``name``: the dup that
+    Python's ``mmap.mmap`` keeps. None if it cannot be found (no /proc)."""
+    target = f"/memfd:{name} "
+    try:
+        entries = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == fd:
+            continue
+        try:
+            link = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:
+            continue
+        if link.startswith(target) or link == target.rstrip():
+            return int(entry)
+    return None
+
+
+def _libc_mmap() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mmap
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    return fn
+
+
+_MMAP = _libc_mmap()  # resolved now: a forked child must not dlopen (a lock held by another thread at fork)
+
+
+def _reserve_range(addr: int, size: int) -> None:
+    """Map ``[addr, addr + size)`` anew as inaccessible, unbacked memory (PROT_NONE, MAP_NORESERVE)."""
+    if _MMAP is None or not addr:
+        return
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE
+    _MMAP(addr, size, _PROT_NONE, flags, -1, 0)
+
+
+# The slabs of this process, read only by the at-fork hook below. register_at_fork takes hooks for good
+# (there is no unregister), so one module-level hook must be able to find every live slab; the set is weak,
+# so it never keeps a slab (or its memory) alive, and a destroyed slab is simply skipped.
+_live_slabs: weakref.WeakSet[Slab] = weakref.WeakSet()
+
+
+def _forget_slabs_in_child() -> None:
+    for slab in list(_live_slabs):
+        slab._forget_in_child()
+    _live_slabs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_slabs_in_child)
 
 
 def create_slab(size: int, rank: int) -> Slab:

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 DAEMON_START_TIMEOUT_S = 60.0
 EMBEDDED_IDLE_EXIT_S = 10.0
 LOG_MAX_BYTES = 16 * 1024 * 1024  # every job of the user appends to the default endpoint's log
+MAX_PENDING = 1024  # requests awaiting a reply at once; the oldest is forgotten past it (its reply dropped)
 _HANDSHAKE_FAILURES = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH,
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
@@ -59,12 +60,16 @@ class DaemonLink:
     lock: threading.RLock = field(default_factory=threading.RLock)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     events: deque[Event] = field(default_factory=deque)
+    # Replies are kept only for requests someone still waits for (``pending``): a reply that comes after its
+    # request gave up is dropped, so replies never pile up (and never make ``pump`` return at once forever).
     replies: dict[int, Event] = field(default_factory=dict)
+    pending: set[int] = field(default_factory=set)
     connected: bool = False
     secure: bool = False  # CURVE (tcp://)
     refused: str | None = None  # why the daemon's CURVE handshake refused us, if it did
     generation: int = 0  # bumped on every lost connection: transactions sent before it are lost too
-    process: subprocess.Popen | None = None  # the embedded daemon this rank started, if any
+    process: subprocess.Popen | None = None  # the embedded daemon this rank started, if it is the one answering
+    daemon_pid: int | None = None  # the pid the answering daemon gave in its WELCOME
 
     def _open(self) -> None:
         try:
@@ -102,6 +107,7 @@ class DaemonLink:
                 self.monitor = None
             self.connected = False
             self.replies.clear()
+            self.pending.clear()
 
     def close(self) -> None:
         self.reset()
@@ -161,7 +167,10 @@ class DaemonLink:
             logger.error("ignoring a malformed message from ckptd: %s", e)
             return
         if req_id:
-            self.replies[req_id] = Event(msg_type, body)
+            if req_id in self.pending:
+                self.replies[req_id] = Event(msg_type, body)
+            else:
+                logger.debug("dropping a late %s reply to request %d, which no one waits for", msg_type.value, req_id)
         else:
             self.events.append(Event(msg_type, body))
 
@@ -173,6 +182,46 @@ class DaemonLink:
 
     # -- requests -------------------------------------------------------------------------------------
 
+    def _expect(self, req_id: int) -> None:
+        self.pending.add(req_id)
+        while len(self.pending) > MAX_PENDING:
+            oldest = min(self.pending)
+            self.pending.discard(oldest)
+            self.replies.pop(oldest, None)
+
+    def send(self, msg_type: MsgType, **body: Any) -> int | None:
+        """Send one request without waiting; returns its id, whose reply ``take_reply`` gives once it has
+        arrived (``pump`` receives it), or None if it could not be queued now (the caller retries later).
+        ``forget`` the id when its reply no longer matters."""
+        with self.lock:
+            if self.sock is None:
+                self._open()
+            assert self.sock is not None
+            req_id = next(self.ids)
+            try:
+                self.sock.send(proto.pack(msg_type, req_id, **body), zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # zmq.Again: the pipe is full (a frozen daemon); or a closed socket
+                logger.debug("could not queue a %s request to ckptd: %s", msg_type.value, e)
+                return None
+            self._expect(req_id)
+            return req_id
+
+    def take_reply(self, req_id: int) -> Event | None:
+        """The reply to request ``req_id`` if it has arrived (then forgotten), else None (still awaited)."""
+        with self.lock:
+            reply = self.replies.pop(req_id, None)
+            if reply is not None:
+                self.pending.discard(req_id)
+            return reply
+
+    def forget(self, req_id: int | None) -> None:
+        """Stop waiting for request ``req_id``: its reply, now or later, is dropped."""
+        if req_id is None:
+            return
+        with self.lock:
+            self.pending.discard(req_id)
+            self.replies.pop(req_id, None)
+
     def request(
         self, msg_type: MsgType, timeout_s: float, *, stage: proto.StageRequest | None = None, **body: Any
     ) -> Event:
@@ -183,21 +232,32 @@ class DaemonLink:
             assert self.sock is not None
             req_id = next(self.ids)
             data = proto.pack_stage(stage, req_id) if stage is not None else proto.pack(msg_type, req_id, **body)
-            self.sock.send(data)
-            deadline = time.monotonic() + timeout_s
-            while req_id not in self.replies:
-                remaining = deadline - time.monotonic()
-                if self.refused is not None:
-                    raise DaemonUnavailable(
-                        f"ckptd at {self.endpoint} refused this rank: {self.refused}; check CKPTD_KEYS "
-                        "(docs/security.md)"
-                    )
-                if remaining <= 0:
-                    raise DaemonUnavailable(
-                        f"ckptd at {self.endpoint} did not answer a {msg_type.value} request within {timeout_s:.0f} s"
-                    )
-                self.pump(min(remaining, 0.5))
-            reply = self.replies.pop(req_id)
+            self._expect(req_id)
+            try:
+                self.sock.send(data)
+                deadline = time.monotonic() + timeout_s
+                while req_id not in self.replies:
+                    remaining = deadline - time.monotonic()
+                    if self.refused is not None:
+                        raise DaemonUnavailable(
+                            f"ckptd at {self.endpoint} refused this rank: {self.refused}; check CKPTD_KEYS "
+                            "(docs/security.md)"
+                        )
+                    if remaining <= 0:
+                        raise DaemonUnavailable(
+                            f"ckptd at {self.endpoint} did not answer a {msg_type.value} request within "
+                            f"{timeout_s:.0f} s"
+                        )
+                    if req_id not in self.pending:  # the link was reset meanwhile: no reply can come
+                        raise DaemonUnavailable(
+                            f"the connection to ckptd at {self.endpoint} was reset while a {msg_type.value} request "
+                            "waited for its reply"
+                        )
+                    self.pump(min(remaining, 0.5))
+                reply = self.replies.pop(req_id)
+            finally:
+                self.pending.discard(req_id)
+                self.replies.pop(req_id, None)
             if reply.type == MsgType.ERROR:
                 raise CheckpointError(f"ckptd rejected the {msg_type.value} request: {reply.body.get('message')}")
             return reply
@@ -206,7 +266,9 @@ class DaemonLink:
         """True when a daemon answers; False when none does. A daemon that refuses this rank's CURVE keys
         raises DaemonUnavailable saying why: retrying with the same keys cannot help."""
         try:
-            self.request(MsgType.HELLO, timeout_s, pid=os.getpid(), version=proto.PROTOCOL_VERSION)
+            reply = self.request(MsgType.HELLO, timeout_s, pid=os.getpid(), version=proto.PROTOCOL_VERSION)
+            pid = reply.body.get("pid")
+            self.daemon_pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
             return True
         except DaemonUnavailable:
             refused = self.refused
@@ -218,26 +280,42 @@ class DaemonLink:
     # -- the embedded daemon --------------------------------------------------------------------------
 
     def embedded_alive(self) -> bool | None:
-        """None when this rank did not start the daemon; else whether that process still runs."""
+        """None when this rank did not start the daemon that answers; else whether that process still runs."""
         if self.process is None:
             return None
         return self.process.poll() is None
+
+    def _keep_child_only_if_it_answers(self) -> None:
+        """A daemon answered: if its WELCOME names another pid than the child this rank started, the child
+        lost the start race for the endpoint (it exits with code 2 once it gets that far) or died. Either
+        way it is not the daemon holding this rank's saves, so its exit must never be read as "our daemon
+        died": forget it, reaped by a background thread (no zombie, no wait here)."""
+        child = self.process
+        if child is None or self.daemon_pid is None or self.daemon_pid == child.pid:
+            return
+        self.process = None
+        if child.poll() is None:
+            logger.info(
+                "ckptd pid %d answers at %s; the daemon this rank started (pid %d) lost the start race and exits",
+                self.daemon_pid,
+                self.endpoint,
+                child.pid,
+            )
+            threading.Thread(target=child.wait, name="ckptd-reap-child", daemon=True).start()
 
     def ensure_daemon(
         self, may_start: bool, output_dir: Path | None = None, timeout_s: float = DAEMON_START_TIMEOUT_S
     ) -> None:
         """Make sure a daemon answers at the endpoint; local rank 0 (``may_start``) starts one if not."""
         if self.ping(1.0 if may_start else 2.0):
-            if self.process is not None and self.process.poll() is not None:
-                # The daemon this rank started died and another one (started elsewhere) answers now:
-                # it is not ours, so its liveness must not be judged by our dead child.
-                self.process = None
+            self._keep_child_only_if_it_answers()
             return
         if may_start:
             self.process = start_embedded_daemon(self.endpoint, output_dir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.ping(1.0):
+                self._keep_child_only_if_it_answers()
                 return
             if self.process is not None and self.process.poll() not in (None, 2):
                 log = daemon_log_path(self.endpoint)

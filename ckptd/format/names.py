@@ -20,7 +20,10 @@ MODEL_KEY = "model"
 MODEL_INDEX_NAME = "model.safetensors.index.json"
 TREE_METADATA_KEY = "ckptd.tree"
 # The lease naming the one job that writes an output dir (ckptd.ownership reads and writes it), the lock
-# its read-decide-write runs under, and the temp file it is written to before the rename over it.
+# its read-decide-write runs under, and the temp files it is written to before the rename over it:
+# ``LEASE_TEMP_NAME`` plus a random suffix (``lease_temp_name``), created O_EXCL, so that nothing found at a
+# fixed name (a FIFO, a symlink) can ever be opened by a writer; ``is_lease_temp_name`` recognises them
+# (and the bare fixed name older versions used) for sweeps.
 LEASE_NAME = ".ckptd-lease.json"
 LEASE_LOCK_NAME = ".ckptd-lease.lock"
 LEASE_TEMP_NAME = ".ckptd-lease.json.tmp"
@@ -31,6 +34,7 @@ _CHECKPOINT_RE = re.compile(r"checkpoint-(0|[1-9][0-9]*)\Z")
 _TEMP_RE = re.compile(r"\.tmp-checkpoint-(0|[1-9][0-9]*)-([A-Za-z0-9]+)\Z")
 _TRASH_RE = re.compile(r"\.trash-checkpoint-(0|[1-9][0-9]*)-([A-Za-z0-9]+)\Z")
 _TXN_RE = re.compile(r"[A-Za-z0-9]{1,64}\Z")
+_LEASE_TEMP_RE = re.compile(re.escape(LEASE_TEMP_NAME) + r"(-[A-Za-z0-9]{1,64})?\Z")
 _OWNER_SUFFIX = ".owner"
 _VETO_SUFFIX = ".veto"
 _FILE_RES = [
@@ -220,6 +224,34 @@ def is_trash_dirname(name: str) -> bool:
         True
     """
     return bool(_TRASH_RE.match(name))
+
+
+def lease_temp_name(token: str) -> str:
+    """The name of one lease write's temp file (created O_EXCL, renamed over the lease, or removed).
+
+    Args:
+        token: a random alphanumeric token, unique to the write.
+
+    Example:
+        >>> lease_temp_name("3fa9c2")
+        '.ckptd-lease.json.tmp-3fa9c2'
+    """
+    if not re.fullmatch(r"[A-Za-z0-9]{1,64}", token):
+        raise ValueError(f"lease temp token {token!r} must be 1-64 letters or digits")
+    return f"{LEASE_TEMP_NAME}-{token}"
+
+
+def is_lease_temp_name(name: str) -> bool:
+    """True for a lease write's temp file (``lease_temp_name``) or the fixed temp name of older versions.
+
+    Args:
+        name: a directory entry of ``checkpoints/``.
+
+    Example:
+        >>> is_lease_temp_name(".ckptd-lease.json.tmp-3fa9c2"), is_lease_temp_name(".ckptd-lease.json")
+        (True, False)
+    """
+    return bool(_LEASE_TEMP_RE.match(name))
 
 
 def component_filename(

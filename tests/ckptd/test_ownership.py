@@ -492,9 +492,17 @@ def test_a_holder_on_another_host_counts_as_alive_until_its_lease_goes_stale(tmp
     ownership.lease_path(out).write_bytes(fresh.to_bytes())
     with pytest.raises(LeaseHeld, match="node-b.cluster"):
         Lease.acquire(out, "job-c")
+    # Staleness is judged by the lease file's mtime on the file system's clock (the record's own times come
+    # from the holder's clock, which may be skewed): a file unwritten past the timeout is stale...
     stale_at = time.time() - ownership.LEASE_TIMEOUT_S - 1
     ownership.lease_path(out).write_bytes(ownership.LeaseRecord("job-b", far, stale_at, stale_at).to_bytes())
+    os.utime(ownership.lease_path(out), (stale_at, stale_at))
     assert ownership.lease_allows(out, "job-c")
+    # ...and so is one dated past the timeout in the future (no refresh writes that; it must not be immortal).
+    future = time.time() + ownership.LEASE_TIMEOUT_S + 60
+    os.utime(ownership.lease_path(out), (future, future))
+    assert ownership.lease_allows(out, "job-c")
+    os.utime(ownership.lease_path(out), (stale_at, stale_at))
     with pytest.warns(RuntimeWarning, match="no longer running"):
         Lease.acquire(out, "job-c")
 

@@ -1,19 +1,33 @@
-"""Review of the rank side of issue 5 (client/): defects found by attacking the slab hand-off, the veto,
-the lease and read-only clients with real processes (standalone ``python -m ckptd serve`` daemons,
-SIGSTOP/SIGKILL, subprocess trainers, fork).
+"""What a rank does when it gives up on a save, and how one process shares an output dir's lease; proven
+with real processes (standalone ``python -m ckptd serve`` daemons, SIGSTOP/SIGKILL, subprocess trainers,
+fork, torchrun).
 
-Every test reproduces one defect and is marked ``xfail(strict=True)`` until the authors fix it (a fix
-turns it into an XPASS, which fails CI on purpose: then drop the marker).
+- ``handle.done()`` never blocks, even on a frozen daemon (the heartbeat QUERY is sent without waiting).
+- A save given up on is always settled: its handle raises CheckpointError (also when the veto fails or is
+  interrupted by Ctrl-C), and ``client.wait()`` reports it; nothing spins or hangs.
+- Two clients of one process share the lease; closing one keeps it; a forked child's exit never releases
+  the parent's lease.
+- A save handed over before a kill -9 still lands when the trainer restarts at once under a new job id.
+- A read-only client loads without any daemon.
+- A forked child keeps no staging slab (fd or mapping) alive.
+- The emergency save on preemption happens when the step never committed, and under torchrun the ranks
+  agree on it (no rank enters a collective alone).
+- A healthy save is not vetoed when the embedded daemon that lost the start race exits.
+
+Each test was first written as a strict-xfail reproduction of the defect (issue 5 review) and passes since
+the fix.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,12 +75,11 @@ def _freeze_in_flight(daemon: subprocess.Popen, root: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------ handle.done()
 
 
-@pytest.mark.xfail(strict=True, reason="review: handle.done() blocks up to heartbeat_timeout_s on a frozen daemon")
 def test_done_never_blocks_while_the_daemon_is_frozen(endpoint, output_dir, tmp_path) -> None:
-    """``SaveHandle.done()`` is documented (and DESIGN §3) as non-blocking, for a training loop that polls it
-    every step. It calls ``_progress(0.0)``, which sends a heartbeat QUERY once the last one is 2 s old and
-    then waits up to ``heartbeat_timeout_s`` (15 s by default) for the reply: with a frozen daemon (SIGSTOP,
-    a stuck event loop), one ``done()`` call stalls training for the whole heartbeat timeout."""
+    """``SaveHandle.done()`` never blocks (DESIGN §3), for a training loop that polls it every step: with a
+    frozen daemon (SIGSTOP, a stuck event loop) past the heartbeat interval, a ``done()`` call returns at once.
+    The heartbeat QUERY is sent without waiting; its reply (or its absence for ``heartbeat_timeout_s``) is
+    taken by later calls. (It used to wait up to ``heartbeat_timeout_s`` for the reply.)"""
     daemon = start_daemon(endpoint, tmp_path / "daemon.log")
     root = fmt.checkpoints_root(output_dir)
     state = StepState(BIG_MB)
@@ -94,20 +107,14 @@ def test_done_never_blocks_while_the_daemon_is_frozen(endpoint, output_dir, tmp_
 HOSTILE_NESTING = 200_000  # json.loads raises RecursionError on it (a 200 kB file)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: _abandon pops handles before the veto; a non-OSError leaves them orphaned"
-)
 def test_a_handle_given_up_on_raises_checkpoint_error_even_when_the_veto_itself_blows_up(
     endpoint, output_dir, tmp_path
 ) -> None:
-    """``_abandon`` pops every handle out of ``_inflight`` first, then vetoes them one by one, catching only
-    OSError. Anything else out of ``veto_commit`` (here a RecursionError from ``json.loads`` of a deeply
-    nested ``checkpoint-5/checkpoint_manifest.json``, which ``_committed`` reads; equally a TypeError from a
-    ``.veto`` record with ``"version": null``, or Ctrl-C while the veto waits on its flock) escapes raw from
-    ``handle.wait()`` and leaves the handles unsettled but no longer in flight. Then ``handle.wait()`` without
-    a timeout spins forever at 100 % CPU (``_progress`` returns at once when nothing is in flight), with a
-    timeout it raises TimeoutError "still in flight" forever, and ``client.wait()`` returns [] as if every
-    save had committed."""
+    """A save given up on (frozen daemon) whose step re-saves a checkpoint with an unreadable manifest (a
+    200 kB nested JSON array that ``json.loads`` cannot parse) is settled: ``handle.wait()`` raises
+    CheckpointError, again on a second call (it never spins or reports "still in flight"), and ``client.wait()``
+    reports the failure too instead of returning [] as if every save had committed. (The veto's errors used to
+    escape raw from ``handle.wait()`` and leave the handle neither in flight nor settled.)"""
     daemon = start_daemon(endpoint, tmp_path / "daemon.log")
     root = fmt.checkpoints_root(output_dir)
     (root / "checkpoint-5").mkdir(parents=True)
@@ -133,6 +140,72 @@ def test_a_handle_given_up_on_raises_checkpoint_error_even_when_the_veto_itself_
         client.close(wait=False)
 
 
+VETO_LOCK_HOLDER = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)  # another rank of the job vetoing the same save, slowly
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+class _SigintOnceTheVetoStarts(logging.Handler):
+    """Sends this process SIGINT (Ctrl-C) one second after the client logs that it gave up on a save, i.e.
+    while its veto waits for the save's veto lock (held elsewhere for far longer)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.timer: threading.Timer | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.timer is None and "abandoned staging slab" in record.getMessage():
+            self.timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+            self.timer.start()
+
+
+def test_ctrl_c_while_the_veto_waits_still_settles_every_handle(endpoint, output_dir, tmp_path) -> None:
+    """Ctrl-C (SIGINT) arriving while a rank that gave up on a save vetoes it (here: waiting for the save's
+    veto lock, which another process holds) propagates as KeyboardInterrupt, as it must; but the handle is
+    settled on the way out, so the next ``handle.wait()`` raises CheckpointError saying that the veto was
+    interrupted (and the save may still commit) instead of spinning, and ``client.wait()`` reports it."""
+    daemon = start_daemon(endpoint, tmp_path / "daemon.log")
+    root = fmt.checkpoints_root(output_dir)
+    state = StepState(BIG_MB)
+    client = CheckpointClient(
+        output_dir, [StateComponent("state", state, SharingPattern.GLOBAL)], endpoint=endpoint, heartbeat_timeout_s=2.0
+    )
+    holder = None
+    watcher = _SigintOnceTheVetoStarts()
+    logging.getLogger("client").addHandler(watcher)
+    try:
+        state.fill(3)
+        handle = client.save_async(3)
+        _freeze_in_flight(daemon, root, 3)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", VETO_LOCK_HOLDER, str(root / fmt.temp_veto_name(3, handle.txn))],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(KeyboardInterrupt):
+            handle.wait(60)
+        assert watcher.timer is not None, "the client never gave up on the save"
+        with pytest.raises(CheckpointError, match="interrupted"):
+            handle.wait(5)
+        with pytest.raises(CheckpointError, match="interrupted"):
+            client.wait(5)
+        assert client.wait(5) == []  # reported once
+    finally:
+        logging.getLogger("client").removeHandler(watcher)
+        if watcher.timer is not None:
+            watcher.timer.cancel()
+        if holder is not None:
+            holder.kill()
+            holder.wait(10)
+        _stop_quietly(daemon)
+        client.close(wait=False)
+
+
 # ---------------------------------------------------------------------------------------------- leases
 
 
@@ -147,16 +220,13 @@ except ownership.LeaseHeld as e:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review: closing one of two clients of a process releases the lease both share")
 def test_closing_a_second_client_of_this_process_keeps_the_first_clients_lease(
     endpoint, output_dir, monkeypatch
 ) -> None:
-    """Two CheckpointClients of one process on one output dir share one job id (per process, or the same
-    ``CKPTD_JOB_ID``) and so one lease record: the second ``acquire`` sees its own process and rewrites it. A
-    helper that opens a client to load (or to run an eval) and closes it calls ``Lease.release``, which
-    removes the record because it names this job and process, while the training client is still writing.
-    Until the training client's next refresh (up to 30 s), another job can take the output dir; from then
-    on the training client's saves fail with LeaseLost and its handed-off ones are refused at commit."""
+    """Two CheckpointClients of one process on one output dir share one job id and one lease record; closing
+    the second (a helper that loads, or an eval) leaves the lease with the first, which keeps writing: another
+    job is still refused. The lease is counted per process, and only the last of its clients removes it.
+    (Closing any of them used to remove it, and another job could take the output dir.)"""
     _no_job_env(monkeypatch)
     model, blob = trainer.build_state(0, 1)
     training = CheckpointClient(output_dir, trainer.components(model, blob), endpoint=endpoint)
@@ -210,21 +280,16 @@ def _start_restart(out: Path, endpoint: str, log: Path) -> subprocess.Popen:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a restarted plain trainer's new lease makes the daemon abort its dead predecessor's save",
-)
 def test_a_save_handed_off_before_a_kill_9_still_lands_when_the_trainer_restarts_at_once(
     endpoint, output_dir, tmp_path
 ) -> None:
-    """DESIGN §1: the daemon "keeps going if the trainer dies after the hand-off, so a checkpoint that was
-    handed over still lands". Without CKPTD_JOB_ID/Slurm/torchrun the job id is per process
-    (``pid-<host>-<pid>-<start>``). A trainer killed with kill -9 right after ``save_async`` and restarted at
-    once (the issue's own scenario) takes the lease over from its provably dead predecessor under a NEW job
-    id; the daemon's ``lease_allows`` check before the rename then refuses the predecessor's save ("now
-    belongs to job pid-..."), which is aborted although nobody else ever wrote the output dir. Here the
-    daemon is frozen for the restart to make the order certain; in real life a large save simply takes longer
-    to write than the restart takes to build its client."""
+    """DESIGN §1: "a checkpoint that was handed over still lands". A plain trainer (per-process job id
+    ``pid-<host>-<pid>-<start>``) killed with kill -9 right after ``save_async`` and restarted at once takes the
+    lease over from its provably dead predecessor under a NEW job id; the lease records the old job as a
+    predecessor, so the daemon's check before the rename (``lease_allows``) still commits the old save. The
+    daemon is frozen during the restart to make the order certain; in real life a large save simply takes
+    longer to write than the restart takes to build its client. (The save used to be aborted: "now belongs to
+    job pid-...".)"""
     daemon = start_daemon(endpoint, tmp_path / "daemon.log")
     root = fmt.checkpoints_root(output_dir)
     first = second = None
@@ -263,14 +328,10 @@ def test_a_save_handed_off_before_a_kill_9_still_lands_when_the_trainer_restarts
 # ------------------------------------------------------------------------------------------- read_only
 
 
-@pytest.mark.xfail(strict=True, reason="review: a read_only client still needs (and starts) a daemon to load")
 def test_a_read_only_client_loads_without_a_daemon(endpoint, output_dir, monkeypatch) -> None:
-    """``read_only=True`` means "load only", yet construction still runs ``_ensure_daemon`` on every rank:
-    local rank 0 spawns an embedded daemon with ``--output-dir`` (whose start-up sweep then deletes entries in
-    the directory it was only meant to read) and every rank waits up to ``daemon_start_timeout_s`` for one.
-    Where no daemon can be reached (here: the cluster-wide ``CKPTD_ENDPOINT`` is a tcp:// endpoint and this
-    eval box has no CURVE keys), loading a committed checkpoint fails although ``load`` never talks to a
-    daemon."""
+    """``read_only=True`` means "load only": construction neither needs nor starts a daemon (an embedded one
+    would sweep the directory the client was only meant to read). Here the cluster-wide endpoint is a tcp://
+    endpoint this eval box has no CURVE keys for, and a committed checkpoint still loads."""
     model, blob = trainer.build_state(3, 1)
     with CheckpointClient(output_dir, trainer.components(model, blob), endpoint=endpoint) as writer:
         writer.save_async(7).wait(60)
@@ -290,15 +351,11 @@ def test_a_read_only_client_loads_without_a_daemon(endpoint, output_dir, monkeyp
 # ---------------------------------------------------------------------------------------------- memory
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: forked children inherit every slab (fd and mapping): replaced slabs stay in RAM"
-)
 def test_a_forked_child_does_not_keep_a_replaced_slab_in_memory(endpoint, output_dir) -> None:
-    """A slab is a memfd mapped MAP_SHARED, without MADV_DONTFORK and without an at-fork hook: every child
-    forked after it exists (DataLoader workers, forked once per epoch by default; multiprocessing pools)
-    inherits both the fd and the mapping. When the client replaces the slab (state grew) or abandons it (a
-    frozen daemon), the memory is not freed: the child still holds it, for as long as it lives, although no
-    one will ever read it again. "When both processes let go, the kernel frees the memory" needs a third."""
+    """A forked child (DataLoader workers, multiprocessing pools) keeps neither the fd nor the mapping of a
+    staging slab: the mapping is MADV_DONTFORK and an at-fork hook closes the memfd (and the mmap object's own
+    dup) in the child. So when the client replaces a slab (the state grew), its memory is not held by a child
+    that lives on."""
     state = StepState(16)
     client = CheckpointClient(output_dir, [StateComponent("state", state, SharingPattern.GLOBAL)], endpoint=endpoint)
     child = None
@@ -364,16 +421,11 @@ print("NOT EXITED", flush=True)
 """
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: the emergency save is skipped when the step was handed off, even if it never committed"
-)
 def test_the_emergency_save_is_not_skipped_for_a_step_whose_save_failed(endpoint, output_dir, tmp_path) -> None:
-    """``_emergency_save`` skips the step when ``step == self._last_handed_off`` ("already saved"), but a
-    hand-off is not a commit: a save of that step that was abandoned (frozen daemon), aborted (disk full) or
-    vetoed still counts as saved, so the job exits on preemption without any checkpoint of its last step
-    although the daemon is healthy again. Under torchrun the same per-rank test is worse: ``_last_handed_off``
-    can differ between ranks (rank 1's hand-off timed out, rank 0's did not), so one rank skips the emergency
-    save and exits while the other enters its snapshot all-gather alone."""
+    """The emergency save on preemption is skipped only when a save of that step has COMMITTED: here step 5
+    was handed off, then given up on (frozen daemon), and the daemon is healthy again when SIGTERM arrives; the
+    job saves step 5 at the next ``preemption_point`` and exits with 128 + SIGTERM. (A hand-off used to count
+    as saved.)"""
     daemon = start_daemon(endpoint, tmp_path / "daemon.log")
     root = fmt.checkpoints_root(output_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", proto.ENDPOINT_ENV: endpoint, "PYTHONPATH": str(REPO)}
@@ -421,15 +473,9 @@ client.close()
 """
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: a forked child's normal exit releases the parent's lease (inherited finalizer)"
-)
 def test_a_forked_child_exiting_normally_leaves_the_parents_lease_alone(endpoint, output_dir, tmp_path) -> None:
-    """The lease finalizer (``weakref.finalize(self, _release_lease, ...)``, registered with atexit) is
-    inherited by ``os.fork()`` children; one that exits through the interpreter runs it, and
-    ``Lease.release`` only checks that the record names the lease's own holder (the parent), not that the
-    caller IS that holder: the child deletes the live parent's lease, and another job can take the output
-    dir until the parent's next refresh."""
+    """A forked child that exits normally (running the inherited lease finalizer at exit) leaves the parent's
+    lease alone: only the process that took a lease releases it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", proto.ENDPOINT_ENV: endpoint, "PYTHONPATH": f"{REPO}:{SCRIPT.parent}"}
     for k in NO_JOB_ENV:
         env.pop(k, None)
@@ -506,19 +552,14 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: ranks decide the emergency save on their own _last_handed_off; one enters an all-gather alone",
-)
 def test_under_torchrun_ranks_agree_on_the_emergency_save_after_a_hand_off_failed_on_one_rank(
     endpoint, tmp_path
 ) -> None:
-    """Step 5's hand-off fails on rank 1 only (the daemon did not answer it in time); rank 1 raises
-    CheckpointError, catches it and trains on, as the docs say it may; rank 0 returned a handle. SIGTERM
-    arrives and both ranks reach ``preemption_point(5)``: rank 0 sees ``5 == _last_handed_off`` and skips
-    the emergency save ("already saved": it was aborted), then exits; rank 1 never handed step 5 off, so it
-    starts ``_save_async(5)`` and its snapshot all-gather waits for a rank that is gone. Rank 1 has no
-    watchdog (it got no signal itself), so it ends only by a gloo error or by torchrun killing it."""
+    """Under torchrun, step 5's hand-off fails on rank 1 only (the daemon did not answer in time), which
+    trains on as the docs allow; rank 0 returned a handle. SIGTERM arrives on rank 0 and both ranks reach
+    ``preemption_point(5)``: they agree (one all-reduce, after the saves in flight were waited for) that step 5
+    is not committed anywhere, both save it, and both exit with 128 + SIGTERM within seconds. (Rank 0 used to
+    skip the save as "already handed off" and exit while rank 1 entered the snapshot all-gather alone.)"""
     worker = tmp_path / "preempt_worker.py"
     worker.write_text(PREEMPT_WORKER)
     out, results = tmp_path / "out", tmp_path / "results"
@@ -549,35 +590,32 @@ def test_under_torchrun_ranks_agree_on_the_emergency_save_after_a_hand_off_faile
 # ------------------------------------------------------------------------------- two jobs start at once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the embedded child that lost the endpoint race exits later and a healthy save is vetoed",
-)
 def test_a_save_is_not_vetoed_when_the_embedded_daemon_that_lost_the_start_race_exits(
     endpoint, output_dir, tmp_path, monkeypatch
 ) -> None:
-    """Two jobs start on one node with the same (default) endpoint: both leaders find no daemon and start
-    one; one wins the endpoint lock, the other child exits with code 2 once it gets that far. The loser's
-    ``ensure_daemon`` returns on the first answered ping, which the WINNER gave, and keeps ``process`` =
-    its own child, which is still starting. When that child then exits (code 2), ``_progress`` reads
-    ``embedded_alive() is False`` as "our daemon died" and abandons and vetoes every save in flight, which
-    the live winner was writing fine. (The WELCOME reply names the daemon's pid: compare it with the child.)
-    Here the child's start is slowed with ``sleep`` so that the order is certain."""
+    """Two jobs start on one node with the same (default) endpoint: both leaders find no daemon and start one;
+    the other job's daemon wins the endpoint, and this rank's child exits with code 2 once it gets that far.
+    The WELCOME reply names the answering daemon's pid, which is not the child's, so the client forgets its
+    child (reaped in the background): its exit is not read as "our daemon died", and the save that the
+    winner writes commits. The child's start is slowed with ``sleep`` so that the order is certain."""
     import client.transport as transport
 
     real_start = transport.start_embedded_daemon
+    children: list[subprocess.Popen] = []
 
     def slow_child(ep: str, out: Path | None = None) -> subprocess.Popen:
         proc = real_start(ep, out)  # the real command line, started 5 s late
         proc.kill()
         proc.wait()
         cmd = " ".join(f"'{a}'" for a in proc.args)
-        return subprocess.Popen(
+        child = subprocess.Popen(
             ["sh", "-c", f"sleep 5; exec {cmd}"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        children.append(child)
+        return child
 
     monkeypatch.setattr(transport, "start_embedded_daemon", slow_child)
     winner = subprocess.Popen(  # the other job's daemon, starting at the same moment (2 s to answer)
@@ -590,9 +628,9 @@ def test_a_save_is_not_vetoed_when_the_embedded_daemon_that_lost_the_start_race_
     state = StepState(BIG_MB)
     client = CheckpointClient(output_dir, [StateComponent("state", state, SharingPattern.GLOBAL)], endpoint=endpoint)
     try:
-        child = client._link.process
-        if child is None or child.poll() is not None:
+        if not children:
             pytest.skip("the other daemon answered the first ping: no child was started; the test proves nothing")
+        child = children[0]
         state.fill(1)
         handle = client.save_async(1)
         _freeze_in_flight(winner, root, 1)
