@@ -355,7 +355,10 @@ class Transaction:
         """Create ``checkpoints/`` durably if needed, record the owner, and create the temp dir."""
         ownership.make_dirs_durably(self.root)
         if sweep:
-            ownership.sweep_stale(self.output_dir, live)
+            try:
+                ownership.sweep_stale(self.output_dir, live)
+            except Exception:  # noqa: BLE001 - a sweep that fails must not fail the save it runs for
+                logger.exception("sweeping %s before step %d failed; the save goes on", self.output_dir, self.step)
         try:
             ownership.write_temp_owner(self.root, self.step, self.txn, owner, self.job, self.deadline_unix)
         except FileExistsError:
