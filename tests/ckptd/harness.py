@@ -7,15 +7,17 @@ timeout, so a daemon that hangs fails a test instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import mmap
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +238,38 @@ def global_save(
     path = Path(done[2]["path"])
     assert path == output_dir / "checkpoints" / f"checkpoint-{step}"
     return path, data
+
+
+@contextlib.contextmanager
+def running_daemon(name: str) -> Iterator[str]:
+    """A ``python -m ckptd serve`` on a fresh private IPC endpoint, answering before this yields it; stopped
+    (SIGTERM, then SIGKILL) and its socket files removed after."""
+    from ckptd.cli import request_status
+
+    proto.ensure_private_dir(proto.runtime_dir())
+    endpoint = f"ipc://{proto.runtime_dir()}/{name}-{secrets.token_hex(4)}.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while request_status(endpoint, 0.5) is None:
+            assert proc.poll() is None, f"ckptd serve exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "ckptd serve did not answer within 30 s"
+        yield endpoint
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        path = proto.ipc_path(endpoint)
+        for suffix in ("", ".lock"):
+            Path(path + suffix).unlink(missing_ok=True)
 
 
 def outcome(peer: Peer, txn: str, timeout_s: float = COMMIT_TIMEOUT_S) -> tuple[MsgType, dict[str, Any]]:

@@ -8,10 +8,10 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from ckptd import format as fmt
 from ckptd import ownership
 from ckptd import protocol as proto
-from ckptd.cli import request_status
 from client import CheckpointClient, SharingPattern, StateComponent
+from tests.ckptd.harness import running_daemon
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,32 +62,10 @@ class Saved:
 
 
 @pytest.fixture(scope="module")
-def daemon() -> str:
+def daemon() -> Iterator[str]:
     """A ``python -m ckptd serve`` process for this module, stopped at the end."""
-    proto.ensure_private_dir(proto.runtime_dir())
-    endpoint = f"ipc://{proto.runtime_dir()}/cli-{secrets.token_hex(4)}.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while request_status(endpoint, 0.5) is None:
-            assert proc.poll() is None, f"ckptd serve exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "ckptd serve did not answer within 30 s"
+    with running_daemon("cli") as endpoint:
         yield endpoint
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        path = proto.ipc_path(endpoint)
-        for suffix in ("", ".lock"):
-            Path(path + suffix).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

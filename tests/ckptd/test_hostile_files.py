@@ -18,13 +18,11 @@ from __future__ import annotations
 import json
 import os
 import resource
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptd import format as fmt
-from ckptd import protocol as proto
-from ckptd.cli import request_status
+from tests.ckptd.harness import running_daemon
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -367,32 +364,10 @@ def out(saved: Saved, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def daemon() -> str:
+def daemon() -> Iterator[str]:
     """A ``python -m ckptd serve`` for the load tests (CheckpointClient connects to one when it is built)."""
-    proto.ensure_private_dir(proto.runtime_dir())
-    endpoint = f"ipc://{proto.runtime_dir()}/hostile-{secrets.token_hex(4)}.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while request_status(endpoint, 0.5) is None:
-            assert proc.poll() is None, f"ckptd serve exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "ckptd serve did not answer within 30 s"
+    with running_daemon("hostile") as endpoint:
         yield endpoint
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        path = proto.ipc_path(endpoint)
-        for suffix in ("", ".lock"):
-            Path(path + suffix).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- the tests
