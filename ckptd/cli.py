@@ -925,13 +925,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ckptd import server
 
-    if args.leader or args.nnodes not in (None, 1):
-        print(
-            "ckptd serve: multi-node commit (--leader/--node-rank/--nnodes) is not available in this version; "
-            "run one daemon per node with a node-local output_dir, or a single node",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     try:
         endpoint = proto.resolve_endpoint(args.endpoint)
         config = server.DaemonConfig(
@@ -943,6 +936,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sweep_dirs=[Path(os.path.abspath(p)) for p in args.output_dir],
             grace_s=args.grace,
             keys_dir=Path(args.keys) if args.keys else None,
+            peer_host=args.peer_host,
+            peer_ports=args.peer_ports,
         )
         return server.serve(config)
     except server.EndpointBusy as e:
@@ -1030,9 +1025,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove stale temp/trash directories under DIR/checkpoints at start (repeatable)",
     )
     s.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
-    s.add_argument("--leader", help="multi-node leader tcp://HOST:PORT (not yet available)")
-    s.add_argument("--node-rank", type=int)
-    s.add_argument("--nnodes", type=int)
+    s.add_argument(
+        "--peer-host",
+        metavar="HOST",
+        help="interface (address or host name) this daemon binds for multi-node peer traffic when it leads a "
+        "job (default $CKPTD_PEER_HOST, else the address of the host name)",
+    )
+    s.add_argument(
+        "--peer-ports",
+        metavar="LO-HI",
+        help="TCP port range for the per-job peer sockets this daemon binds as a leader (default $CKPTD_PEER_PORTS, "
+        "else an ephemeral port)",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("ls", help="list committed checkpoints; flag temp, trash and broken directories")

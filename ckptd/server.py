@@ -53,6 +53,8 @@ class DaemonConfig:
     sweep_dirs: list[Path] = field(default_factory=list)
     grace_s: float = DEFAULT_GRACE_S  # on SIGTERM: how long saves already handed over may take to commit
     keys_dir: Path | None = None  # CURVE keys; required for tcp:// endpoints
+    peer_host: str | None = None  # interface for multi-node peer traffic; None: $CKPTD_PEER_HOST or the host name's
+    peer_ports: str | None = None  # "LO-HI" for the leader's per-job peer sockets; None: $CKPTD_PEER_PORTS or any
 
 
 @dataclass
