@@ -16,6 +16,10 @@ Rank -> daemon requests, each answered by exactly one reply carrying the request
     abort    {txn, reason}                                    -> txn_state
     status   {}                                               -> status_report {...}
     bye      {pid}                                            -> bye_ok
+    peer_listen {job, server_public, server_secret,           -> peer_address {address}
+              client_public}
+    peer_check  {leader, server_public, client_public,        -> peer_ok {pid} | error
+              client_secret}
 
 Daemon -> rank notifications (``id`` 0), sent to every rank that staged a part of the transaction:
 
@@ -24,6 +28,25 @@ Daemon -> rank notifications (``id`` 0), sent to every rank that staged a part o
     aborted   {txn, reason}        the transaction is gone; earlier checkpoints are untouched
 
 Any malformed request gets ``error {message}``; the daemon never crashes or hangs on one.
+
+Multi-node (DESIGN §5). Rank 0 makes a CURVE key set for the job when ``CheckpointClient`` is built and
+asks its daemon, the leader, to ``peer_listen``: the daemon binds one ROUTER for the job on its peer host
+and answers with its address. The keys and the address reach every rank through the job's own collective;
+each follower node's local rank 0 sends ``peer_check`` so that its daemon connects now and a wrong address or
+firewall fails the constructor, not the first save. Every part of a multi-node save carries ``peer``
+(``PeerInfo``): this node's index, the node count, the leader's address and the job's keys.
+
+Daemon <-> daemon messages, over the leader's per-job CURVE socket (follower DEALER -> leader ROUTER)::
+
+    p_hello    {node, pid}                       -> p_welcome {pid}
+    p_join     {txn, node, step}                 the follower has parts of txn; the leader answers
+                                                 p_opened {txn} once the shared temp dir exists
+    p_prepared {txn, node, ino, files[]}         every file of this node written and fsynced (FileRecords),
+                                                 in the temp dir of inode ``ino``
+    p_beat     {txn, node}                       -> p_state {txn, state, path, reason}
+    p_abort    {txn, node, reason}               this node failed its part: abort everywhere
+
+    leader -> follower (``id`` 0): p_opened {txn}, p_committed {txn, step}, p_aborted {txn, reason}
 
 The staging segment is a sealed memfd of the rank's process (``memfd_create`` + ``F_SEAL_SHRINK``): the
 daemon opens it as ``/proc/<pid>/fd/<segment_fd>`` while the rank waits for ``accepted``, checks that it is
@@ -76,6 +99,21 @@ class MsgType(str, enum.Enum):
     BYE = "bye"
     BYE_OK = "bye_ok"
     RELEASED = "released"
+    PEER_LISTEN = "peer_listen"
+    PEER_ADDRESS = "peer_address"
+    PEER_CHECK = "peer_check"
+    PEER_OK = "peer_ok"
+    # daemon <-> daemon
+    P_HELLO = "p_hello"
+    P_WELCOME = "p_welcome"
+    P_JOIN = "p_join"
+    P_OPENED = "p_opened"
+    P_PREPARED = "p_prepared"
+    P_BEAT = "p_beat"
+    P_STATE = "p_state"
+    P_ABORT = "p_abort"
+    P_COMMITTED = "p_committed"
+    P_ABORTED = "p_aborted"
     COMMITTED = "committed"
     ABORTED = "aborted"
     ERROR = "error"
@@ -131,6 +169,26 @@ class CommitInfo:
     save_total_limit: int | None
 
 
+@dataclass(frozen=True)
+class PeerInfo:
+    """Where a multi-node save's node stands: sent with every part, the same from every rank of a node.
+
+    ``node`` 0 holds global rank 0 and leads; the others follow ``leader`` (a tcp:// address). The keys are
+    the job's CURVE keys (Z85), made by rank 0 for this job only: followers present the client pair and trust
+    ``server_public``."""
+
+    node: int
+    nnodes: int
+    leader: str
+    server_public: str
+    client_public: str
+    client_secret: str
+
+    @property
+    def leads(self) -> bool:
+        return self.node == 0
+
+
 @dataclass
 class StageRequest:
     txn: str
@@ -149,6 +207,7 @@ class StageRequest:
     commit: CommitInfo | None = None
     job: str | None = None
     deadline: float | None = None
+    peer: PeerInfo | None = None
 
 
 def pack(msg_type: MsgType, req_id: int = 0, **body: Any) -> bytes:
@@ -383,6 +442,7 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
         not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not math.isfinite(deadline)
     ):
         raise ProtocolError(f"field 'deadline' must be a Unix time, got {deadline!r}")
+    peer = None if body.get("peer") is None else parse_peer_info(body["peer"], world_size)
     return StageRequest(
         txn=txn,
         output_dir=output_dir,
@@ -400,7 +460,137 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
         commit=commit,
         job=job,
         deadline=None if deadline is None else float(deadline),
+        peer=peer,
     )
+
+
+# --------------------------------------------------------------------------------------------- multi-node
+
+MAX_NODES = 65536
+_Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
+_PEER_ADDRESS = re.compile(r"tcp://[A-Za-z0-9._:\[\]-]{1,255}:[0-9]{1,5}\Z")
+_CHECKSUM = re.compile(r"[a-z0-9-]{1,32}:[0-9a-f]{1,128}\Z")
+
+
+def is_z85_key(v: object) -> bool:
+    return isinstance(v, str) and bool(_Z85_KEY.match(v))
+
+
+def _key(body: dict[str, Any], name: str) -> str:
+    v = body.get(name)
+    if not is_z85_key(v):
+        raise ProtocolError(f"field {name!r} must be a CURVE key (40 Z85 characters)")
+    return v
+
+
+def parse_peer_address(v: Any, name: str = "leader") -> str:
+    if not isinstance(v, str) or not _PEER_ADDRESS.match(v) or not 0 < int(v.rsplit(":", 1)[1]) < 65536:
+        raise ProtocolError(f"field {name!r} must be a peer address tcp://HOST:PORT, got {str(v)[:100]!r}")
+    return v
+
+
+def parse_peer_info(v: Any, world_size: int) -> PeerInfo:
+    if not isinstance(v, dict):
+        raise ProtocolError("field 'peer' must be a map")
+    _known(v, PeerInfo, "peer")
+    nnodes = _int(v, "nnodes", 2, min(MAX_NODES, world_size))
+    return PeerInfo(
+        node=_int(v, "node", 0, nnodes - 1),
+        nnodes=nnodes,
+        leader=parse_peer_address(v.get("leader")),
+        server_public=_key(v, "server_public"),
+        client_public=_key(v, "client_public"),
+        client_secret=_key(v, "client_secret"),
+    )
+
+
+@dataclass(frozen=True)
+class ListenRequest:
+    job: str
+    server_public: str
+    server_secret: str
+    client_public: str
+
+
+def parse_listen(body: dict[str, Any]) -> ListenRequest:
+    _known(body, ListenRequest, "peer_listen")
+    job = body.get("job")
+    if not is_valid_job(job):
+        raise ProtocolError(f"field 'job' must be 1-128 letters, digits or '._:@-', got {job!r}")
+    return ListenRequest(job, _key(body, "server_public"), _key(body, "server_secret"), _key(body, "client_public"))
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    leader: str
+    server_public: str
+    client_public: str
+    client_secret: str
+
+
+def parse_check(body: dict[str, Any]) -> CheckRequest:
+    _known(body, CheckRequest, "peer_check")
+    return CheckRequest(
+        parse_peer_address(body.get("leader")),
+        _key(body, "server_public"),
+        _key(body, "client_public"),
+        _key(body, "client_secret"),
+    )
+
+
+def parse_node(body: dict[str, Any]) -> int:
+    return _int(body, "node", 1, MAX_NODES - 1)
+
+
+def parse_file_record(v: Any) -> fmt.FileRecord:
+    """One file a follower wrote, as it reports it in ``p_prepared``."""
+    if not isinstance(v, dict):
+        raise ProtocolError("each entry of 'files' must be a map")
+    _known(v, fmt.FileRecord, "files[]")
+    path = v.get("path")
+    if not fmt.is_valid_filename(path):
+        raise ProtocolError(f"file path {path!r} is not a checkpoint file name")
+    component = v.get("component")
+    if not fmt.is_valid_key(component):
+        raise ProtocolError(f"file {path!r}: component key {component!r} is not a valid key")
+    kind = v.get("kind", "safetensors")
+    if kind not in ("safetensors", "index") or (kind == "index") != (path == fmt.MODEL_INDEX_NAME):
+        raise ProtocolError(f"file {path!r}: kind {kind!r} is not valid for that name")
+    checksum = v.get("checksum")
+    if not isinstance(checksum, str) or not _CHECKSUM.match(checksum):
+        raise ProtocolError(f"file {path!r}: checksum must be 'algo:hex', got {str(checksum)[:80]!r}")
+    return fmt.FileRecord(
+        path=path,
+        size=_int(v, "size"),
+        checksum=checksum,
+        component=component,
+        kind=kind,
+        rank=_opt_int(v, "rank", 0, MAX_RANKS),
+        group_instance=_opt_int(v, "group_instance", 0, MAX_RANKS),
+        node=_opt_int(v, "node", 0, MAX_RANKS),
+        written_by=_int(v, "written_by", 0, MAX_RANKS),
+    )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A follower's vote: every file of its node is durable in the temp dir of inode ``ino``."""
+
+    txn: str
+    node: int
+    ino: int
+    files: tuple[fmt.FileRecord, ...]
+
+
+def parse_prepared(body: dict[str, Any]) -> Prepared:
+    _known(body, Prepared, "p_prepared")
+    files_raw = body.get("files")
+    if not isinstance(files_raw, list) or len(files_raw) > MAX_FILES_PER_PART * 64:
+        raise ProtocolError("field 'files' must be a list")
+    files = tuple(parse_file_record(f) for f in files_raw)
+    if len({f.path for f in files}) != len(files):
+        raise ProtocolError("field 'files' names the same path twice")
+    return Prepared(parse_txn(body), parse_node(body), _int(body, "ino", 1, 1 << 63), files)
 
 
 _JOB_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}\Z")

@@ -5,6 +5,12 @@ transitions themselves live in ``transactions.py``; this module never sets a sta
 notifications. Writing, fsync and commit run on thread pools and report back to the loop. Byte movement is
 in ``writer.py``, message parsing in ``protocol.py``, ownership records and sweeps in ``ownership.py``.
 
+Multi-node (DESIGN §5): the daemon of rank 0's node leads each save of a multi-node job through a per-job
+``peers.PeerListener``; the others follow through a ``peers.PeerLink``. A follower gives up on a save it
+has voted PREPARED for (leader lost or silent, its deadline, an abort request) only through
+``ownership.veto_commit``, which races the leader's rename on the shared file system and so either makes
+the commit impossible or finds it done: every node then tells its ranks the same outcome.
+
 Shutdown (SIGTERM/SIGINT): new saves are refused at once; saves already handed over completely get
 ``grace`` seconds to commit; then the rest abort cleanly (temp dirs removed) and the daemon exits.
 """
@@ -13,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Coroutine
@@ -28,7 +36,7 @@ import zmq
 import zmq.asyncio
 
 import ckptd
-from ckptd import ownership, writer
+from ckptd import ownership, peers, security, writer
 from ckptd import protocol as proto
 from ckptd import transactions as tx
 from ckptd.faults import FaultInjector
@@ -39,6 +47,11 @@ logger = logging.getLogger(__name__)
 TICK_S = 0.25
 SWEEP_EVERY_S = 60.0  # stale temp dirs of other daemons, orphaned legacy slabs
 DEFAULT_GRACE_S = 30.0
+PEER_BEAT_S = 1.0  # a follower asks the leader about each save in flight this often
+PEER_SILENCE_S = 10.0  # a peer silent this long about a save in flight is given up on
+LISTENER_IDLE_S = 600.0  # a job's peer socket with no traffic and no save this long is closed (re-made on demand)
+LINK_IDLE_S = 120.0
+MAX_PENDING_JOINS = 4096
 
 
 @dataclass
@@ -140,6 +153,17 @@ class Daemon:
         self.last_sweep = time.monotonic()
         self.stopping_since: float | None = None
         self.tasks: set[asyncio.Task] = set()
+        # Multi-node: the leader's per-job peer sockets, a follower's links to leaders, and which link each
+        # follower transaction answers to; joins that came before the leader's own first part.
+        self.listeners: dict[str, peers.PeerListener] = {}
+        self.links: dict[tuple[str, str, str], peers.PeerLink] = {}
+        self.txn_links: dict[str, peers.PeerLink] = {}
+        self.pending_joins: dict[str, list[tuple[peers.PeerListener, bytes, int, float]]] = {}
+        self.checks: dict[int, asyncio.Future] = {}
+        self.vetoing: set[str] = set()
+        self.joined: set[str] = set()  # follower transactions the leader has been told of (beats may start)
+        self.last_beat = 0.0
+        self.last_dir_check = 0.0
 
     # -- messages out ---------------------------------------------------------------------------------
 
@@ -155,6 +179,14 @@ class Daemon:
                 await self.send(identity, MsgType.COMMITTED, txn=txn.txn, step=txn.step, path=str(txn.path))
             else:
                 await self.send(identity, MsgType.ABORTED, txn=txn.txn, reason=txn.reason or "aborted")
+        for remote in txn.remote.values():
+            await self.tell_follower(remote.reply_to, remote.identity, txn)
+
+    async def tell_follower(self, listener: Any, identity: bytes, txn: tx.Transaction) -> None:
+        if txn.state == TxnState.COMMITTED:
+            await listener.send(identity, MsgType.P_COMMITTED, txn=txn.txn, step=txn.step)
+        else:
+            await listener.send(identity, MsgType.P_ABORTED, txn=txn.txn, reason=txn.reason or "aborted")
 
     def txn_state_body(self, txn_id: str) -> dict[str, object]:
         txn = self.ledger.get(txn_id)
@@ -204,25 +236,41 @@ class Daemon:
             owner = ownership.ProcessIdentity.of_pid(req.pid)
         if txn is None:
             txn = tx.Transaction.open(req, self.faults)
+            link = self.link_for(req.peer) if txn.role == tx.Role.FOLLOWER else None
+            if txn.role == tx.Role.LEADER and (txn.job is None or txn.job not in self.listeners):
+                raise tx.TxnError(
+                    f"this daemon leads a multi-node save of job {txn.job!r} but has no peer socket for it (the "
+                    "daemon was restarted after rank 0 announced it); the next save announces it again"
+                )
             self.release_dead_conflicts(txn)
             self.ledger.admit(txn)
-            # Directory work (sweep, mkdir) runs off the loop and off the rank's stall: the rank only waits
-            # for validation; its part's writer waits for this future.
-            sweep = txn.output_dir not in self.swept
-            self.swept.add(txn.output_dir)
             self.dirs_seen.add(txn.output_dir)
-            # A live view of the ledger: the sweep sees transactions admitted while it runs.
-            live = self.ledger.live.keys()
-            self.prepared[txn.txn] = asyncio.ensure_future(
-                self.run_io(self.dir_pool, txn.prepare_dir, sweep, live, self.identity)
-            )
+            if link is not None:
+                # A follower never creates the shared temp dir: it waits for the leader's word that it exists.
+                self.txn_links[txn.txn] = link
+                self.prepared[txn.txn] = asyncio.get_running_loop().create_future()
+                self.spawn(self.follower_join(txn, link))
+            else:
+                # Directory work (sweep, mkdir) runs off the loop and off the rank's stall: the rank only waits
+                # for validation; its part's writer waits for this future.
+                sweep = txn.output_dir not in self.swept
+                self.swept.add(txn.output_dir)
+                # A live view of the ledger: the sweep sees transactions admitted while it runs.
+                live = self.ledger.live.keys()
+                fut = asyncio.ensure_future(self.run_io(self.dir_pool, txn.prepare_dir, sweep, live, self.identity))
+                self.prepared[txn.txn] = fut
+                if txn.role == tx.Role.LEADER:
+                    self.listeners[txn.job].last_used = time.monotonic()
+                    self.adopt_pending_joins(txn)
+                    fut.add_done_callback(lambda _f, t=txn: self.spawn(self.tell_opened(t)))
             logger.info(
-                "txn %s opened: step %d in %s, ranks %s, job %s",
+                "txn %s opened: step %d in %s, ranks %s, job %s%s",
                 txn.txn,
                 txn.step,
                 txn.output_dir,
                 sorted(txn.expected_ranks),
                 txn.job,
+                f", node {txn.peer.node} of {txn.peer.nnodes} ({txn.role.value})" if txn.peer else "",
             )
         part = txn.join(req, identity)
         part.segment = segment
@@ -276,10 +324,20 @@ class Daemon:
         txn.io_end()
         txn.part_durable(part)
         self.stats.bytes_written += sum(r.size for r in part.records)
-        if txn.state == TxnState.WRITING and not txn.try_prepare() and txn.state == TxnState.ABORTING:
-            await self.after_abort(txn)
-            return
-        await self.commit_ready(txn.output_dir)
+        await self.advance(txn)
+
+    async def advance(self, txn: tx.Transaction) -> None:
+        """After a part or a follower's vote came in: PREPARED if it can be, then report or commit."""
+        if txn.state in (TxnState.OPEN, TxnState.WRITING):
+            if not txn.try_prepare():
+                if txn.state == TxnState.ABORTING:
+                    await self.after_abort(txn)
+                return
+            if txn.role == tx.Role.FOLLOWER:
+                await self.send_vote(txn)
+                return
+        if txn.role != tx.Role.FOLLOWER:
+            await self.commit_ready(txn.output_dir)
 
     async def release(self, txn: tx.Transaction, part: tx.Part) -> None:
         """Tell the rank its slab is free, once: the daemon reads no more of it for this part."""
@@ -330,15 +388,26 @@ class Daemon:
         del s.warnings[:-32]
         await self.retire(txn)
 
-    async def abort(self, txn: tx.Transaction, reason: str) -> None:
+    async def abort(self, txn: tx.Transaction, reason: str, tell_leader: bool = True) -> None:
+        """Abort ``txn``. A follower that has voted PREPARED cannot simply abort (the leader may be renaming
+        right now): it gives up through the veto instead (``give_up``)."""
+        if txn.role == tx.Role.FOLLOWER and txn.state == TxnState.PREPARED:
+            await self.give_up(txn, reason)
+            return
         if txn.begin_abort(reason):
+            link = self.txn_links.get(txn.txn)
+            if link is not None and tell_leader:
+                await link.send(MsgType.P_ABORT, txn=txn.txn, node=txn.peer.node, reason=reason[:2000])
             await self.after_abort(txn)
 
     async def after_abort(self, txn: tx.Transaction) -> None:
         """ABORTING: wait for in-flight writes to let go, remove the temp dir, then tell the ranks."""
         self.stats.aborts += 1
-        await txn.io_idle.wait()
         prepared = self.prepared.get(txn.txn)
+        if prepared is not None and not prepared.done():
+            # A follower's wait for the leader's temp dir: it will never come now; its writers must let go.
+            prepared.set_exception(tx.TxnError(f"transaction {txn.txn} aborted: {txn.reason}"))
+        await txn.io_idle.wait()
         if prepared is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(prepared)
@@ -352,11 +421,339 @@ class Daemon:
     async def retire(self, txn: tx.Transaction) -> None:
         """Move a committed or aborted transaction out of the live set and tell its ranks."""
         self.ledger.retire(txn)
-        self.prepared.pop(txn.txn, None)
+        fut = self.prepared.pop(txn.txn, None)
+        if fut is not None and not fut.done():
+            fut.cancel()  # a follower's wait for the leader's temp dir
+        self.txn_links.pop(txn.txn, None)
+        self.vetoing.discard(txn.txn)
+        self.joined.discard(txn.txn)
         await self.notify(txn)
         self.drop_stale_segments()
         # A later save in the same output dir may have been waiting for this one to finish.
         self.spawn(self.commit_ready(txn.output_dir))
+
+    # -- multi-node: the leader's side ------------------------------------------------------------------
+
+    async def handle_listen(self, identity: bytes, req_id: int, body: dict) -> None:
+        """Rank 0 announces its job: lead it through a per-job CURVE socket (made once, kept while used)."""
+        req = proto.parse_listen(body)
+        listener = self.listeners.get(req.job)
+        if listener is not None and not listener.same_keys(req):
+            # The same job id with new keys: a restarted job. Its old socket can serve nothing of the new one.
+            listener.close()
+            listener = self.listeners.pop(req.job)
+            listener = None
+        if listener is None:
+            keys = security.Keys(
+                server_public=req.server_public.encode(),
+                server_secret=req.server_secret.encode(),
+                authorized=(security.AuthorizedKey(f"job-{req.job}"[:100], req.client_public.encode()),),
+            )
+            try:
+                host = peers.resolve_peer_host(self.config.peer_host)
+                ports = peers.parse_port_range(self.config.peer_ports)
+                listener = peers.PeerListener(req.job, keys, host, ports, self.on_follower_frames)
+            except (ValueError, zmq.ZMQError, security.SecurityError) as e:
+                raise tx.TxnError(
+                    f"cannot open a peer socket for job {req.job} ({e}); expected --peer-host/$CKPTD_PEER_HOST to "
+                    "name an address of this host and --peer-ports/$CKPTD_PEER_PORTS a free range"
+                ) from None
+            self.listeners[req.job] = listener
+        listener.last_used = time.monotonic()
+        await self.send(identity, MsgType.PEER_ADDRESS, req_id, address=listener.address)
+
+    def adopt_pending_joins(self, txn: tx.Transaction) -> None:
+        for listener, identity, node, _ in self.pending_joins.pop(txn.txn, []):
+            if listener.job == txn.job:
+                with contextlib.suppress(tx.TxnError):
+                    txn.remote_heard(node, listener, identity)
+
+    async def tell_opened(self, txn: tx.Transaction) -> None:
+        """The leader's temp dir exists: every follower heard from may write into it."""
+        fut = self.prepared.get(txn.txn)
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return
+        for remote in txn.remote.values():
+            if not remote.told_opened and txn.state in tx.ABORTABLE:
+                remote.told_opened = True
+                await remote.reply_to.send(remote.identity, MsgType.P_OPENED, txn=txn.txn)
+
+    async def on_follower_frames(self, listener: peers.PeerListener, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        identity, frame = frames
+        req_id = 0
+        try:
+            msg_type, req_id, body = proto.unpack(frame)
+            if msg_type == MsgType.P_HELLO:
+                proto.parse_node(body)
+                await listener.send(identity, MsgType.P_WELCOME, req_id, pid=os.getpid())
+                return
+            if msg_type == MsgType.P_PREPARED:
+                prep = proto.parse_prepared(body)
+                txn_id, node = prep.txn, prep.node
+            elif msg_type in (MsgType.P_JOIN, MsgType.P_BEAT, MsgType.P_ABORT):
+                txn_id, node = proto.parse_txn(body), proto.parse_node(body)
+            else:
+                raise ProtocolError(f"message type {msg_type.value!r} is not sent by a follower daemon")
+            txn = self.ledger.get(txn_id)
+            if txn is not None and txn.job != listener.job:
+                raise ProtocolError(f"transaction {txn_id} is not job {listener.job}'s")
+            if txn is None or txn.finished:
+                if msg_type == MsgType.P_JOIN and txn is None:
+                    self.note_pending_join(txn_id, listener, identity, node)
+                if txn is not None and msg_type != MsgType.P_BEAT:
+                    await self.tell_follower(listener, identity, txn)
+                if msg_type == MsgType.P_BEAT:
+                    body = self.txn_state_body(txn_id)
+                    if txn is None and txn_id in self.pending_joins:
+                        body["state"] = TxnState.OPEN.value  # rank 0's part is not here yet
+                    await listener.send(identity, MsgType.P_STATE, req_id, **body)
+                return
+            if txn.role != tx.Role.LEADER:
+                raise ProtocolError(f"this daemon does not lead transaction {txn_id}")
+            if msg_type == MsgType.P_PREPARED:
+                txn.remote_prepared(prep, listener, identity)
+                logger.info("txn %s: node %d prepared (%d files)", txn.txn, node, len(prep.files))
+                await self.advance(txn)
+                return
+            txn.remote_heard(node, listener, identity)
+            if msg_type == MsgType.P_JOIN:
+                await self.tell_opened(txn)
+            elif msg_type == MsgType.P_BEAT:
+                await listener.send(identity, MsgType.P_STATE, req_id, **self.txn_state_body(txn_id))
+            elif msg_type == MsgType.P_ABORT:
+                await self.abort(txn, f"node {node}: {proto.parse_reason(body)}")
+        except (ProtocolError, tx.TxnError) as e:
+            logger.warning("rejected a message from a follower of job %s: %s", listener.job, e)
+            await listener.send(identity, MsgType.ERROR, req_id, message=str(e))
+
+    def note_pending_join(self, txn_id: str, listener: peers.PeerListener, identity: bytes, node: int) -> None:
+        now = time.monotonic()
+        if len(self.pending_joins) >= MAX_PENDING_JOINS:
+            for old in [t for t, v in self.pending_joins.items() if now - v[0][3] > PEER_SILENCE_S * 6]:
+                del self.pending_joins[old]
+            if len(self.pending_joins) >= MAX_PENDING_JOINS:
+                return
+        entries = self.pending_joins.setdefault(txn_id, [])
+        if len(entries) < 1024 and all(n != node for _, _, n, _ in entries):
+            entries.append((listener, identity, node, now))
+
+    # -- multi-node: a follower's side ----------------------------------------------------------------
+
+    def link_for(self, info: proto.PeerInfo | proto.CheckRequest) -> peers.PeerLink:
+        key = (info.leader, info.server_public, info.client_public)
+        link = self.links.get(key)
+        if link is None:
+            # A job's leader moved (its daemon restarted on a new port): the link to its old address is dead.
+            for old_key in [k for k in self.links if k[1] == info.server_public and k != key]:
+                if not any(lk is self.links[old_key] for lk in self.txn_links.values()):
+                    self.links.pop(old_key).close()
+            try:
+                link = peers.PeerLink(info, self.on_leader_frames, self.sock.context)
+            except (zmq.ZMQError, security.SecurityError) as e:
+                raise tx.TxnError(f"cannot connect to the leader daemon at {info.leader}: {e}") from None
+            link.on_lost = self.leader_lost
+            self.links[key] = link
+        link.last_used = time.monotonic()
+        return link
+
+    def leader_lost(self, link: peers.PeerLink, reason: str) -> None:
+        for txn_id, lk in list(self.txn_links.items()):
+            txn = self.ledger.live.get(txn_id)
+            if lk is link and txn is not None:
+                self.spawn(self.give_up(txn, reason))
+
+    async def follower_join(self, txn: tx.Transaction, link: peers.PeerLink) -> None:
+        """Tell the leader this node has parts of ``txn``; its answer (p_opened) lets the writers start."""
+        while txn.state in tx.ABORTABLE and not txn.expired():
+            if link.refused is not None:
+                await self.abort(txn, f"the leader daemon at {link.leader} refused this daemon: {link.refused}")
+                return
+            if link.connected.is_set() and await link.send(
+                MsgType.P_JOIN, txn=txn.txn, node=txn.peer.node, step=txn.step
+            ):
+                self.joined.add(txn.txn)
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(link.connected.wait(), 0.5)
+
+    async def send_vote(self, txn: tx.Transaction) -> None:
+        link = self.txn_links.get(txn.txn)
+        records = [r for p in sorted(txn.parts) for r in txn.parts[p].records]
+        sent = link is not None and await link.send(
+            MsgType.P_PREPARED,
+            txn=txn.txn,
+            node=txn.peer.node,
+            ino=txn.shared_ino or 1,
+            files=[dataclasses.asdict(r) for r in records],
+        )
+        logger.info(
+            "txn %s: node %d prepared, %d files%s",
+            txn.txn,
+            txn.peer.node,
+            len(records),
+            "" if sent else " (the vote could not be sent: the leader is unreachable)",
+        )
+        if not sent:
+            await self.give_up(txn, f"the leader daemon at {link.leader if link else '?'} cannot be reached")
+
+    async def give_up(self, txn: tx.Transaction, reason: str) -> None:
+        """A follower stops waiting for the leader's word. Before its vote it simply aborts; after it, the
+        leader may be renaming right now, so the veto on disk decides: vetoed (abort) or already committed."""
+        if txn.role != tx.Role.FOLLOWER or txn.state != TxnState.PREPARED:
+            if txn.state in tx.ABORTABLE:
+                await self.abort(txn, reason)
+            return
+        if txn.txn in self.vetoing:
+            return
+        self.vetoing.add(txn.txn)
+        try:
+            vetoed = await self.run_io(
+                self.io_pool, ownership.veto_commit, txn.output_dir, txn.step, txn.txn, txn.deadline_unix, self.identity
+            )
+        except Exception as e:  # the outcome stays open: retried at the next housekeeping tick
+            logger.warning("txn %s: giving up (%s), but vetoing it failed: %s; retrying", txn.txn, reason, e)
+            self.vetoing.discard(txn.txn)
+            return
+        if txn.state != TxnState.PREPARED:
+            return  # the leader's word came meanwhile
+        if vetoed:
+            txn.begin_abort(f"{reason}; this node vetoed the commit on disk, so it can never commit")
+            await self.after_abort(txn)
+        else:
+            logger.info("txn %s: %s, but the leader had committed it", txn.txn, reason)
+            txn.follower_committed()
+            await self.retire(txn)
+
+    async def on_leader_frames(self, link: peers.PeerLink, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            return
+        try:
+            msg_type, req_id, body = proto.unpack(frames[0])
+            if msg_type == MsgType.P_WELCOME:
+                fut = self.checks.pop(req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(body.get("pid"))
+                return
+            if msg_type == MsgType.ERROR:
+                logger.warning("the leader daemon at %s rejected a message: %s", link.leader, body.get("message"))
+                return
+            txn_id = proto.parse_txn(body)
+            txn = self.ledger.live.get(txn_id)
+            if txn is None or self.txn_links.get(txn_id) is not link:
+                return
+            txn.last_heard_leader = time.monotonic()
+            if msg_type == MsgType.P_OPENED:
+                self.spawn(self.observe_leader_dir(txn))
+                return
+            state = body.get("state") if msg_type == MsgType.P_STATE else None
+            if msg_type == MsgType.P_COMMITTED or state == TxnState.COMMITTED.value:
+                if txn.state == TxnState.PREPARED and txn.txn not in self.vetoing:
+                    txn.follower_committed()
+                    logger.info("committed %s (the leader's rename)", txn.path)
+                    self.stats.commits += 1
+                    await self.retire(txn)
+            elif msg_type == MsgType.P_ABORTED or state in (TxnState.ABORTING.value, TxnState.ABORTED.value):
+                reason = proto.parse_reason({"reason": body.get("reason") or "aborted"})
+                if txn.txn not in self.vetoing and txn.begin_abort(f"the leader daemon aborted it: {reason}"):
+                    await self.after_abort(txn)
+            elif state == TxnState.UNKNOWN.value:
+                await self.give_up(txn, f"the leader daemon at {link.leader} does not know this save (restarted)")
+        except ProtocolError as e:
+            logger.warning("ignored a malformed message from the leader daemon at %s: %s", link.leader, e)
+
+    async def observe_leader_dir(self, txn: tx.Transaction) -> None:
+        fut = self.prepared.get(txn.txn)
+        if fut is None or fut.done():
+            return
+        try:
+            await self.run_io(self.dir_pool, txn.observe_dir)
+        except Exception as e:
+            if not fut.done():
+                fut.set_exception(e)
+            await self.abort(txn, f"the shared temp dir: {tx.describe_error(e)}")
+            return
+        if not fut.done():
+            fut.set_result(None)
+
+    async def handle_check(self, identity: bytes, req_id: int, body: dict) -> None:
+        """A follower node's local rank 0 asks at start-up: can this daemon reach the job's leader?"""
+        req = proto.parse_check(body)
+        link = self.link_for(req)
+        deadline = time.monotonic() + peers.PEER_CHECK_TIMEOUT_S
+        pid = None
+        while time.monotonic() < deadline and pid is None:
+            if link.refused is not None:
+                break
+            if link.connected.is_set():
+                fut = asyncio.get_running_loop().create_future()
+                check_id = secrets.randbits(62) + 1
+                self.checks[check_id] = fut
+                if await link.send(MsgType.P_HELLO, check_id, node=1, pid=os.getpid()):
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        pid = await asyncio.wait_for(fut, max(0.1, min(2.0, deadline - time.monotonic())))
+                self.checks.pop(check_id, None)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(link.connected.wait(), max(0.05, deadline - time.monotonic()))
+        if pid is None:
+            why = (
+                f"it refused this daemon's handshake ({link.refused})"
+                if link.refused
+                else (f"no answer within {peers.PEER_CHECK_TIMEOUT_S:.0f} s")
+            )
+            await self.send(
+                identity,
+                MsgType.ERROR,
+                req_id,
+                message=f"this node's daemon cannot reach the leader daemon at {req.leader}: {why}; expected the "
+                "leader's node to be reachable over TCP on that address: set CKPTD_PEER_HOST on the leader's node "
+                "to an address the other nodes can reach, and let the firewall pass its port (docs/operations.md)",
+            )
+            return
+        await self.send(identity, MsgType.PEER_OK, req_id, pid=pid)
+
+    def peer_housekeeping(self, now: float) -> None:
+        """Beats from followers, silence on either side, vetoes seen on disk, idle sockets."""
+        beat = now - self.last_beat >= PEER_BEAT_S
+        if beat:
+            self.last_beat = now
+        check_dirs = []
+        for txn in list(self.ledger.live.values()):
+            if txn.role == tx.Role.FOLLOWER and txn.state in tx.ABORTABLE:
+                link = self.txn_links.get(txn.txn)
+                if now - txn.last_heard_leader > PEER_SILENCE_S:
+                    self.spawn(self.give_up(txn, f"the leader daemon has not answered for {PEER_SILENCE_S:.0f} s"))
+                elif beat and link is not None and link.connected.is_set() and txn.txn in self.joined:
+                    self.spawn(link.send(MsgType.P_BEAT, txn=txn.txn, node=txn.peer.node))
+                elif link is not None and not link.connected.is_set() and link.ever_connected:
+                    self.spawn(self.give_up(txn, f"the connection to the leader daemon at {link.leader} is down"))
+            elif txn.role == tx.Role.LEADER and txn.state in tx.ABORTABLE:
+                silent = txn.silent_nodes(PEER_SILENCE_S, now)
+                if silent:
+                    self.spawn(self.abort(txn, f"node(s) {silent} went silent for {PEER_SILENCE_S:.0f} s"))
+                elif txn.temp_ino is not None:
+                    check_dirs.append(txn)
+        if check_dirs and now - self.last_dir_check >= PEER_BEAT_S:
+            self.last_dir_check = now
+            self.spawn(self.check_vetoes(check_dirs))
+        busy_jobs = {t.job for t in self.ledger.live.values()}
+        for job, listener in list(self.listeners.items()):
+            if job not in busy_jobs and now - listener.last_used > LISTENER_IDLE_S:
+                logger.info("closing the idle peer socket %s of job %s", listener.address, job)
+                self.listeners.pop(job).close()
+        busy_links = set(map(id, self.txn_links.values()))
+        for key, link in list(self.links.items()):
+            if id(link) not in busy_links and now - link.last_used > LINK_IDLE_S:
+                self.links.pop(key).close()
+
+    async def check_vetoes(self, txns: list[tx.Transaction]) -> None:
+        """A rank of any node that gave up renames the shared temp dir away: abort at once, not at the deadline."""
+        for txn in txns:
+            why = await self.run_io(self.dir_pool, txn.dir_replaced)
+            if why is not None and txn.state in tx.ABORTABLE:
+                await self.abort(txn, why)
 
     def drop_stale_segments(self) -> None:
         """Unmap slabs that no live transaction reads and their rank no longer holds: the mapping is all
@@ -433,11 +830,17 @@ class Daemon:
                 txn = self.ledger.live.get(txn_id)
                 # Refused in COMMITTING and after (the reply carries the real state instead). The cleanup
                 # runs as a task: waiting here for in-flight writes to drain would stop every other client.
-                if txn is not None and txn.begin_abort(reason):
+                if txn is not None and txn.role == tx.Role.FOLLOWER and txn.state == TxnState.PREPARED:
+                    self.spawn(self.give_up(txn, reason))  # voted: only the veto may decide against the leader
+                elif txn is not None and txn.begin_abort(reason):
                     self.spawn(self.after_abort(txn))
                 await self.send(identity, MsgType.TXN_STATE, req_id, **self.txn_state_body(txn_id))
             elif msg_type == MsgType.STATUS:
                 await self.send(identity, MsgType.STATUS_REPORT, req_id, **self.status_body())
+            elif msg_type == MsgType.PEER_LISTEN:
+                await self.handle_listen(identity, req_id, body)
+            elif msg_type == MsgType.PEER_CHECK:
+                self.spawn(self.handle_check_safely(identity, req_id, body))
             elif msg_type == MsgType.BYE:
                 self.clients.pop(proto.parse_pid(body), None)
                 await self.send(identity, MsgType.BYE_OK, req_id)
@@ -449,6 +852,12 @@ class Daemon:
         except Exception as e:  # a bug or an OS error on one request must not take the daemon down
             logger.exception("request failed")
             await self.send(identity, MsgType.ERROR, req_id, message=f"daemon error: {type(e).__name__}: {e}")
+
+    async def handle_check_safely(self, identity: bytes, req_id: int, body: dict) -> None:
+        try:
+            await self.handle_check(identity, req_id, body)
+        except (ProtocolError, tx.TxnError) as e:
+            await self.send(identity, MsgType.ERROR, req_id, message=str(e))
 
     # -- housekeeping ---------------------------------------------------------------------------------
 
@@ -470,11 +879,15 @@ class Daemon:
                     why = "no rank sent the commit information within the timeout"
                 else:
                     why = "its files were not durable within the timeout"
-                self.spawn(self.abort(txn, why))
+                missing_nodes = txn.missing_nodes()
+                if missing_nodes and not missing:
+                    why = f"node(s) {missing_nodes} did not report PREPARED within the timeout"
+                self.spawn(self.give_up(txn, why) if txn.role == tx.Role.FOLLOWER else self.abort(txn, why))
             elif now - txn.deadline > 60 and int(now - txn.deadline) % 60 == 0:
                 logger.warning(
                     "txn %s is %s %.0f s past its deadline (I/O stuck)", txn.txn, txn.state.value, now - txn.deadline
                 )
+        self.peer_housekeeping(now)
         self.clients = {pid: who for pid, who in self.clients.items() if _client_alive(pid, who)}
         self.drop_stale_segments()
         if now - self.last_sweep > SWEEP_EVERY_S:
@@ -521,6 +934,12 @@ class Daemon:
             )
 
     def close(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
         self.io_pool.shutdown(wait=True)
         self.commit_pool.shutdown(wait=True)
         self.dir_pool.shutdown(wait=True)

@@ -53,12 +53,31 @@ Once per transaction:
     9. ``apply_retention``, ``empty_trash`` (*I/O*, COMMITTED only) then the server notifies the ranks.
 
 On failure: ``begin_abort`` -> (in-flight I/O drains) ``cleanup`` (*I/O*) -> ``finish_abort``.
+
+Multi-node (``role``; DESIGN §5). The daemon of the node holding rank 0 is the LEADER, the others are
+FOLLOWERs; every node's transaction has the same id and shares one temp dir on shared storage.
+
+* Only the leader creates the temp dir (``prepare_dir``, exclusive, after its owner record): a follower
+  never makes it, so a rank's veto that renamed it away can never be undone by a re-``mkdir``. A follower
+  waits for the leader's word that it exists, then ``observe_dir`` records its inode.
+* A follower is PREPARED once its own parts are durable (``sync_part`` also fsyncs the temp dir, so the
+  entries are durable too) and reports its files to the leader (``remote_prepared`` on the leader). It
+  never commits itself: PREPARED -> COMMITTED (``follower_committed``) only on the leader's word, or when
+  its own veto finds the rename already done; on the leader's abort, or when it gives up (leader lost or
+  silent, deadline) after vetoing on disk, PREPARED -> ABORTING as usual. Its ``cleanup`` removes nothing:
+  the leader (or the veto) removes the shared dir.
+* The leader is PREPARED once its own parts are durable, the commit info is in, and every other node
+  reported PREPARED for the same temp dir inode; ``refusal`` then checks the union of every node's files
+  against the plan, and ``commit`` checks each remote file's size on disk before the manifest. The rename
+  is the decision for every node. Its ``cleanup`` renames the temp dir out of sight before removing it, so
+  a follower still writing can add nothing to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import logging
 import os
@@ -74,7 +93,7 @@ import ckptd
 from ckptd import format as fmt
 from ckptd import ownership, writer
 from ckptd.faults import FaultInjector, FaultPoint
-from ckptd.protocol import CommitInfo, StageRequest, TxnState
+from ckptd.protocol import CommitInfo, PeerInfo, Prepared, StageRequest, TxnState
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +101,7 @@ S = TxnState
 LEGAL: dict[TxnState, frozenset[TxnState]] = {
     S.OPEN: frozenset({S.WRITING, S.ABORTING}),
     S.WRITING: frozenset({S.PREPARED, S.ABORTING}),
-    S.PREPARED: frozenset({S.COMMITTING, S.ABORTING}),
+    S.PREPARED: frozenset({S.COMMITTING, S.COMMITTED, S.ABORTING}),  # -> COMMITTED: a follower, by the leader
     S.COMMITTING: frozenset({S.COMMITTED, S.ABORTING}),
     S.ABORTING: frozenset({S.ABORTED}),
     S.COMMITTED: frozenset(),
@@ -91,6 +110,24 @@ LEGAL: dict[TxnState, frozenset[TxnState]] = {
 ABORTABLE = frozenset({S.OPEN, S.WRITING, S.PREPARED})
 FINISHED_KEPT = 1024  # finished transactions remembered for late queries
 MAX_LIVE = 256  # live transactions per daemon: more is a runaway client, not a training job
+
+
+class Role(str, enum.Enum):
+    SOLE = "sole"  # a single-node job: this daemon decides alone
+    LEADER = "leader"  # multi-node, the node of rank 0: decides for every node
+    FOLLOWER = "follower"  # multi-node, any other node: writes, reports, and is told
+
+
+@dataclass
+class RemoteNode:
+    """What the leader knows of one follower node in a transaction."""
+
+    node: int
+    reply_to: object  # the peer socket (``peers.PeerListener``) its messages came in on
+    identity: bytes
+    last_heard: float = field(default_factory=time.monotonic)
+    prepared: Prepared | None = None
+    told_opened: bool = False
 
 
 class TxnError(Exception):
@@ -152,6 +189,10 @@ class Transaction:
     temp_ino: int | None = None  # inode of the temp dir prepare_dir made: the only dir this txn may remove
     owner_written: bool = False  # prepare_dir wrote the owner record (so it may remove it)
     leftover_ino: int | None = None  # a swapped-out old checkpoint still at the temp name (trash rename failed)
+    peer: PeerInfo | None = None  # multi-node: this node's place in the job (None: a single-node job)
+    remote: dict[int, RemoteNode] = field(default_factory=dict)  # leader: the follower nodes heard from
+    shared_ino: int | None = None  # follower: inode of the leader's temp dir, as observed here
+    last_heard_leader: float = field(default_factory=time.monotonic)  # follower: the leader's last word
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -179,7 +220,14 @@ class Transaction:
             deadline_unix=now_unix + budget,
             job=req.job,
             faults=faults or FaultInjector(),
+            peer=req.peer,
         )
+
+    @property
+    def role(self) -> Role:
+        if self.peer is None:
+            return Role.SOLE
+        return Role.LEADER if self.peer.leads else Role.FOLLOWER
 
     # -- names ----------------------------------------------------------------------------------------
 
@@ -240,6 +288,8 @@ class Transaction:
             mismatch.append("expected_ranks differ")
         if req.job != self.job:
             mismatch.append(f"job {req.job!r} vs {self.job!r}")
+        if req.peer != self.peer:
+            mismatch.append("its multi-node peer information differs (node, node count, leader or keys)")
         if mismatch:
             raise TxnError(f"rank {req.rank} disagrees with transaction {self.txn}: {'; '.join(mismatch)}")
         if req.rank in self.parts:
@@ -263,9 +313,13 @@ class Transaction:
         -> ABORTING if it cannot be a checkpoint. Returns True when PREPARED."""
         if self.state == TxnState.PREPARED:
             return True
-        if self.state != TxnState.WRITING or self.commit_info is None:
+        if self.state != TxnState.WRITING or not all(p.durable for p in self.parts.values()):
             return False
-        if not all(p.durable for p in self.parts.values()):
+        if self.role == Role.FOLLOWER:
+            # The leader checks the union of every node's files; this node only reports its own.
+            self._move(TxnState.PREPARED)
+            return True
+        if self.commit_info is None or self.missing_nodes():
             return False
         problem = self.refusal()
         if problem is not None:
@@ -288,6 +342,15 @@ class Transaction:
                 return f"rank {part.rank}'s files are not durable"
             for rec in part.records:
                 by_component.setdefault(rec.component, set()).add(rec.written_by)
+        node_of = self._node_of_rank()
+        for node, remote in sorted(self.remote.items()):
+            assert remote.prepared is not None
+            if remote.prepared.ino != self.temp_ino:
+                return f"node {node} wrote into another directory than this save's temp dir (a rank's veto replaced it)"
+            for rec in remote.prepared.files:
+                if node_of is not None and (rec.written_by >= len(node_of) or node_of[rec.written_by] != node):
+                    return f"node {node} reported {rec.path} as written by rank {rec.written_by}, not one of its ranks"
+                by_component.setdefault(rec.component, set()).add(rec.written_by)
         declared = {c.key for c in info.components}
         stray = sorted(set(by_component) - declared)
         if stray:
@@ -299,14 +362,85 @@ class Transaction:
             writers = by_component.get(c.key)
             if not writers:
                 return f"component {c.key!r} has no file written in this transaction"
-            # One node's transaction holds every writer (the client refuses jobs that span nodes); the
-            # multi-node leader will check the union of the nodes' parts instead.
+            # Single node: this transaction's parts hold every writer. Multi-node: the leader checks the union
+            # of its own parts and every follower's PREPARED files.
             expected = set(c.ranks)
             if writers != expected:
                 return (
                     f"component {c.key!r} was written by ranks {sorted(writers)}, the commit names {sorted(expected)}"
                 )
         return None
+
+    def _node_of_rank(self) -> list[int] | None:
+        """The node of every rank, from the commit info's topology (None if it has none)."""
+        topo = self.commit_info.topology if self.commit_info is not None else {}
+        node_of = topo.get("node_of_rank")
+        if isinstance(node_of, list) and len(node_of) == self.world_size and all(type(n) is int for n in node_of):
+            return node_of
+        return None
+
+    # -- multi-node -----------------------------------------------------------------------------------
+
+    def expected_nodes(self) -> set[int]:
+        """The follower nodes a leader waits for."""
+        return set(range(1, self.peer.nnodes)) if self.role == Role.LEADER and self.peer else set()
+
+    def missing_nodes(self) -> list[int]:
+        """Follower nodes that have not reported PREPARED (leader only; empty otherwise)."""
+        return sorted(n for n in self.expected_nodes() if n not in self.remote or self.remote[n].prepared is None)
+
+    def remote_heard(self, node: int, reply_to: object, identity: bytes) -> RemoteNode:
+        """A follower node spoke about this transaction (leader only): remember where to answer it."""
+        if self.role != Role.LEADER:
+            raise TxnError(f"transaction {self.txn} is not led by this daemon")
+        if node not in self.expected_nodes():
+            raise TxnError(f"node {node} is not a follower of transaction {self.txn} ({self.peer.nnodes} nodes)")
+        remote = self.remote.get(node)
+        if remote is None:
+            remote = self.remote[node] = RemoteNode(node, reply_to, identity)
+        remote.reply_to, remote.identity, remote.last_heard = reply_to, identity, time.monotonic()
+        return remote
+
+    def remote_prepared(self, prep: Prepared, reply_to: object, identity: bytes) -> None:
+        """A follower's PREPARED vote (leader only). Only OPEN/WRITING take it; a second vote is refused."""
+        remote = self.remote_heard(prep.node, reply_to, identity)
+        if self.state not in (TxnState.OPEN, TxnState.WRITING):
+            raise TxnError(f"transaction {self.txn} is already {self.state.value}; node {prep.node}'s vote is moot")
+        if remote.prepared is not None:
+            raise TxnError(f"node {prep.node} already reported PREPARED for transaction {self.txn}")
+        remote.prepared = prep
+
+    def silent_nodes(self, limit_s: float, now: float | None = None) -> list[int]:
+        """Follower nodes heard from once and not for ``limit_s`` since (leader only)."""
+        now = time.monotonic() if now is None else now
+        return sorted(n for n, r in self.remote.items() if now - r.last_heard > limit_s)
+
+    def follower_committed(self, path: Path | None = None) -> None:
+        """PREPARED -> COMMITTED on the leader's word (follower only): the leader's rename decided."""
+        if self.role != Role.FOLLOWER:
+            raise IllegalTransition(f"transaction {self.txn}: only a follower is committed by another daemon")
+        self._move(TxnState.COMMITTED)
+        self.path = path or self.final_dir
+        self.committed_at = time.monotonic()
+
+    def observe_dir(self) -> None:
+        """Follower (*I/O*): the leader made the temp dir; record its inode (it must be a real directory)."""
+        try:
+            st = os.lstat(self.temp_dir)
+        except FileNotFoundError:
+            raise TxnError(f"{self.temp_dir.name} is gone: a rank gave up on this save and vetoed it") from None
+        if not os.path.isdir(self.temp_dir) or os.path.islink(self.temp_dir):
+            raise TxnError(f"{self.temp_dir.name} is not a directory (a rank's tombstone): this save is vetoed")
+        self.shared_ino = st.st_ino
+
+    def dir_replaced(self) -> str | None:
+        """Leader (*I/O*): why the temp dir this transaction made is no longer at its name, or None."""
+        if self.temp_ino is None:
+            return None
+        ino = _inode(self.temp_dir)
+        if ino == self.temp_ino:
+            return None
+        return "its temp dir was renamed away or replaced: a rank gave up on it and vetoed it"
 
     def begin_commit(self) -> None:
         self._move(TxnState.COMMITTING)
@@ -422,16 +556,24 @@ class Transaction:
                 _close_quietly(f.fd)
         if error is not None:
             raise error
+        if self.role == Role.FOLLOWER:
+            # The leader fsyncs the directory at its commit too; on a shared file system its fsync need not
+            # cover entries another client created, so this node makes its own entries durable.
+            self.faults.hit(FaultPoint.BEFORE_FILE_FSYNC)
+            writer.fsync_dir(self.temp_dir)
 
     def build_manifest(self) -> fmt.Manifest:
         info = self.commit_info
         assert info is not None
         files: dict[str, fmt.FileRecord] = {}
-        for rank in sorted(self.parts):
-            for rec in self.parts[rank].records:
-                if rec.path in files:
-                    raise TxnError(f"{rec.path} was staged by both rank {files[rec.path].written_by} and rank {rank}")
-                files[rec.path] = rec
+        records = [rec for rank in sorted(self.parts) for rec in self.parts[rank].records]
+        records += [rec for n in sorted(self.remote) for rec in (self.remote[n].prepared or _NO_VOTE).files]
+        for rec in records:
+            if rec.path in files:
+                raise TxnError(
+                    f"{rec.path} was staged by both rank {files[rec.path].written_by} and rank {rec.written_by}"
+                )
+            files[rec.path] = rec
         by_component: dict[str, list[str]] = {}
         for rec in files.values():
             by_component.setdefault(rec.component, []).append(rec.path)
@@ -476,6 +618,7 @@ class Transaction:
         assert self.state == TxnState.COMMITTING
         try:
             manifest = self.build_manifest()
+            self.check_remote_files()
             self.faults.hit(FaultPoint.BEFORE_MANIFEST)
             writer.write_small_file(self.temp_dir / fmt.MANIFEST_NAME, manifest.to_json())
             self.faults.hit(FaultPoint.AFTER_MANIFEST)
@@ -514,6 +657,20 @@ class Transaction:
         for w in warnings:
             logger.warning("committed %s, but %s", self.final_dir, w)
         return CommitOutcome(renamed=True, path=self.final_dir, warnings=tuple(warnings))
+
+    def check_remote_files(self) -> None:
+        """Every file a follower reported is in the temp dir, a regular file of the size it reported."""
+        for node in sorted(self.remote):
+            prep = self.remote[node].prepared
+            for rec in prep.files if prep is not None else ():
+                try:
+                    st = os.lstat(self.temp_dir / rec.path)
+                except FileNotFoundError:
+                    raise TxnError(f"node {node} reported {rec.path}, which is not in {self.temp_dir.name}") from None
+                if not os.path.isfile(self.temp_dir / rec.path) or st.st_size != rec.size:
+                    raise TxnError(
+                        f"node {node} reported {rec.path} of {rec.size} bytes; the temp dir holds {st.st_size} bytes"
+                    )
 
     def _rename_into_place(self) -> bool:
         """Rename (or, re-saving a step, swap) the temp dir into place; True when it swapped."""
@@ -589,9 +746,22 @@ class Transaction:
                 _close_quietly(f.fd)
             part.open_files = []
         # Only the directory this transaction made: whatever else sits at its name (another daemon's dir, a
-        # rank's tombstone) is not ours to remove.
+        # rank's tombstone) is not ours to remove. A follower made none: the leader or a veto removes it.
         if self.temp_ino is not None and _inode(self.temp_dir) == self.temp_ino:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            target = self.temp_dir
+            if self.role == Role.LEADER:
+                # Out of sight first: a follower still writing can create nothing more under the temp name.
+                target = self.root / fmt.trash_dirname(self.step, secrets.token_hex(4))
+                try:
+                    os.rename(self.temp_dir, target)
+                    if _inode(target) != self.temp_ino:  # replaced in between (a veto): put it back, keep it
+                        with contextlib.suppress(OSError):
+                            ownership._rename_noreplace(target, self.temp_dir)
+                        target = None
+                except OSError:
+                    target = self.temp_dir
+            if target is not None:
+                shutil.rmtree(target, ignore_errors=True)
         if self.owner_written and _inode(self.temp_dir) != self.temp_ino:
             ownership.remove_temp_owner(self.root, self.step, self.txn)
 
@@ -650,6 +820,9 @@ class Ledger:
 
     def live_ids(self) -> set[str]:
         return set(self.live)
+
+
+_NO_VOTE = Prepared(txn="-", node=0, ino=1, files=())
 
 
 def _inode(path: Path) -> int | None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ckptd import format as fmt
-from ckptd import ownership
+from ckptd import ownership, security
 from ckptd import protocol as proto
 from ckptd.protocol import MsgType, TxnState
 from client import loader, planning, staging
@@ -161,6 +161,10 @@ class CheckpointClient:
         self._last_committed: int | None = None  # the step of the newest save this client saw commit
         self._failed: list[SaveHandle] = []  # handed-off saves that failed since the last client.wait()
         self.job: str | None = None
+        # Multi-node: the job's CURVE keys (made by rank 0) and the leader daemon's peer address.
+        self._peer_keys: dict[str, str] | None = None
+        self._leader_address: str | None = None
+        self._listen_generation: int | None = None  # the daemon link generation rank 0 last announced on
         # Every rank calls this first: it is a collective, and nothing before it can fail on one rank only.
         self._group = _make_sync_group()
         self.rank = self._group_rank()
@@ -174,9 +178,10 @@ class CheckpointClient:
         # 1. Everything local (arguments, the provider's own code, the endpoint, the job id and, on global
         #    rank 0, the lease), agreed by every rank before the topology collective.
         job = None
+        keys: dict[str, str] | None = None
 
         def local() -> None:
-            nonlocal components, process_groups, job
+            nonlocal components, process_groups, job, keys
             components, process_groups = _resolve_components(components, process_groups)
             if self.save_total_limit is not None and (
                 not isinstance(self.save_total_limit, int) or self.save_total_limit < 1
@@ -192,18 +197,18 @@ class CheckpointClient:
                 job = ownership.current_job_id()
                 if not self.read_only:
                     self._lease = self._take_lease(job)
+                if self._group is not None:
+                    keys = _job_peer_keys()
 
-        votes = self._agree_on("CheckpointClient(...)", local, extra=lambda: job)
-        self.job = votes[0]
+        votes = self._agree_on("CheckpointClient(...)", local, extra=lambda: (job, keys))
+        self.job, keys = votes[0]
         self.components = list(components)
 
         # 2. The topology (one collective inside); it raises on every rank alike after its all-gather.
         self.topology = planning.discover_topology(process_groups, self._group)
         if self.topology.nnodes > 1:
-            raise CheckpointError(
-                f"this job spans {self.topology.nnodes} nodes; the multi-node commit (leader daemon) is not "
-                "available in this version of ckptd; run on one node"
-            )
+            # The job's own collective carried the keys: every rank has them, nothing was configured.
+            self._peer_keys = keys
         self._is_local_leader = self.topology.local_rank == 0
         # A read-only client only loads, which never talks to a daemon: it neither needs one nor starts one
         # (an embedded daemon would sweep the directory it was only meant to read).
@@ -225,6 +230,22 @@ class CheckpointClient:
                 self._ensure_daemon()
 
         self._agree_on("CheckpointClient(...)", connect)
+
+        # 5. Multi-node: rank 0's daemon leads; its peer address reaches every rank through the collective, and
+        #    each follower node's daemon connects to it now, so a firewall or a wrong peer host fails here.
+        if self._peer_keys is not None and not self.read_only:
+            votes = self._agree_on(
+                "CheckpointClient(...)",
+                lambda: self._announce_leader() if self.rank == 0 else None,
+                extra=lambda: self._leader_address,
+            )
+            self._leader_address = votes[0]
+
+            def check() -> None:
+                if self._is_local_leader and self.topology.node != 0:
+                    self._check_leader_reachable()
+
+            self._agree_on("CheckpointClient(...)", check)
         if self._lease is not None:
             self._lease_thread = threading.Thread(target=self._refresh_lease_loop, name="ckptd-lease", daemon=True)
             self._lease_thread.start()
@@ -311,6 +332,42 @@ class CheckpointClient:
         except DaemonUnavailable as e:
             raise CheckpointError(str(e)) from None
         self._link_generation = self._link.generation
+
+    def _announce_leader(self) -> None:
+        """Rank 0: ask this node's daemon to lead the job's saves (idempotent); keeps its peer address."""
+        assert self._link is not None and self._peer_keys is not None and self.job is not None
+        keys = self._peer_keys
+        try:
+            reply = self._link.request(
+                MsgType.PEER_LISTEN,
+                self.heartbeat_timeout_s,
+                job=self.job,
+                server_public=keys["server_public"],
+                server_secret=keys["server_secret"],
+                client_public=keys["client_public"],
+            )
+        except DaemonUnavailable as e:
+            raise CheckpointError(f"the leader daemon did not open its peer socket: {e}") from None
+        address = reply.body.get("address")
+        self._leader_address = proto.parse_peer_address(address, "address")
+        self._listen_generation = self._link.generation
+
+    def _check_leader_reachable(self) -> None:
+        """A follower node's local rank 0: its daemon must reach the leader daemon (CURVE over TCP)."""
+        assert self._link is not None and self._peer_keys is not None and self._leader_address is not None
+        try:
+            self._link.request(
+                MsgType.PEER_CHECK,
+                self.heartbeat_timeout_s + 15.0,
+                leader=self._leader_address,
+                **self._public_peer_keys(),
+            )
+        except DaemonUnavailable as e:
+            raise CheckpointError(f"could not check the leader daemon: {e}") from None
+
+    def _public_peer_keys(self) -> dict[str, str]:
+        assert self._peer_keys is not None
+        return {k: self._peer_keys[k] for k in ("server_public", "client_public", "client_secret")}
 
     def _daemon_healthy(self) -> bool:
         assert self._link is not None
@@ -613,13 +670,16 @@ class CheckpointClient:
         t_staged = time.perf_counter()
         # The one collective of the save path: every rank learns that every rank staged, agrees on the
         # step, the transaction id and its deadline, and compares replication digests.
-        votes = self._all_gather((error, step, secrets.token_hex(8), digests, time.time() + self.timeout_s))
+        leader = self._leader_address if self.rank == 0 else None
+        votes = self._all_gather((error, step, secrets.token_hex(8), digests, time.time() + self.timeout_s, leader))
         problem = _agree(votes, self.plans)
         if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
             problem = self._compare_with_rank0(full_states)
         if problem is not None:
             raise CheckpointError(f"save of step {step} failed before the hand-off: {problem}; nothing was written")
         txn, deadline = votes[0][2], votes[0][4]
+        if self._peer_keys is not None:
+            self._leader_address = votes[0][5]
         assert slab is not None and self._link is not None
         slab.busy_txn = txn
         handle = SaveHandle(step=step, txn=txn, client=self, deadline=deadline)
@@ -661,6 +721,10 @@ class CheckpointClient:
         if not self._daemon_healthy():
             self._link.reset()
             self._ensure_daemon()
+        if self._peer_keys is not None and self.rank == 0:
+            # Every save: a daemon restarted since (or one that closed an idle peer socket) opens it anew,
+            # and the address rides on the save's one collective to every rank.
+            self._announce_leader()
 
     def _compare_with_rank0(self, states: dict[str, Any]) -> str | None:
         """FULL validation: every tensor compared byte for byte against rank 0's, after the digests agreed
@@ -701,7 +765,14 @@ class CheckpointClient:
         topo = self.topology
         node_ranks = topo.node_ranks(topo.node)
         commit = None
-        if self.rank == node_ranks[0]:
+        peer = None
+        if self._peer_keys is not None:
+            assert self._leader_address is not None
+            peer = proto.PeerInfo(
+                node=topo.node, nnodes=topo.nnodes, leader=self._leader_address, **self._public_peer_keys()
+            )
+        # The commit information goes to the daemon that decides: rank 0's (the leader on multi-node).
+        if self.rank == 0:
             commit = proto.CommitInfo(
                 components=[planning.component_spec(p, topo) for p in self.plans],
                 topology=topo.describe(),
@@ -726,6 +797,7 @@ class CheckpointClient:
             commit=commit,
             job=self.job,
             deadline=deadline,
+            peer=peer,
         )
 
     def wait(self, timeout: float | None = None) -> list[Path]:
@@ -1174,6 +1246,18 @@ def _agree(votes: list[Any], plans: list[planning.ComponentPlan]) -> str | None:
                 f"(validation level {p.component.effective_validation.value}); the replicas have diverged"
             )
     return None
+
+
+def _job_peer_keys() -> dict[str, str]:
+    """Fresh CURVE keys for this job's daemons (Z85 strings), made by rank 0 and never written anywhere."""
+    keys = security.ephemeral_keys()
+    assert keys.server_secret is not None and keys.client_public is not None and keys.client_secret is not None
+    return {
+        "server_public": keys.server_public.decode(),
+        "server_secret": keys.server_secret.decode(),
+        "client_public": keys.client_public.decode(),
+        "client_secret": keys.client_secret.decode(),
+    }
 
 
 def _make_sync_group() -> Any:

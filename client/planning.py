@@ -66,6 +66,33 @@ class Topology:
         }
 
 
+NODE_ID_ENV = "CKPTD_NODE_ID"
+
+
+def node_identity(environ: dict[str, str] | None = None) -> str:
+    """What names this rank's node, the same on every rank of it: ``$CKPTD_NODE_ID`` (an override, e.g. to
+    simulate nodes on one machine), else torchrun's ``GROUP_RANK`` (the node rank), else Slurm's
+    ``SLURM_NODEID``, else the host name.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+
+    Example:
+        >>> node_identity({"GROUP_RANK": "1"})
+        'torchrun-node-1'
+        >>> node_identity({"CKPTD_NODE_ID": "a", "GROUP_RANK": "1"})
+        'id-a'
+    """
+    env = os.environ if environ is None else environ
+    if env.get(NODE_ID_ENV):
+        return f"id-{env[NODE_ID_ENV]}"
+    if env.get("GROUP_RANK"):
+        return f"torchrun-node-{env['GROUP_RANK']}"
+    if env.get("SLURM_NODEID"):
+        return f"slurm-node-{env['SLURM_NODEID']}"
+    return f"host-{socket.gethostname()}"
+
+
 def single_process_topology() -> Topology:
     return Topology(rank=0, world_size=1, node_of=(0,))
 
@@ -87,29 +114,39 @@ def discover_topology(process_groups: dict[str, Any] | None, gloo_group: Any) ->
             raise CheckpointError("process_groups were given but torch.distributed is not initialized")
         return single_process_topology()
     rank, world = dist.get_rank(), dist.get_world_size()
-    host = os.environ.get("CKPTD_NODE_ID") or socket.gethostname()
+    host = node_identity()
     mine = {name: _group_ranks(g) for name, g in (process_groups or {}).items()}
     for name in mine:
         if not fmt.is_valid_key(name):
             raise CheckpointError(f"process group name {name!r} is invalid; expected {fmt.KEY_PATTERN}")
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, (host, mine), group=gloo_group)
+    dist.all_gather_object(gathered, (host, mine, os.environ.get("LOCAL_WORLD_SIZE")), group=gloo_group)
     hosts: list[str] = []
     node_of = []
-    for h, _ in gathered:
+    for h, _, _ in gathered:
         if h not in hosts:
             hosts.append(h)
         node_of.append(hosts.index(h))
+    for r, (h, _, local_world) in enumerate(gathered):
+        count = node_of.count(hosts.index(h))
+        if local_world and local_world.isdigit() and int(local_world) != count:
+            # The launcher's view and ours disagree: two nodes share a name (or one node has two), so files
+            # per node would collide or split. Every rank sees the same gathered values and raises alike.
+            raise CheckpointError(
+                f"rank {r}: {count} ranks report node {h!r}, but its LOCAL_WORLD_SIZE is {local_world}; every node "
+                f"needs its own identity: set {NODE_ID_ENV} per node, or leave it unset to use GROUP_RANK, "
+                "SLURM_NODEID or the host name"
+            )
     groups: dict[str, tuple[tuple[int, ...], ...]] = {}
     names = set(mine)
-    for r, (_, theirs) in enumerate(gathered):
+    for r, (_, theirs, _) in enumerate(gathered):
         if set(theirs) != names:
             raise CheckpointError(
                 f"rank {r} declared process groups {sorted(theirs)}, rank {rank} declared {sorted(names)}; "
                 "every rank must pass the same group names"
             )
     for name in sorted(names):
-        instances = sorted({tuple(theirs[name]) for _, theirs in gathered}, key=lambda m: m[0])
+        instances = sorted({tuple(theirs[name]) for _, theirs, _ in gathered}, key=lambda m: m[0])
         seen: set[int] = set()
         for members in instances:
             if seen & set(members):
