@@ -123,6 +123,20 @@ def mode_roundtrip(out: Path, rank: int, node: int) -> dict[str, Any]:
     return rec
 
 
+def wait_for_parts(client: CheckpointClient, txn: str, count: int) -> list[int]:
+    from ckptd.protocol import MsgType
+
+    deadline = time.monotonic() + 10
+    ranks: list[int] = []
+    while time.monotonic() < deadline:
+        report = client._link.request(MsgType.STATUS, 5).body
+        ranks = next((t["ranks_in"] for t in report["in_flight"] if t["txn"] == txn), [])
+        if len(ranks) >= count:
+            break
+        time.sleep(0.002)
+    return ranks
+
+
 def mode_kill(out: Path, rank: int, node: int, victim_node: int) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     holders = state_for(1, rank, node)
@@ -134,6 +148,8 @@ def mode_kill(out: Path, rank: int, node: int, victim_node: int) -> dict[str, An
         handle = client.save_async(2)
         t0 = time.monotonic()
         if node == victim_node and local_leader:
+            # Right after every rank of this node has handed its part over (the daemon is still writing).
+            rec["ranks_in_at_kill"] = wait_for_parts(client, handle.txn, len(client.topology.node_ranks(node)))
             os.kill(client._link.daemon_pid, signal.SIGKILL)
             rec["killed"] = client._link.daemon_pid
         try:
@@ -151,6 +167,7 @@ def mode_kill(out: Path, rank: int, node: int, victim_node: int) -> dict[str, An
             holders[k].state = v.state
         rec["path3"] = str(client.save_async(3).wait(timeout=60))
         dist.barrier()
+        rec["entries_end"] = entries(out)
     rec["resumed"] = resume(out, rank, node)
     return rec
 
