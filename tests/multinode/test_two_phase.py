@@ -45,7 +45,9 @@ def test_two_nodes_commit_every_pattern_once_both_prepared_and_every_rank_resume
     job = launch("roundtrip", tmp_path, endpoints, node_env={1: {"CKPTD_TEST_FAULTS": "after_file_fsync=stall"}})
     ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-2"
     names = sorted(p.name for p in ckpt.iterdir())
-    assert [n for n in names if n.startswith("shard_state_rank_")] == [f"shard_state_rank_{r}.safetensors" for r in range(4)]
+    assert [n for n in names if n.startswith("shard_state_rank_")] == [
+        f"shard_state_rank_{r}.safetensors" for r in range(4)
+    ]
     assert [n for n in names if n.startswith("node_cache_")] == [
         "node_cache_state_node_0.safetensors",
         "node_cache_state_node_1.safetensors",
