@@ -60,6 +60,7 @@ class SaveHandle:
     path: Path | None = None
     error: str | None = None
     staged_s: float = 0.0
+    collective_s: float = 0.0  # the save path's one collective (the snapshot agreement), part of the stall
     bytes_staged: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic, repr=False)
@@ -672,6 +673,7 @@ class CheckpointClient:
         # step, the transaction id and its deadline, and compares replication digests.
         leader = self._leader_address if self.rank == 0 else None
         votes = self._all_gather((error, step, secrets.token_hex(8), digests, time.time() + self.timeout_s, leader))
+        collective_s = time.perf_counter() - t_staged
         problem = _agree(votes, self.plans)
         if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
             problem = self._compare_with_rank0(full_states)
@@ -700,6 +702,7 @@ class CheckpointClient:
                 self._failed.remove(handle)
             raise CheckpointError(handle.error)
         handle.staged_s = t_staged - t0
+        handle.collective_s = collective_s
         handle.bytes_staged = stats.bytes
         logger.debug(
             "step %d staged %s in %.4f s (+%.4f s hand-off)",
