@@ -52,6 +52,8 @@ PEER_SILENCE_S = 10.0  # a peer silent this long about a save in flight is given
 LISTENER_IDLE_S = 600.0  # a job's peer socket with no traffic and no save this long is closed (re-made on demand)
 LINK_IDLE_S = 120.0
 MAX_PENDING_JOINS = 4096
+MAX_LISTENERS = 64  # jobs this daemon leads at once (each a socket, a ZeroMQ context and its I/O thread)
+MAX_LINKS = 256  # leaders this daemon follows at once
 
 
 @dataclass
@@ -349,7 +351,8 @@ class Daemon:
         """Commit the transactions of ``output_dir`` that are PREPARED, in hand-over order."""
         while True:
             txn = self.ledger.next_in_line(output_dir)
-            if txn is None or txn.state != TxnState.PREPARED:
+            # A follower's PREPARED save waits for the leader's word; only the leader renames.
+            if txn is None or txn.state != TxnState.PREPARED or txn.role == tx.Role.FOLLOWER:
                 return
             if txn.expired():
                 await self.abort(txn, "its deadline passed while it waited to commit")
@@ -444,6 +447,11 @@ class Daemon:
             listener = self.listeners.pop(req.job)
             listener = None
         if listener is None:
+            if len(self.listeners) >= MAX_LISTENERS:
+                raise tx.TxnError(
+                    f"this daemon already leads {len(self.listeners)} multi-node jobs (limit {MAX_LISTENERS}); "
+                    "their idle peer sockets close after 10 minutes, or run a daemon per job (CKPTD_ENDPOINT)"
+                )
             keys = security.Keys(
                 server_public=req.server_public.encode(),
                 server_secret=req.server_secret.encode(),
@@ -549,6 +557,11 @@ class Daemon:
             for old_key in [k for k in self.links if k[1] == info.server_public and k != key]:
                 if not any(lk is self.links[old_key] for lk in self.txn_links.values()):
                     self.links.pop(old_key).close()
+            if len(self.links) >= MAX_LINKS:
+                raise tx.TxnError(
+                    f"this daemon already follows {len(self.links)} leader daemons (limit {MAX_LINKS}); idle links "
+                    "close after 2 minutes"
+                )
             try:
                 link = peers.PeerLink(info, self.on_leader_frames, self.sock.context)
             except (zmq.ZMQError, security.SecurityError) as e:

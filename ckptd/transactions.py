@@ -443,6 +443,8 @@ class Transaction:
         return "its temp dir was renamed away or replaced: a rank gave up on it and vetoed it"
 
     def begin_commit(self) -> None:
+        if self.role == Role.FOLLOWER:
+            raise IllegalTransition(f"transaction {self.txn}: a follower never commits; the leader's rename does")
         self._move(TxnState.COMMITTING)
 
     def finish_commit(self, outcome: CommitOutcome) -> None:

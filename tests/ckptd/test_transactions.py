@@ -24,6 +24,7 @@ EXPECTED_LEGAL = {
     (S.WRITING, S.PREPARED),
     (S.WRITING, S.ABORTING),
     (S.PREPARED, S.COMMITTING),
+    (S.PREPARED, S.COMMITTED),  # a multi-node follower, on the leader's word
     (S.PREPARED, S.ABORTING),
     (S.COMMITTING, S.COMMITTED),
     (S.COMMITTING, S.ABORTING),

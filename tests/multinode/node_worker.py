@@ -8,8 +8,9 @@ exits non-zero and the test prints the traceback).
 Every tensor is filled from (step, rank, node), so a resumed rank can prove it got its own state back.
 
 Modes:
-  roundtrip     save steps 1 and 2 (GLOBAL, REPLICATED, PER_RANK, PER_NODE, RNG), wait for each; rank 0
-                records whether checkpoint-1 was visible while it waited; then fresh objects load("latest")
+  roundtrip     save steps 1 and 2 (GLOBAL, REPLICATED, PER_RANK, PER_NODE, RNG), wait for each, recording
+                whether checkpoint-1 was visible while it waited; then steps 3 and 4 back to back; then fresh
+                objects load("latest")
   kill_follower save 1; save 2 with a big PER_RANK state, and node 1's local rank 0 kill -9s its daemon right
                 after save_async returns; every rank records the error and its delay, the entries of
                 checkpoints/, what load("latest") gives; then save 3 (a fresh daemon) and load it
@@ -118,6 +119,15 @@ def mode_roundtrip(out: Path, rank: int, node: int) -> dict[str, Any]:
         for k, v in holders2.items():
             holders[k].state = v.state
         rec["path2"] = str(client.save_async(2).wait())
+        # Back to back: step 4 is handed over (and prepared on every node) while step 3 may still wait for
+        # its commit; the leader commits them in order.
+        handles = []
+        for step in (3, 4):
+            for k, v in state_for(step, rank, node).items():
+                holders[k].state = v.state
+            handles.append(client.save_async(step))
+        client.wait()
+        rec["paths34"] = [str(h.wait()) for h in handles]
         dist.barrier()
     rec["resumed"] = resume(out, rank, node)
     return rec

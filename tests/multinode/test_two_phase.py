@@ -63,8 +63,9 @@ def test_two_nodes_commit_every_pattern_once_both_prepared_and_every_rank_resume
         assert rec["path2"] == str(ckpt)
         assert rec["visible_while_waiting"] is False, f"rank {r} saw checkpoint-1 before node 1 was prepared"
         assert rec["seconds1"] > 2.5, f"step 1 committed in {rec['seconds1']:.2f} s, before node 1's 3 s stall ended"
-        assert rec["resumed"]["loaded"] == str(ckpt)
-        expect_own_state({**rec["resumed"], "rank": rec["rank"], "node": rec["node"]}, 2)
+        assert rec["paths34"] == [str(ckpt.with_name(f"checkpoint-{s}")) for s in (3, 4)]
+        assert rec["resumed"]["loaded"] == str(ckpt.with_name("checkpoint-4"))
+        expect_own_state({**rec["resumed"], "rank": rec["rank"], "node": rec["node"]}, 4)
     assert not [n for n in (tmp_path / "out" / "checkpoints").iterdir() if n.name.startswith(".tmp")]
 
 
@@ -113,5 +114,5 @@ def test_three_nodes_of_one_rank_commit_and_resume(tmp_path, endpoints):
     ]
     for r, rec in job.results.items():
         assert rec["node"] == r
-        expect_own_state({**rec["resumed"], "rank": r, "node": r}, 2)
+        expect_own_state({**rec["resumed"], "rank": r, "node": r}, 4)
     assert json.loads((ckpt / fmt.MANIFEST_NAME).read_text())["world_size"] == 3
