@@ -58,7 +58,9 @@ PER_RANK = ComponentSpec("w", "per_rank", [0, 1, 2, 3])
 
 
 def record(rank: int) -> fmt.FileRecord:
-    return fmt.FileRecord(f"w_state_rank_{rank}.safetensors", 8, "xxh3-128:" + "0" * 32, "w", rank=rank, written_by=rank)
+    return fmt.FileRecord(
+        f"w_state_rank_{rank}.safetensors", 8, "xxh3-128:" + "0" * 32, "w", rank=rank, written_by=rank
+    )
 
 
 def leader_with_durable_parts(out: Path) -> tx.Transaction:
