@@ -684,6 +684,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- status
 
 
+def _node_summary(t: dict) -> str:
+    """Multi-node: this daemon's role in the save, and (leading) how many nodes have voted PREPARED."""
+    role, nnodes = t.get("role"), t.get("nnodes")
+    if role not in ("leader", "follower") or not isinstance(nnodes, int):
+        return ""
+    if role == "follower":
+        return f"  node {t.get('node')}/{nnodes} (follower)"
+    voted = t.get("nodes_prepared") if isinstance(t.get("nodes_prepared"), list) else []
+    return f"  leader: {len(voted) + 1}/{nnodes} nodes prepared"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     endpoint = endpoint_arg(args.endpoint)
     report = request_status(endpoint, args.timeout)
@@ -705,7 +716,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  step {t.get('step')}  txn {t.get('txn')}  {t.get('state')}  "
             f"ranks {len(t.get('ranks_in') or [])}/{len(t.get('ranks_expected') or [])}  "
             f"staged {human_bytes(t.get('bytes_staged'))}  written {human_bytes(t.get('bytes_written'))}  "
-            f"age {human_age(t.get('age_s'))}  {t.get('output_dir')}"
+            f"age {human_age(t.get('age_s'))}  {t.get('output_dir')}" + _node_summary(t)
         )
     print(
         f"totals       staged {human_bytes(report.get('bytes_staged'))}, "

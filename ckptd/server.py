@@ -443,8 +443,7 @@ class Daemon:
         listener = self.listeners.get(req.job)
         if listener is not None and not listener.same_keys(req):
             # The same job id with new keys: a restarted job. Its old socket can serve nothing of the new one.
-            listener.close()
-            listener = self.listeners.pop(req.job)
+            self.listeners.pop(req.job).close()
             listener = None
         if listener is None:
             if len(self.listeners) >= MAX_LISTENERS:
@@ -805,6 +804,10 @@ class Daemon:
                     "bytes_written": t.bytes_written,
                     "age_s": now - t.opened_at,
                     "deadline_in_s": t.deadline - now,
+                    "role": t.role.value,
+                    "node": t.peer.node if t.peer else 0,
+                    "nnodes": t.peer.nnodes if t.peer else 1,
+                    "nodes_prepared": sorted(n for n, r in t.remote.items() if r.prepared is not None),
                 }
                 for t in self.ledger.live.values()
             ],
@@ -819,6 +822,8 @@ class Daemon:
             "warnings": list(s.warnings),
             "clients": sorted(self.clients),
             "output_dirs": sorted(str(p) for p in self.dirs_seen),
+            "leading": {job: lst.address for job, lst in self.listeners.items()},
+            "following": sorted({link.leader for link in self.links.values()}),
         }
 
     async def dispatch(self, frames: list[bytes]) -> None:
