@@ -31,6 +31,35 @@ def node_endpoint(node: int) -> str:
     return f"ipc://{proto.runtime_dir()}/mn-{secrets.token_hex(3)}-n{node}.sock"
 
 
+def start_standalone_daemon(endpoint: str, log: Path, *flags: str) -> subprocess.Popen:
+    """``ckptd serve`` as a cluster would start it on a node (not the embedded one); waits until it answers."""
+    import time
+
+    import zmq
+
+    cmd = [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint, "--nice", "0", *flags]
+    env = {k: v for k, v in os.environ.items() if k != "CKPTD_PEER_HOST"}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True)
+    ctx = zmq.Context()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send(proto.pack(proto.MsgType.HELLO, 1, pid=os.getpid(), version=proto.PROTOCOL_VERSION))
+            answered = sock.poll(500)
+            sock.close()
+            if answered:
+                return proc
+            if proc.poll() is not None:
+                raise AssertionError(f"ckptd serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        raise AssertionError(f"ckptd serve did not answer at {endpoint}: {log.read_text()[-2000:]}")
+    finally:
+        ctx.term()
+
+
 @dataclass
 class Job:
     results: dict[int, dict[str, Any]]
@@ -47,6 +76,7 @@ def run_job(
     endpoints: list[str] | None = None,
     node_env: dict[int, dict[str, str]] | None = None,
     script: Path = WORKER,
+    peer_host_env: bool = True,
 ) -> Job:
     """Launch ``nnodes`` torchruns of ``nproc`` ranks each and wait for all; fails with their output."""
     port = free_port()
@@ -62,9 +92,11 @@ def run_job(
             "PYTHONUNBUFFERED": "1",
             "CKPTD_NODE_ID": f"sim-node-{n}",
             proto.ENDPOINT_ENV: endpoints[n],
-            "CKPTD_PEER_HOST": "127.0.0.1",
             **(node_env or {}).get(n, {}),
         }
+        env.pop("CKPTD_PEER_HOST", None)
+        if peer_host_env:
+            env["CKPTD_PEER_HOST"] = "127.0.0.1"
         procs.append(
             subprocess.Popen(
                 cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

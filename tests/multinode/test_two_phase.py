@@ -13,7 +13,6 @@ from conftest import stop_daemon
 from launch import run_job
 
 from ckptd import format as fmt
-from ckptd import protocol as proto
 from client import verify_checkpoint
 
 pytestmark = pytest.mark.timeout(400)
@@ -94,11 +93,26 @@ def test_kill_9_of_a_node_daemon_mid_save_aborts_everywhere_and_the_next_save_co
 
 
 def test_a_peer_without_the_jobs_key_is_refused_and_logged_and_nothing_is_written(tmp_path, endpoints):
-    job = launch("nokey", tmp_path, endpoints)
+    # Standalone daemons, as a cluster starts them (`ckptd serve --peer-host`), and no CKPTD_PEER_HOST in the job.
+    from launch import node_endpoint, start_standalone_daemon
+
+    endpoints.extend(node_endpoint(n) for n in range(2))
+    logs = [tmp_path / f"ckptd-node{n}.log" for n in range(2)]
+    daemons = [
+        start_standalone_daemon(ep, log, "--peer-host", "127.0.0.1") for ep, log in zip(endpoints, logs, strict=True)
+    ]
+    try:
+        job = run_job("nokey", tmp_path / "out", tmp_path / "results", endpoints=list(endpoints), peer_host_env=False)
+    finally:
+        for d in daemons:
+            d.terminate()
+            d.wait(30)
+    assert all(d.returncode == 0 for d in daemons)
     rec = job.results[0]
+    assert rec["leader"].startswith("tcp://127.0.0.1:")
     assert rec["answered"] is False
     assert rec["entries"] == [".ckptd-lease.json", "checkpoint-1"]
-    log = Path(proto.ipc_path(endpoints[0]) + ".log").read_text()
+    log = logs[0].read_text()
     assert "refused peer" in log and rec["leader"].rsplit(":", 1)[0].split("//")[1] in log
     manifest = fmt.read_manifest(tmp_path / "out" / "checkpoints" / "checkpoint-1")
     assert manifest.txn != "f" * 16
