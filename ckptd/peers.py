@@ -43,12 +43,25 @@ Handler = Callable[[Any, list[bytes]], Awaitable[None]]
 
 
 def default_peer_host() -> str:
-    """The address of this host's name: what other nodes can most likely reach (DESIGN §5)."""
+    """The address of this host's name: what other nodes can most likely reach (DESIGN §5).
+
+    A name that resolves to loopback (Debian's ``127.0.1.1`` line in /etc/hosts) is no use to another node:
+    then the address of the interface that routes outwards, found by connecting a UDP socket (which sends
+    nothing), or loopback if there is no route at all (a single machine)."""
     name = socket.gethostname()
     try:
-        return socket.gethostbyname(name)
+        address = socket.gethostbyname(name)
     except OSError:
-        return name
+        address = "127.0.0.1"
+    if not address.startswith("127."):
+        return address
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))
+            routed = probe.getsockname()[0]
+    except OSError:
+        return address
+    return routed if routed and routed != "0.0.0.0" else address
 
 
 def resolve_peer_host(configured: str | None) -> str:
