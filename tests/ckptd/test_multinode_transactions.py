@@ -272,3 +272,18 @@ def test_peer_listen_and_check_requests_are_validated() -> None:
         proto.parse_check({"leader": "tcp://h", "client_secret": CLIENT_SECRET, **keys})
     raw = msgpack.packb({"v": 1, "type": "p_hello", "id": 1, "node": 1, "pid": 1})
     assert proto.unpack(raw)[0] == proto.MsgType.P_HELLO
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CKPTD_NODE_ID": "a", "GROUP_RANK": "1", "SLURM_NODEID": "2"}, "id-a"),
+        ({"GROUP_RANK": "1", "SLURM_NODEID": "2"}, "torchrun-node-1"),
+        ({"SLURM_NODEID": "2"}, "slurm-node-2"),
+        ({}, "host-"),
+    ],
+)
+def test_node_identity_prefers_the_override_then_torchrun_then_slurm_then_the_host(env: dict, expected: str) -> None:
+    from client.planning import node_identity
+
+    assert node_identity(env).startswith(expected)

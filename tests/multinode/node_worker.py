@@ -15,6 +15,7 @@ Modes:
                 after save_async returns; every rank records the error and its delay, the entries of
                 checkpoints/, what load("latest") gives; then save 3 (a fresh daemon) and load it
   kill_leader   the same, with rank 0 killing the leader's daemon
+  identity      the ranks of one launch claim different CKPTD_NODE_IDs (refused), then none (one node)
   nokey         rank 0 connects to the leader's peer socket with a key of its own and sends a forged vote
                 (recording whether anything answered), then the job saves step 1
 """
@@ -220,6 +221,21 @@ def mode_nokey(out: Path, rank: int, node: int) -> dict[str, Any]:
     return rec
 
 
+def mode_identity(out: Path, rank: int, node: int) -> dict[str, Any]:
+    """Two ranks of one torchrun node claiming different node ids: refused on every rank, naming the fix."""
+    rec: dict[str, Any] = {}
+    os.environ["CKPTD_NODE_ID"] = f"claimed-{rank}"
+    try:
+        CheckpointClient(out, components(state_for(1, rank, node)), timeout_s=30).close()
+        rec["error"] = None
+    except CheckpointError as e:
+        rec["error"] = str(e)
+    del os.environ["CKPTD_NODE_ID"]
+    with CheckpointClient(out, components(state_for(1, rank, node)), timeout_s=30) as client:
+        rec["nnodes"] = client.topology.nnodes
+    return rec
+
+
 def main() -> None:
     mode, out, results = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo")
@@ -232,6 +248,8 @@ def main() -> None:
             rec = mode_kill(out, rank, node, victim_node=1)
         elif mode == "kill_leader":
             rec = mode_kill(out, rank, node, victim_node=0)
+        elif mode == "identity":
+            rec = mode_identity(out, rank, node)
         elif mode == "nokey":
             rec = mode_nokey(out, rank, node)
         else:

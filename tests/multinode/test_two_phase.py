@@ -130,3 +130,10 @@ def test_three_nodes_of_one_rank_commit_and_resume(tmp_path, endpoints):
         assert rec["node"] == r
         expect_own_state({**rec["resumed"], "rank": r, "node": r}, 4)
     assert json.loads((ckpt / fmt.MANIFEST_NAME).read_text())["world_size"] == 3
+
+
+def test_ranks_of_one_launcher_node_claiming_different_node_ids_are_refused_on_every_rank(tmp_path, endpoints):
+    job = launch("identity", tmp_path, endpoints, nnodes=1, nproc=2)
+    for rec in job.results.values():
+        assert rec["error"] and "LOCAL_WORLD_SIZE is 2" in rec["error"] and "CKPTD_NODE_ID" in rec["error"]
+        assert rec["nnodes"] == 1
