@@ -109,6 +109,9 @@ def test_message_type_and_txn_state_wire_names_are_stable():
     assert {t.value for t in MsgType} == {
         "hello", "welcome", "stage", "accepted", "query", "abort", "txn_state", "status", "status_report",
         "bye", "bye_ok", "released", "committed", "aborted", "error",
+        "peer_listen", "peer_address", "peer_check", "peer_ok",
+        "p_hello", "p_welcome", "p_join", "p_opened", "p_prepared", "p_beat", "p_state", "p_abort",
+        "p_committed", "p_aborted",
     }  # fmt: skip
     assert {s.value for s in proto.TxnState} == {
         "open", "writing", "prepared", "committing", "committed", "aborting", "aborted", "unknown",
