@@ -93,10 +93,26 @@ def parse_port_range(spec: str | None) -> tuple[int, int] | None:
 
 def _tune(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
+    # Dual-stack: an IPv6 peer host (or a leader at an IPv6 address) works; IPv4 addresses still do.
+    sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+
+
+def _bind_in_range(sock: zmq.Socket, host: str, ports: tuple[int, int]) -> int:
+    """Bind to the first free port of the range (every one tried, in order: a busy range is not sampled)."""
+    for port in range(ports[0], ports[1] + 1):
+        try:
+            sock.bind(f"tcp://{host}:{port}")
+            return port
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE:
+                raise
+    raise zmq.ZMQError(
+        zmq.EADDRINUSE, f"every port of the peer port range {ports[0]}-{ports[1]} is in use; widen or free it"
+    )
 
 
 def _format_address(host: str, port: int) -> str:
@@ -121,7 +137,7 @@ class PeerListener:
                 self.sock.bind(f"tcp://{bind_host}:0")
                 port = int(self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
             else:
-                port = self.sock.bind_to_random_port(f"tcp://{bind_host}", ports[0], ports[1] + 1, max_tries=200)
+                port = _bind_in_range(self.sock, bind_host, ports)
         except BaseException:
             self.close()
             raise
@@ -130,12 +146,10 @@ class PeerListener:
         self._task = asyncio.get_running_loop().create_task(self._receive(on_frames), name=f"ckptd-peers-{job}")
         logger.info("leading job %s: peer socket %s (CURVE, per-job key)", job, self.address)
 
-    def same_keys(self, req: proto.ListenRequest) -> bool:
-        return (
-            self.keys.server_public.decode() == req.server_public
-            and bool(self.keys.authorized)
-            and self.keys.authorized[0].public_key.decode() == req.client_public
-        )
+    @property
+    def key(self) -> str:
+        """The job's server key: one listener per key set (two clients of one job each have their own)."""
+        return self.keys.server_public.decode()
 
     async def _receive(self, on_frames: Handler) -> None:
         while True:
@@ -185,15 +199,22 @@ class PeerLink:
             client_secret=info.client_secret.encode(),
         )
         self.sock = ctx.socket(zmq.DEALER)
-        _tune(self.sock)
-        # Queue nothing for a leader that is not there: a message for a dead leader must fail, not wait.
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        security.secure_client_socket(self.sock, keys)
-        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-        events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-        events |= zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        self.monitor = self.sock.get_monitor_socket(events)
-        self.sock.connect(self.leader)
+        self.monitor = None
+        try:
+            _tune(self.sock)
+            # Queue nothing for a leader that is not there: a message for a dead leader must fail, not wait.
+            self.sock.setsockopt(zmq.IMMEDIATE, 1)
+            security.secure_client_socket(self.sock, keys)
+            events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            events |= zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            self.monitor = self.sock.get_monitor_socket(events)
+            self.sock.connect(self.leader)
+        except BaseException:
+            if self.monitor is not None:
+                self.monitor.close(linger=0)
+            self.sock.close(linger=0)
+            raise
         self.connected = asyncio.Event()
         self.ever_connected = False
         self.lost = False  # the connection dropped after it was up: the leader died or was cut off

@@ -182,7 +182,7 @@ class PeerInfo:
     leader: str
     server_public: str
     client_public: str
-    client_secret: str
+    client_secret: str = field(repr=False)
 
     @property
     def leads(self) -> bool:
@@ -508,8 +508,8 @@ def parse_peer_info(v: Any, world_size: int) -> PeerInfo:
 class ListenRequest:
     job: str
     server_public: str
-    server_secret: str
-    client_public: str
+    server_secret: str = field(repr=False)
+    client_public: str = ""
 
 
 def parse_listen(body: dict[str, Any]) -> ListenRequest:
@@ -525,7 +525,7 @@ class CheckRequest:
     leader: str
     server_public: str
     client_public: str
-    client_secret: str
+    client_secret: str = field(repr=False)
 
 
 def parse_check(body: dict[str, Any]) -> CheckRequest:

@@ -26,6 +26,7 @@ import os
 import secrets
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -157,12 +158,14 @@ class Daemon:
         self.tasks: set[asyncio.Task] = set()
         # Multi-node: the leader's per-job peer sockets, a follower's links to leaders, and which link each
         # follower transaction answers to; joins that came before the leader's own first part.
-        self.listeners: dict[str, peers.PeerListener] = {}
+        self.listeners: dict[str, peers.PeerListener] = {}  # by the job's server key
         self.links: dict[tuple[str, str, str], peers.PeerLink] = {}
         self.txn_links: dict[str, peers.PeerLink] = {}
         self.pending_joins: dict[str, list[tuple[peers.PeerListener, bytes, int, float]]] = {}
         self.checks: dict[int, asyncio.Future] = {}
         self.vetoing: set[str] = set()
+        # Saves rank 0 gave up on before this daemon opened them: followers that join or beat are told at once.
+        self.aborted_unopened: OrderedDict[str, str] = OrderedDict()
         self.joined: set[str] = set()  # follower transactions the leader has been told of (beats may start)
         self.last_beat = 0.0
         self.last_dir_check = 0.0
@@ -225,6 +228,8 @@ class Daemon:
             old = self.ledger.finished.get(req.txn)
             if old is not None:
                 raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}" + _reason(old))
+            if req.txn in self.aborted_unopened:
+                raise tx.TxnError(f"transaction {req.txn} was aborted: {self.aborted_unopened[req.txn]}")
             owner = ownership.ProcessIdentity.of_pid(req.pid)
             if self.stopping_since is not None:
                 raise tx.TxnError("the daemon is shutting down and takes no new saves; retry against a new daemon")
@@ -239,7 +244,7 @@ class Daemon:
         if txn is None:
             txn = tx.Transaction.open(req, self.faults)
             link = self.link_for(req.peer) if txn.role == tx.Role.FOLLOWER else None
-            if txn.role == tx.Role.LEADER and (txn.job is None or txn.job not in self.listeners):
+            if txn.role == tx.Role.LEADER and (txn.job is None or txn.peer.server_public not in self.listeners):
                 raise tx.TxnError(
                     f"this daemon leads a multi-node save of job {txn.job!r} but has no peer socket for it (the "
                     "daemon was restarted after rank 0 announced it); the next save announces it again"
@@ -262,7 +267,7 @@ class Daemon:
                 fut = asyncio.ensure_future(self.run_io(self.dir_pool, txn.prepare_dir, sweep, live, self.identity))
                 self.prepared[txn.txn] = fut
                 if txn.role == tx.Role.LEADER:
-                    self.listeners[txn.job].last_used = time.monotonic()
+                    self.listeners[txn.peer.server_public].last_used = time.monotonic()
                     self.adopt_pending_joins(txn)
                     fut.add_done_callback(lambda _f, t=txn: self.spawn(self.tell_opened(t)))
             logger.info(
@@ -294,7 +299,9 @@ class Daemon:
                 why = f"job {other.job!r} no longer holds the lease of this output dir"
             else:
                 continue
-            if other.begin_abort(why):
+            if other.role == tx.Role.FOLLOWER and other.state == TxnState.PREPARED:
+                self.spawn(self.give_up(other, why))  # voted: only the veto may decide against the leader
+            elif other.begin_abort(why):
                 self.spawn(self.after_abort(other))
 
     def get_segment(self, req: proto.StageRequest) -> writer.Segment:
@@ -391,25 +398,28 @@ class Daemon:
         del s.warnings[:-32]
         await self.retire(txn)
 
-    async def abort(self, txn: tx.Transaction, reason: str, tell_leader: bool = True) -> None:
+    async def abort(self, txn: tx.Transaction, reason: str) -> None:
         """Abort ``txn``. A follower that has voted PREPARED cannot simply abort (the leader may be renaming
         right now): it gives up through the veto instead (``give_up``)."""
         if txn.role == tx.Role.FOLLOWER and txn.state == TxnState.PREPARED:
             await self.give_up(txn, reason)
             return
         if txn.begin_abort(reason):
-            link = self.txn_links.get(txn.txn)
-            if link is not None and tell_leader:
-                await link.send(MsgType.P_ABORT, txn=txn.txn, node=txn.peer.node, reason=reason[:2000])
             await self.after_abort(txn)
 
     async def after_abort(self, txn: tx.Transaction) -> None:
         """ABORTING: wait for in-flight writes to let go, remove the temp dir, then tell the ranks."""
         self.stats.aborts += 1
         prepared = self.prepared.get(txn.txn)
-        if prepared is not None and not prepared.done():
+        if prepared is not None and not prepared.done() and not isinstance(prepared, asyncio.Task):
             # A follower's wait for the leader's temp dir: it will never come now; its writers must let go.
+            # (The leader's is the prepare_dir task itself, which finishes on its own.)
             prepared.set_exception(tx.TxnError(f"transaction {txn.txn} aborted: {txn.reason}"))
+        link = self.txn_links.get(txn.txn)
+        if link is not None and not txn.reason_from_leader:
+            # Whatever made this follower abort (a rank's request, its ranks gone, a write error, its veto),
+            # the leader hears at once instead of after 10 s of silence.
+            await link.send(MsgType.P_ABORT, txn=txn.txn, node=txn.peer.node, reason=(txn.reason or "aborted")[:2000])
         await txn.io_idle.wait()
         if prepared is not None:
             with contextlib.suppress(Exception):
@@ -440,11 +450,13 @@ class Daemon:
     async def handle_listen(self, identity: bytes, req_id: int, body: dict) -> None:
         """Rank 0 announces its job: lead it through a per-job CURVE socket (made once, kept while used)."""
         req = proto.parse_listen(body)
-        listener = self.listeners.get(req.job)
-        if listener is not None and not listener.same_keys(req):
-            # The same job id with new keys: a restarted job. Its old socket can serve nothing of the new one.
-            self.listeners.pop(req.job).close()
-            listener = None
+        # One socket per key set, never replaced: two clients of one job id (or a restarted job) each have
+        # their own keys, and replacing a socket would cut the other's saves in flight.
+        listener = self.listeners.get(req.server_public)
+        if listener is not None and (
+            listener.job != req.job or listener.keys.authorized[0].public_key.decode() != req.client_public
+        ):
+            raise tx.TxnError("these peer keys are already in use by another job; make new keys per client")
         if listener is None:
             if len(self.listeners) >= MAX_LISTENERS:
                 raise tx.TxnError(
@@ -457,21 +469,22 @@ class Daemon:
                 authorized=(security.AuthorizedKey(f"job-{req.job}"[:100], req.client_public.encode()),),
             )
             try:
-                host = peers.resolve_peer_host(self.config.peer_host)
+                # Name resolution off the loop: a slow resolver must not freeze the daemon.
+                host = await self.run_io(self.dir_pool, peers.resolve_peer_host, self.config.peer_host)
                 ports = peers.parse_port_range(self.config.peer_ports)
                 listener = peers.PeerListener(req.job, keys, host, ports, self.on_follower_frames)
-            except (ValueError, zmq.ZMQError, security.SecurityError) as e:
+            except (ValueError, zmq.ZMQError, zmq.ZMQBindError, security.SecurityError) as e:
                 raise tx.TxnError(
                     f"cannot open a peer socket for job {req.job} ({e}); expected --peer-host/$CKPTD_PEER_HOST to "
                     "name an address of this host and --peer-ports/$CKPTD_PEER_PORTS a free range"
                 ) from None
-            self.listeners[req.job] = listener
+            self.listeners[req.server_public] = listener
         listener.last_used = time.monotonic()
         await self.send(identity, MsgType.PEER_ADDRESS, req_id, address=listener.address)
 
     def adopt_pending_joins(self, txn: tx.Transaction) -> None:
         for listener, identity, node, _ in self.pending_joins.pop(txn.txn, []):
-            if listener.job == txn.job:
+            if txn.peer is not None and listener.key == txn.peer.server_public:
                 with contextlib.suppress(tx.TxnError):
                     txn.remote_heard(node, listener, identity)
 
@@ -504,9 +517,19 @@ class Daemon:
             else:
                 raise ProtocolError(f"message type {msg_type.value!r} is not sent by a follower daemon")
             txn = self.ledger.get(txn_id)
-            if txn is not None and txn.job != listener.job:
-                raise ProtocolError(f"transaction {txn_id} is not job {listener.job}'s")
+            if txn is not None and (txn.peer is None or txn.peer.server_public != listener.key):
+                raise ProtocolError(f"transaction {txn_id} is not one of this peer socket's (job {listener.job})")
             if txn is None or txn.finished:
+                gone = self.aborted_unopened.get(txn_id) if txn is None else None
+                if gone is not None:
+                    # Rank 0 gave up on it before this daemon ever opened it: tell the follower at once.
+                    if msg_type == MsgType.P_BEAT:
+                        await listener.send(
+                            identity, MsgType.P_STATE, req_id, txn=txn_id, state="aborted", path=None, reason=gone
+                        )
+                    else:
+                        await listener.send(identity, MsgType.P_ABORTED, txn=txn_id, reason=gone)
+                    return
                 if msg_type == MsgType.P_JOIN and txn is None:
                     self.note_pending_join(txn_id, listener, identity, node)
                 if txn is not None and msg_type != MsgType.P_BEAT:
@@ -522,7 +545,9 @@ class Daemon:
             if msg_type == MsgType.P_PREPARED:
                 txn.remote_prepared(prep, listener, identity)
                 logger.info("txn %s: node %d prepared (%d files)", txn.txn, node, len(prep.files))
-                await self.advance(txn)
+                # As a task of the daemon's: the commit it may complete must neither stall this socket's
+                # receiving (other followers' beats) nor die with the socket.
+                self.spawn(self.advance(txn))
                 return
             txn.remote_heard(node, listener, identity)
             if msg_type == MsgType.P_JOIN:
@@ -530,10 +555,19 @@ class Daemon:
             elif msg_type == MsgType.P_BEAT:
                 await listener.send(identity, MsgType.P_STATE, req_id, **self.txn_state_body(txn_id))
             elif msg_type == MsgType.P_ABORT:
-                await self.abort(txn, f"node {node}: {proto.parse_reason(body)}")
+                self.spawn(self.abort(txn, f"node {node}: {proto.parse_reason(body)}"))
         except (ProtocolError, tx.TxnError) as e:
             logger.warning("rejected a message from a follower of job %s: %s", listener.job, e)
             await listener.send(identity, MsgType.ERROR, req_id, message=str(e))
+
+    async def abort_unopened(self, txn_id: str, reason: str) -> None:
+        """A rank aborted a save this daemon has not opened (rank 0's stage was refused, or never came):
+        remember it, so that a part arriving later is refused and followers that joined hear at once."""
+        self.aborted_unopened[txn_id] = reason[:2000]
+        while len(self.aborted_unopened) > MAX_PENDING_JOINS:
+            self.aborted_unopened.popitem(last=False)
+        for listener, identity, _, _ in self.pending_joins.pop(txn_id, []):
+            await listener.send(identity, MsgType.P_ABORTED, txn=txn_id, reason=reason[:2000])
 
     def note_pending_join(self, txn_id: str, listener: peers.PeerListener, identity: bytes, node: int) -> None:
         now = time.monotonic()
@@ -660,18 +694,20 @@ class Daemon:
                 self.spawn(self.observe_leader_dir(txn))
                 return
             state = body.get("state") if msg_type == MsgType.P_STATE else None
+            # The outcome's work runs as the daemon's tasks, not in this link's receive loop.
             if msg_type == MsgType.P_COMMITTED or state == TxnState.COMMITTED.value:
                 if txn.state == TxnState.PREPARED and txn.txn not in self.vetoing:
                     txn.follower_committed()
                     logger.info("committed %s (the leader's rename)", txn.path)
                     self.stats.commits += 1
-                    await self.retire(txn)
+                    self.spawn(self.retire(txn))
             elif msg_type == MsgType.P_ABORTED or state in (TxnState.ABORTING.value, TxnState.ABORTED.value):
                 reason = proto.parse_reason({"reason": body.get("reason") or "aborted"})
                 if txn.txn not in self.vetoing and txn.begin_abort(f"the leader daemon aborted it: {reason}"):
-                    await self.after_abort(txn)
+                    txn.reason_from_leader = True
+                    self.spawn(self.after_abort(txn))
             elif state == TxnState.UNKNOWN.value:
-                await self.give_up(txn, f"the leader daemon at {link.leader} does not know this save (restarted)")
+                self.spawn(self.give_up(txn, f"the leader daemon at {link.leader} does not know this save (restarted)"))
         except ProtocolError as e:
             logger.warning("ignored a malformed message from the leader daemon at %s: %s", link.leader, e)
 
@@ -750,11 +786,11 @@ class Daemon:
         if check_dirs and now - self.last_dir_check >= PEER_BEAT_S:
             self.last_dir_check = now
             self.spawn(self.check_vetoes(check_dirs))
-        busy_jobs = {t.job for t in self.ledger.live.values()}
-        for job, listener in list(self.listeners.items()):
-            if job not in busy_jobs and now - listener.last_used > LISTENER_IDLE_S:
-                logger.info("closing the idle peer socket %s of job %s", listener.address, job)
-                self.listeners.pop(job).close()
+        busy_keys = {t.peer.server_public for t in self.ledger.live.values() if t.peer is not None}
+        for key, listener in list(self.listeners.items()):
+            if key not in busy_keys and now - listener.last_used > LISTENER_IDLE_S:
+                logger.info("closing the idle peer socket %s of job %s", listener.address, listener.job)
+                self.listeners.pop(key).close()
         busy_links = set(map(id, self.txn_links.values()))
         for key, link in list(self.links.items()):
             if id(link) not in busy_links and now - link.last_used > LINK_IDLE_S:
@@ -822,7 +858,7 @@ class Daemon:
             "warnings": list(s.warnings),
             "clients": sorted(self.clients),
             "output_dirs": sorted(str(p) for p in self.dirs_seen),
-            "leading": {job: lst.address for job, lst in self.listeners.items()},
+            "leading": sorted({f"{lst.job} {lst.address}" for lst in self.listeners.values()}),
             "following": sorted({link.leader for link in self.links.values()}),
         }
 
@@ -848,6 +884,8 @@ class Daemon:
                 txn = self.ledger.live.get(txn_id)
                 # Refused in COMMITTING and after (the reply carries the real state instead). The cleanup
                 # runs as a task: waiting here for in-flight writes to drain would stop every other client.
+                if txn is None and self.ledger.finished.get(txn_id) is None:
+                    self.spawn(self.abort_unopened(txn_id, reason))
                 if txn is not None and txn.role == tx.Role.FOLLOWER and txn.state == TxnState.PREPARED:
                     self.spawn(self.give_up(txn, reason))  # voted: only the veto may decide against the leader
                 elif txn is not None and txn.begin_abort(reason):
@@ -856,9 +894,9 @@ class Daemon:
             elif msg_type == MsgType.STATUS:
                 await self.send(identity, MsgType.STATUS_REPORT, req_id, **self.status_body())
             elif msg_type == MsgType.PEER_LISTEN:
-                await self.handle_listen(identity, req_id, body)
+                self.spawn(self.answering_errors(self.handle_listen, identity, req_id, body))
             elif msg_type == MsgType.PEER_CHECK:
-                self.spawn(self.handle_check_safely(identity, req_id, body))
+                self.spawn(self.answering_errors(self.handle_check, identity, req_id, body))
             elif msg_type == MsgType.BYE:
                 self.clients.pop(proto.parse_pid(body), None)
                 await self.send(identity, MsgType.BYE_OK, req_id)
@@ -871,11 +909,16 @@ class Daemon:
             logger.exception("request failed")
             await self.send(identity, MsgType.ERROR, req_id, message=f"daemon error: {type(e).__name__}: {e}")
 
-    async def handle_check_safely(self, identity: bytes, req_id: int, body: dict) -> None:
+    async def answering_errors(self, handler: Any, identity: bytes, req_id: int, body: dict) -> None:
+        """Run a request that may take a while as a task (the loop keeps serving); its failure is its reply."""
         try:
-            await self.handle_check(identity, req_id, body)
+            await handler(identity, req_id, body)
         except (ProtocolError, tx.TxnError) as e:
+            logger.warning("rejected request: %s", e)
             await self.send(identity, MsgType.ERROR, req_id, message=str(e))
+        except Exception as e:
+            logger.exception("request failed")
+            await self.send(identity, MsgType.ERROR, req_id, message=f"daemon error: {type(e).__name__}: {e}")
 
     # -- housekeeping ---------------------------------------------------------------------------------
 

@@ -193,6 +193,7 @@ class Transaction:
     remote: dict[int, RemoteNode] = field(default_factory=dict)  # leader: the follower nodes heard from
     shared_ino: int | None = None  # follower: inode of the leader's temp dir, as observed here
     last_heard_leader: float = field(default_factory=time.monotonic)  # follower: the leader's last word
+    reason_from_leader: bool = False  # follower: aborted on the leader's word (so it need not be told back)
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -437,7 +438,12 @@ class Transaction:
         """Leader (*I/O*): why the temp dir this transaction made is no longer at its name, or None."""
         if self.temp_ino is None:
             return None
-        ino = _inode(self.temp_dir)
+        try:
+            ino = os.lstat(self.temp_dir).st_ino
+        except FileNotFoundError:
+            ino = None
+        except OSError:
+            return None  # a transient error (ESTALE, EIO on a soft NFS mount) proves nothing; checked again
         if ino == self.temp_ino:
             return None
         return "its temp dir was renamed away or replaced: a rank gave up on it and vetoed it"

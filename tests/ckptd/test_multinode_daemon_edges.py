@@ -3,7 +3,7 @@ real ``python -m ckptd serve`` processes. The other side of the peer link is pla
 follower (a CURVE DEALER with the job's client keys, connected to the leader daemon's per-job ROUTER) or a
 fake leader (a CURVE ROUTER the follower daemon connects to), so every message order can be forced.
 
-Each reproduction is ``xfail(strict=True)``: it passes once the defect is fixed.
+Each test failed on the code it was written against and passes since the fix.
 """
 
 from __future__ import annotations
@@ -245,11 +245,6 @@ def expect_outcome(rank: Peer, txn: str, timeout_s: float) -> tuple[MsgType, dic
 # ------------------------------------------------------------------------------------------ defects
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after_abort calls set_exception() on the prepare_dir Task (only a follower's wait is a plain Future): "
-    "RuntimeError, the save is stuck in ABORTING forever and blocks every later commit in its output dir",
-)
 def test_an_abort_while_the_temp_dir_is_being_made_finishes_and_later_saves_commit(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -296,12 +291,6 @@ def _leader_and_follower(harness: Harness, faults: str | None = None):
 SLOW_COMMIT = "before_manifest=stall,after_manifest=stall,before_rename=stall,after_rename=stall"  # 4 x 3 s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the leader's peer socket awaits advance() -> commit() (and retention, trash removal) inline in its "
-    "receive loop: while a commit that a follower's vote completed runs, no follower message is read, so the "
-    "leader takes a beating follower of the next save for silent and aborts that save",
-)
 def test_a_slow_commit_completed_by_a_followers_vote_does_not_stall_the_peer_socket(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -340,12 +329,6 @@ def test_a_slow_commit_completed_by_a_followers_vote_does_not_stall_the_peer_soc
     assert worst < 3.0, f"a p_beat waited {worst:.1f} s for its answer"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the leader keeps one peer socket per job id and replaces it whenever peer_listen brings other keys; "
-    "two CheckpointClients of one job (same $SLURM_JOB_ID / $CKPTD_JOB_ID, each with its own keys) announce "
-    "before each save, so one client's announce closes the socket the other's save in flight depends on",
-)
 def test_two_clients_of_one_job_do_not_cut_each_others_saves(harness: Harness, tmp_path: Path) -> None:
     d, rank, job, keys_a, address_a, follower_a = _leader_and_follower(harness)
     shm = harness.shm()
@@ -376,13 +359,6 @@ def _follower_with_fake_leader(harness: Harness, faults: str | None = None):
     return d, rank, job, keys, leader
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a follower daemon that aborts a save it has not voted for on a rank's abort request (also: all its "
-    "ranks dead, a conflicting job) never sends p_abort: only abort() does, and dispatch/housekeeping/"
-    "release_dead_conflicts call begin_abort directly; the leader learns only from 10 s of silence, or, if it "
-    "had not heard from that node yet, at its deadline",
-)
 def test_a_followers_abort_on_a_ranks_request_reaches_the_leader_at_once(harness: Harness, tmp_path: Path) -> None:
     d, rank, job, keys, leader = _follower_with_fake_leader(harness)
     shm = harness.shm()
@@ -396,12 +372,6 @@ def test_a_followers_abort_on_a_ranks_request_reaches_the_leader_at_once(harness
     leader.wait(lambda m: m[1] == MsgType.P_ABORT and m[3].get("txn") == txn, "p_abort", 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rank 0 gives up on a save its daemon never opened (its stage was refused) while a follower already "
-    "joined it: the leader drops the abort (unknown txn) and keeps answering the follower's beats with 'open' "
-    "from pending_joins, so the follower node's ranks wait out the whole timeout",
-)
 def test_a_save_rank_0_gave_up_on_is_aborted_on_the_follower_that_joined_it(harness: Harness, tmp_path: Path) -> None:
     d, rank, job, keys, address, follower = _leader_and_follower(harness)
     txn = new_txn()
@@ -423,13 +393,6 @@ def test_a_save_rank_0_gave_up_on_is_aborted_on_the_follower_that_joined_it(harn
     assert state in ("aborted", "aborting", "unknown"), f"the leader still tells node 1 the save is {state!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a commit completed by a follower's vote runs inside the job's peer-socket task; peer_listen with new "
-    "keys for the same job (an elastic restart of the job, or its second client) closes that socket and so "
-    "cancels the task mid-commit: the rename still happens, but the save is never finished or retired, its "
-    "ranks never hear, and it blocks every later commit in its output dir",
-)
 def test_replacing_a_jobs_peer_socket_never_strands_a_commit_in_flight(harness: Harness, tmp_path: Path) -> None:
     d, rank, job, keys, address, follower = _leader_and_follower(harness, "before_rename=stall")
     shm = harness.shm()
@@ -459,12 +422,6 @@ def test_replacing_a_jobs_peer_socket_never_strands_a_commit_in_flight(harness: 
     assert t == MsgType.COMMITTED, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peers.py formats IPv6 peer addresses (tcp://[addr]:port) but never sets ZMQ_IPV6 on the leader's "
-    "ROUTER or the follower's DEALER: with CKPTD_PEER_HOST (or the host name) an IPv6 address, peer_listen "
-    "fails ('No such device') and no multi-node job can be built",
-)
 def test_an_ipv6_peer_host_can_lead_a_job(harness: Harness, tmp_path: Path) -> None:
     d = harness.start(endpoint=rv_endpoint(), env={"CKPTD_PEER_HOST": "::1"})
     rank = harness.peer(d.endpoint)
@@ -481,10 +438,6 @@ def test_an_ipv6_peer_host_can_lead_a_job(harness: Harness, tmp_path: Path) -> N
     assert body["address"].startswith("tcp://[::1]:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a follower daemon's PeerLink never sets ZMQ_IPV6, so it cannot reach a leader at an IPv6 address",
-)
 def test_a_follower_reaches_a_leader_at_an_ipv6_address(harness: Harness, tmp_path: Path) -> None:
     d = start(harness)
     rank = harness.peer(d.endpoint)
@@ -516,12 +469,6 @@ def test_a_follower_reaches_a_leader_at_an_ipv6_address(harness: Harness, tmp_pa
     assert t == MsgType.PEER_OK, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no free port in --peer-ports raises zmq.ZMQBindError, which is not a zmq.ZMQError: handle_listen's "
-    "handler misses it and the rank gets a bare 'daemon error: ZMQBindError' instead of the advice to widen "
-    "--peer-ports/$CKPTD_PEER_PORTS",
-)
 def test_a_full_peer_port_range_is_refused_with_advice(harness: Harness, tmp_path: Path) -> None:
     import socket as pysocket
 
