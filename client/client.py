@@ -206,7 +206,7 @@ class CheckpointClient:
         self.components = list(components)
 
         # 2. The topology (one collective inside); it raises on every rank alike after its all-gather.
-        self.topology = planning.discover_topology(process_groups, self._group)
+        self.topology = planning.discover_topology(process_groups, self._group, self.endpoint)
         if self.topology.nnodes > 1:
             # The job's own collective carried the keys: every rank has them, nothing was configured.
             self._peer_keys = keys

@@ -105,8 +105,54 @@ def _group_ranks(group: Any) -> list[int]:
     return sorted(dist.get_process_group_ranks(group))
 
 
-def discover_topology(process_groups: dict[str, Any] | None, gloo_group: Any) -> Topology:
-    """Collect node membership and every instance of every named group (one all_gather, at start-up)."""
+def daemon_key(endpoint: str | None) -> str:
+    """Which daemon an endpoint reaches: an IPC socket is per host, a tcp:// endpoint is one daemon anywhere."""
+    if endpoint is None or endpoint.startswith("tcp://"):
+        return str(endpoint)
+    return f"{socket.gethostname()} {endpoint}"
+
+
+def _nodes_by_daemon(gathered: list[Any]) -> list[str]:
+    """Each rank's node name, after reconciling the launcher's nodes with the daemons the ranks reach.
+
+    A node is one daemon: launcher nodes that reach the same daemon (two torchrun launches on one host with
+    the default endpoint) become one node, as the host name made them before; unless their ids were given
+    explicitly in $CKPTD_NODE_ID, which asks for separate nodes that cannot share a daemon. Ranks of one node
+    that reach different daemons are left as the launcher says (a test may point one rank elsewhere). Same
+    verdict on every rank (gathered values)."""
+    names = [g[0] for g in gathered]
+    nodes_of: dict[str, set[str]] = {}
+    for name, _, _, key in gathered:
+        nodes_of.setdefault(key, set()).add(name)
+    merged: dict[str, str] = {}
+    for key, nodes in nodes_of.items():
+        if len(nodes) == 1:
+            continue
+        explicit = sorted(n for n in nodes if n.startswith("id-"))
+        if explicit:
+            raise CheckpointError(
+                f"nodes {sorted(nodes)} all reach the daemon at {key.split(' ', 1)[-1]}, but one daemon serves one "
+                f"node; give each node its own CKPTD_ENDPOINT, or the same {NODE_ID_ENV}"
+            )
+        for n in nodes:
+            merged[n] = f"daemon-{key}"
+    if merged:
+        logger.info("launcher nodes %s share one daemon: they are one node for ckptd", sorted(merged))
+    return [merged.get(n, n) for n in names]
+
+
+def discover_topology(process_groups: dict[str, Any] | None, gloo_group: Any, endpoint: str | None = None) -> Topology:
+    """Collect node membership and every instance of every named group (one all_gather, at start-up).
+
+    Args:
+        process_groups: the named groups of PER_GROUP components (ProcessGroups or 1-D DeviceMeshes).
+        gloo_group: the client's own gloo group the gather runs on.
+        endpoint: this rank's daemon endpoint; ranks that reach one daemon are one node.
+
+    Example:
+        >>> discover_topology(None, group, "ipc:///tmp/ckptd-0/ckptd.sock").nnodes  # doctest: +SKIP
+        2
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -120,15 +166,19 @@ def discover_topology(process_groups: dict[str, Any] | None, gloo_group: Any) ->
         if not fmt.is_valid_key(name):
             raise CheckpointError(f"process group name {name!r} is invalid; expected {fmt.KEY_PATTERN}")
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, (host, mine, os.environ.get("LOCAL_WORLD_SIZE")), group=gloo_group)
+    mine_daemon = daemon_key(endpoint)
+    dist.all_gather_object(gathered, (host, mine, os.environ.get("LOCAL_WORLD_SIZE"), mine_daemon), group=gloo_group)
+    names = _nodes_by_daemon(gathered)
     hosts: list[str] = []
     node_of = []
-    for h, _, _ in gathered:
+    for h in names:
         if h not in hosts:
             hosts.append(h)
         node_of.append(hosts.index(h))
-    for r, (h, _, local_world) in enumerate(gathered):
-        count = node_of.count(hosts.index(h))
+    for r, (h, _, local_world, _) in enumerate(gathered):
+        count = node_of.count(node_of[r])
+        if names[r] != h:
+            continue  # launcher nodes merged onto one daemon: their LOCAL_WORLD_SIZE counts the launcher's node
         if local_world and local_world.isdigit() and int(local_world) != count:
             # The launcher's view and ours disagree: two nodes share a name (or one node has two), so files
             # per node would collide or split. Every rank sees the same gathered values and raises alike.
@@ -139,14 +189,14 @@ def discover_topology(process_groups: dict[str, Any] | None, gloo_group: Any) ->
             )
     groups: dict[str, tuple[tuple[int, ...], ...]] = {}
     names = set(mine)
-    for r, (_, theirs, _) in enumerate(gathered):
+    for r, (_, theirs, _, _) in enumerate(gathered):
         if set(theirs) != names:
             raise CheckpointError(
                 f"rank {r} declared process groups {sorted(theirs)}, rank {rank} declared {sorted(names)}; "
                 "every rank must pass the same group names"
             )
     for name in sorted(names):
-        instances = sorted({tuple(theirs[name]) for _, theirs, _ in gathered}, key=lambda m: m[0])
+        instances = sorted({tuple(theirs[name]) for _, theirs, _, _ in gathered}, key=lambda m: m[0])
         seen: set[int] = set()
         for members in instances:
             if seen & set(members):

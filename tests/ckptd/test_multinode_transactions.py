@@ -287,3 +287,16 @@ def test_node_identity_prefers_the_override_then_torchrun_then_slurm_then_the_ho
     from client.planning import node_identity
 
     assert node_identity(env).startswith(expected)
+
+
+def test_launcher_nodes_that_reach_one_daemon_are_one_node_unless_their_ids_were_given() -> None:
+    from client.components import CheckpointError
+    from client.planning import _nodes_by_daemon
+
+    shared = [("torchrun-node-0", {}, "1", "h ep"), ("torchrun-node-1", {}, "1", "h ep")]
+    merged = _nodes_by_daemon(shared)
+    assert merged[0] == merged[1]
+    apart = [("torchrun-node-0", {}, "1", "h ep0"), ("torchrun-node-1", {}, "1", "h ep1")]
+    assert _nodes_by_daemon(apart) == ["torchrun-node-0", "torchrun-node-1"]
+    with pytest.raises(CheckpointError, match="one daemon serves one node"):
+        _nodes_by_daemon([("id-a", {}, "1", "h ep"), ("id-b", {}, "1", "h ep")])

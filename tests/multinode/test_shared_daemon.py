@@ -1,6 +1,6 @@
 """Fresh-context review of the multi-node two-phase commit (issue 6), on simulated nodes (one torchrun
-launch per node, tests/multinode/launch.py) running tests/multinode/review_worker.py. Each reproduction is
-``xfail(strict=True)``: it passes once the defect is fixed."""
+launch per node, tests/multinode/launch.py) running tests/multinode/review_worker.py. The test failed on
+the code it was written against and passes since the fix."""
 
 from __future__ import annotations
 
@@ -23,14 +23,6 @@ def endpoints():
         stop_daemon(ep)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node identity now falls back to GROUP_RANK, so two torchrun launches on one host (no CKPTD_NODE_ID, "
-    "the default endpoint) become two nodes that share one daemon: whichever node's part comes second is "
-    "refused ('transaction ... is already writing' or 'its multi-node peer information differs') and every "
-    "save fails; before issue 6 "
-    "the host name made them one node and saves committed. Nothing at construction says why",
-)
 def test_two_launches_on_one_host_sharing_a_daemon_either_save_or_are_refused_at_construction(
     tmp_path: Path, endpoints: list[str]
 ) -> None:
