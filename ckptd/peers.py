@@ -115,6 +115,27 @@ def _bind_in_range(sock: zmq.Socket, host: str, ports: tuple[int, int]) -> int:
     )
 
 
+async def _receive_loop(end: PeerListener | PeerLink, on_frames: Handler, peer: str) -> None:
+    """Hand every message of ``end``'s socket to ``on_frames`` until the socket closes; a failure on one
+    message is logged and the next one is read (one bad message must not stop the job's peer traffic)."""
+    while True:
+        try:
+            frames = await end.sock.recv_multipart()
+        except asyncio.CancelledError:
+            raise
+        except zmq.ZMQError as e:
+            if e.errno in (zmq.ENOTSOCK, zmq.ETERM):
+                return
+            logger.warning("peer socket to %s: receive failed: %s", peer, e)
+            await asyncio.sleep(0.1)
+            continue
+        end.last_used = time.monotonic()
+        try:
+            await on_frames(end, frames)
+        except Exception:
+            logger.exception("peer message from %s failed", peer)
+
+
 def _format_address(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
@@ -152,22 +173,7 @@ class PeerListener:
         return self.keys.server_public.decode()
 
     async def _receive(self, on_frames: Handler) -> None:
-        while True:
-            try:
-                frames = await self.sock.recv_multipart()
-            except asyncio.CancelledError:
-                raise
-            except zmq.ZMQError as e:
-                if e.errno in (zmq.ENOTSOCK, zmq.ETERM):
-                    return
-                logger.warning("peer socket %s: receive failed: %s", self.address, e)
-                await asyncio.sleep(0.1)
-                continue
-            self.last_used = time.monotonic()
-            try:
-                await on_frames(self, frames)
-            except Exception:  # a bug on one message must not stop the job's peer traffic
-                logger.exception("peer message from a follower of job %s failed", self.job)
+        await _receive_loop(self, on_frames, f"a follower of job {self.job} on {self.address}")
 
     async def send(self, identity: bytes, msg_type: MsgType, req_id: int = 0, **body: object) -> None:
         try:
@@ -217,7 +223,6 @@ class PeerLink:
             raise
         self.connected = asyncio.Event()
         self.ever_connected = False
-        self.lost = False  # the connection dropped after it was up: the leader died or was cut off
         self.refused: str | None = None
         self.last_used = time.monotonic()
         self.on_lost: Callable[[PeerLink, str], None] | None = None
@@ -227,29 +232,8 @@ class PeerLink:
             loop.create_task(self._watch(), name="ckptd-peer-monitor"),
         ]
 
-    def matches(self, info: proto.PeerInfo | proto.CheckRequest) -> bool:
-        return (info.leader, info.server_public, info.client_public) == (
-            self.leader,
-            self.server_public,
-            self.client_public,
-        )
-
     async def _receive(self, on_frames: Handler) -> None:
-        while True:
-            try:
-                frames = await self.sock.recv_multipart()
-            except asyncio.CancelledError:
-                raise
-            except zmq.ZMQError as e:
-                if e.errno in (zmq.ENOTSOCK, zmq.ETERM):
-                    return
-                await asyncio.sleep(0.1)
-                continue
-            self.last_used = time.monotonic()
-            try:
-                await on_frames(self, frames)
-            except Exception:
-                logger.exception("peer message from the leader at %s failed", self.leader)
+        await _receive_loop(self, on_frames, f"the leader at {self.leader}")
 
     async def _watch(self) -> None:
         while True:
@@ -267,7 +251,6 @@ class PeerLink:
             elif event == zmq.EVENT_DISCONNECTED:
                 if self.connected.is_set():
                     self.connected.clear()
-                    self.lost = True
                     logger.warning("lost the connection to the leader daemon at %s", self.leader)
                     if self.on_lost is not None:
                         self.on_lost(self, f"the connection to the leader daemon at {self.leader} was lost")

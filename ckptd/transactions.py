@@ -575,7 +575,8 @@ class Transaction:
         assert info is not None
         files: dict[str, fmt.FileRecord] = {}
         records = [rec for rank in sorted(self.parts) for rec in self.parts[rank].records]
-        records += [rec for n in sorted(self.remote) for rec in (self.remote[n].prepared or _NO_VOTE).files]
+        votes = [self.remote[n].prepared for n in sorted(self.remote)]
+        records += [rec for vote in votes if vote is not None for rec in vote.files]
         for rec in records:
             if rec.path in files:
                 raise TxnError(
@@ -828,9 +829,6 @@ class Ledger:
 
     def live_ids(self) -> set[str]:
         return set(self.live)
-
-
-_NO_VOTE = Prepared(txn="-", node=0, ino=1, files=())
 
 
 def _inode(path: Path) -> int | None:
