@@ -228,8 +228,6 @@ class Daemon:
             old = self.ledger.finished.get(req.txn)
             if old is not None:
                 raise tx.TxnError(f"transaction {req.txn} is already {old.state.value}" + _reason(old))
-            if req.txn in self.aborted_unopened:
-                raise tx.TxnError(f"transaction {req.txn} was aborted: {self.aborted_unopened[req.txn]}")
             owner = ownership.ProcessIdentity.of_pid(req.pid)
             if self.stopping_since is not None:
                 raise tx.TxnError("the daemon is shutting down and takes no new saves; retry against a new daemon")
@@ -562,7 +560,8 @@ class Daemon:
 
     async def abort_unopened(self, txn_id: str, reason: str) -> None:
         """A rank aborted a save this daemon has not opened (rank 0's stage was refused, or never came):
-        remember it, so that a part arriving later is refused and followers that joined hear at once."""
+        remember it, so that followers that joined, or join later, hear at once. A part that arrives later is
+        still taken as before: the aborting rank's veto on disk already keeps that save from committing."""
         self.aborted_unopened[txn_id] = reason[:2000]
         while len(self.aborted_unopened) > MAX_PENDING_JOINS:
             self.aborted_unopened.popitem(last=False)
