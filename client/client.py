@@ -35,8 +35,8 @@ from ckptd import format as fmt
 from ckptd import ownership, security
 from ckptd import protocol as proto
 from ckptd.protocol import MsgType, TxnState
-from client import loader, planning, staging
-from client.components import CheckpointError, StateComponent, ValidationLevel
+from client import loader, planning, sharding, staging
+from client.components import CheckpointError, SharingPattern, StateComponent, ValidationLevel
 from client.transport import DAEMON_START_TIMEOUT_S, DaemonLink, DaemonUnavailable
 
 logger = logging.getLogger(__name__)
@@ -632,6 +632,7 @@ class CheckpointClient:
             error = f"{type(e).__name__}: {e}"
         slab: staging.Slab | None = None
         images: list[staging.FileImage] = []
+        shared: dict[str, staging.SharedLayout] = {}  # this rank's word on every SHARDED file
         digests: dict[str, str | None] = {}
         full_states: dict[str, Any] = {}
         stats = staging.CopyStats()
@@ -651,11 +652,16 @@ class CheckpointClient:
                         raise CheckpointError(
                             f"component {p.key!r}: state_dict() raised {type(e).__name__}: {e}"
                         ) from e
+                    sharded = p.pattern == SharingPattern.SHARDED
                     if level != ValidationLevel.NONE:
-                        digests[p.key] = staging.replication_digest(state, p.key, level)
+                        digests[p.key] = staging.replication_digest(state, p.key, level, sharded)
                     if level == ValidationLevel.FULL:
                         full_states[p.key] = state
-                    if p.writes:
+                    if sharded:
+                        mine, layouts = staging.sharded_images(p, state, self.max_shard_size, self._layouts, self.rank)
+                        images += mine
+                        shared.update(layouts)
+                    elif p.writes:
                         images += staging.component_images(p, state, self.max_shard_size, self._layouts)
                 need = staging.layout(images)
                 slab = self._acquire_slab(need)
@@ -672,9 +678,12 @@ class CheckpointClient:
         # The one collective of the save path: every rank learns that every rank staged, agrees on the
         # step, the transaction id and its deadline, and compares replication digests.
         leader = self._leader_address if self.rank == 0 else None
-        votes = self._all_gather((error, step, secrets.token_hex(8), digests, time.time() + self.timeout_s, leader))
+        vote = (error, step, secrets.token_hex(8), digests, time.time() + self.timeout_s, leader, _vote_shared(shared))
+        votes = self._all_gather(vote)
         collective_s = time.perf_counter() - t_staged
         problem = _agree(votes, self.plans)
+        if problem is None:
+            problem = _agree_shared(votes)
         if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
             problem = self._compare_with_rank0(full_states)
         if problem is not None:
@@ -682,11 +691,17 @@ class CheckpointClient:
         txn, deadline = votes[0][2], votes[0][4]
         if self._peer_keys is not None:
             self._leader_address = votes[0][5]
+        # Every rank places its pieces after rank 0's header; the commit names who wrote each SHARDED component.
+        left_out = staging.finalize_regions(
+            images, {path: v[3] for path, v in votes[0][6].items()}, _dropped_pieces(votes, self.rank)
+        )
+        stats.bytes -= left_out
+        sharded_writers = _sharded_writers(votes)
         assert slab is not None and self._link is not None
         slab.busy_txn = txn
         handle = SaveHandle(step=step, txn=txn, client=self, deadline=deadline)
         self._inflight[txn] = handle
-        req = self._stage_request(step, txn, deadline, slab, images, metadata)
+        req = self._stage_request(step, txn, deadline, slab, images, metadata, sharded_writers)
         try:
             self._link.request(MsgType.STAGE, self.heartbeat_timeout_s, stage=req)
         except DaemonUnavailable as e:
@@ -739,7 +754,9 @@ class CheckpointClient:
 
         differ: list[str] = []
         for key in sorted(states):
-            for leaf in fmt.flatten_state(states[key], key)[1]:
+            for leaf in fmt.flatten_state(states[key], key, sharded=True)[1]:
+                if sharding.is_dtensor(leaf.tensor):
+                    continue  # a SHARDED component's DTensors differ between ranks by design
                 nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
                 try:
                     mine = leaf.tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
@@ -764,6 +781,7 @@ class CheckpointClient:
         slab: staging.Slab,
         images: list[staging.FileImage],
         metadata: dict[str, Any] | None,
+        sharded_writers: dict[str, list[int]],
     ) -> proto.StageRequest:
         topo = self.topology
         node_ranks = topo.node_ranks(topo.node)
@@ -777,7 +795,7 @@ class CheckpointClient:
         # The commit information goes to the daemon that decides: rank 0's (the leader on multi-node).
         if self.rank == 0:
             commit = proto.CommitInfo(
-                components=[planning.component_spec(p, topo) for p in self.plans],
+                components=[planning.component_spec(p, topo, sharded_writers.get(p.key)) for p in self.plans],
                 topology=topo.describe(),
                 metadata=dict(metadata or {}),
                 pytorch_version=torch.__version__,
@@ -1249,6 +1267,76 @@ def _agree(votes: list[Any], plans: list[planning.ComponentPlan]) -> str | None:
                 f"(validation level {p.component.effective_validation.value}); the replicas have diverged"
             )
     return None
+
+
+def _vote_shared(shared: dict[str, staging.SharedLayout]) -> dict[str, tuple[Any, ...]]:
+    """This rank's word on each SHARDED file, small enough for the save's one collective."""
+    return {
+        path: (s.component, s.digest, s.data_size, s.head_len, s.contributed, s.contested)
+        for path, s in sorted(shared.items())
+    }
+
+
+def _agree_shared(votes: list[Any]) -> str | None:
+    """Every rank must see the same SHARDED files (names, dtypes and global shapes of their tensors), and
+    the bytes they write must tile each file exactly: rank 0's header, then every distinct piece once."""
+    ref = votes[0][6]
+    for r, v in enumerate(votes):
+        mine = v[6]
+        if set(mine) != set(ref):
+            return (
+                f"rank {r} would write SHARDED files {sorted(mine)}, rank 0 {sorted(ref)}; every rank must hold "
+                "the same SHARDED components with the same tensor names"
+            )
+        for path, (component, digest, *_rest) in mine.items():
+            if digest != ref[path][1]:
+                return (
+                    f"SHARDED component {component!r}: rank {r} holds other tensors in {path} than rank 0 (names, "
+                    "dtypes or global shapes differ); every rank must hold the same DTensors and plain tensors"
+                )
+    owners = _contested_owners(votes)
+    for path, (component, _, data_size, head_len, _, _) in ref.items():
+        written = sum(v[6][path][4] for v in votes) + sum(n for _, n in owners.get(path, {}).values())
+        if head_len is None or written != head_len + data_size:
+            return (
+                f"SHARDED component {component!r}: the ranks' pieces of {path} add up to {written} bytes, the file "
+                f"holds {(head_len or 0) + data_size}; a DTensor's placements do not tile its global shape (each "
+                "distinct shard must be held by one writer); this is a ckptd bug if the placements are "
+                "Shard/Replicate: report it"
+            )
+    return None
+
+
+def _contested_owners(votes: list[Any]) -> dict[str, dict[tuple[str, tuple[int, ...]], tuple[int, int]]]:
+    """For each file, every contested piece (tensor, offsets) -> (the lowest rank holding it, its bytes): a
+    DTensor on a submesh (FSDP over one data-parallel group of a DP x TP job) is held alike by every submesh
+    that replicates it, and the lowest rank writes it. The same on every rank (gathered votes)."""
+    owners: dict[str, dict[tuple[str, tuple[int, ...]], tuple[int, int]]] = {}
+    for r, v in enumerate(votes):
+        for path, layout in v[6].items():
+            for name, offsets, nbytes in layout[5]:
+                owners.setdefault(path, {}).setdefault((name, tuple(offsets)), (r, nbytes))
+    return owners
+
+
+def _dropped_pieces(votes: list[Any], rank: int) -> dict[str, frozenset[tuple[str, tuple[int, ...]]]]:
+    """The contested pieces this rank holds but a lower rank writes."""
+    return {
+        path: frozenset(key for key, (owner, _) in pieces.items() if owner != rank)
+        for path, pieces in _contested_owners(votes).items()
+    }
+
+
+def _sharded_writers(votes: list[Any]) -> dict[str, list[int]]:
+    """The ranks that write each SHARDED component (those contributing bytes to any of its files)."""
+    writers: dict[str, set[int]] = {}
+    owners = _contested_owners(votes)
+    for r, v in enumerate(votes):
+        for path, (component, _, _, _, contributed, _) in v[6].items():
+            ranks = writers.setdefault(component, set())
+            if contributed or any(owner == r for owner, _ in owners.get(path, {}).values()):
+                ranks.add(r)
+    return {k: sorted(v) for k, v in writers.items()}
 
 
 def _job_peer_keys() -> dict[str, str]:

@@ -24,6 +24,7 @@ class SharingPattern(enum.Enum):
     REPLICATED = "replicated"  # identical on every rank, written once by global rank 0
     PER_GROUP = "per_group"  # identical within each instance of a named group, different between them
     PER_NODE = "per_node"  # one per node, written by the node's local rank 0
+    SHARDED = "sharded"  # DTensors (FSDP2, tensor parallel): each distinct shard written once, resharded on load
 
 
 class ValidationLevel(enum.Enum):
@@ -93,9 +94,10 @@ class StateComponent:
                 f"StateComponent {self.key!r}: validation_level {self.validation_level!r} is not one of "
                 f"{[v.value for v in ValidationLevel]}"
             ) from None
-        if self.validate_replication and self.sharing_pattern != SharingPattern.REPLICATED:
+        if self.validate_replication and self.sharing_pattern not in _VALIDATED:
             warnings.warn(
-                f"StateComponent {self.key!r}: validate_replication applies to REPLICATED components only; "
+                f"StateComponent {self.key!r}: validate_replication applies to REPLICATED components (and the "
+                "plain values of SHARDED ones) only; "
                 f"ignored for {self.sharing_pattern.value}",
                 stacklevel=3,
             )
@@ -104,10 +106,14 @@ class StateComponent:
 
     @property
     def effective_validation(self) -> ValidationLevel:
-        if not self.validate_replication or self.sharing_pattern != SharingPattern.REPLICATED:
+        if not self.validate_replication or self.sharing_pattern not in _VALIDATED:
             return ValidationLevel.NONE
         assert isinstance(self.validation_level, ValidationLevel)
         return self.validation_level
+
+
+# Patterns whose state must agree across ranks: REPLICATED, and the plain (non-DTensor) values of SHARDED.
+_VALIDATED = (SharingPattern.REPLICATED, SharingPattern.SHARDED)
 
 
 class RNGState:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ckptd import format as fmt
+from client import sharding
 from client.components import CheckpointError, SharingPattern
 from client.planning import ComponentPlan, Topology
 
@@ -133,59 +134,148 @@ def topology_mismatch(
         saved_nodes = manifest.topology.get("nnodes")
         if saved_nodes != topo.nnodes:
             return f"component {p.key!r} is PER_NODE and was saved on {saved_nodes} node(s), {topo.nnodes} running"
-    if comp.sharing_pattern != pattern.value:
+    if comp.sharing_pattern != pattern.value and not (
+        comp.sharing_pattern in FULL_TENSOR_PATTERNS and pattern.value in FULL_TENSOR_PATTERNS
+    ):
         return f"component {p.key!r} was saved as {comp.sharing_pattern}, is declared {pattern.value} now"
     return None
+
+
+# Patterns whose files hold whole tensors under the same names (a SHARDED file is a GLOBAL one written in
+# pieces): a checkpoint saved with one loads into a component declared with another.
+FULL_TENSOR_PATTERNS = ("global", "replicated", "sharded")
 
 
 def read_component(d: fmt.CheckpointDir, manifest: fmt.Manifest, p: ComponentPlan, verify: bool) -> tuple[Any, int]:
     ckpt = d.path
     comp = manifest.components[p.key]
     if p.is_model_index and p.filename in comp.files:
-        index_path = ckpt / p.filename
-        index_rec = _record(ckpt, manifest, p.filename)
-        index = read_file(d, p.filename, index_rec, verify, max_bytes=fmt.MAX_INDEX_BYTES)
-        try:
-            weight_map, tied = fmt.parse_model_index(bytes(index), str(index_path))
-        except fmt.FormatError as e:
-            raise _damaged(index_path, e) from None
-        # Only the model's own shards, never another component's file, whatever the index says.
-        problems = fmt.index_problems(ckpt, manifest, weight_map, tied)
-        if problems:
-            raise VerificationFailed(problems[0])
-        state: dict[str, torch.Tensor] = {}
-        shard_tensors: dict[str, set[str]] = {}
-        nbytes = index_rec.size
-        for shard in sorted(set(weight_map.values())):
-            rec = _record(ckpt, manifest, shard)
-            _, tensors = read_safetensors(d, shard, rec, verify)
-            nbytes += rec.size
-            shard_tensors[shard] = set(tensors)
-            state.update(tensors)
-        problems = fmt.index_problems(ckpt, manifest, weight_map, tied, shard_tensors)
-        if problems:
-            raise VerificationFailed(problems[0])
-        for group in tied:
-            for alias in group[1:]:
-                state[alias] = state[group[0]]
-        # Keep the order of the index (the order the model returned its state_dict in).
-        ordered = {name: state[name] for name in _index_order(weight_map, tied)}
-        return ordered, nbytes
+        state, _ = read_model(d, manifest, p, lambda _name: verify)
+        return state, sum(manifest.files[f].size for f in comp.files if f in manifest.files)
     name = p.filename if not p.is_model_index else fmt.component_filename(p.key, p.pattern.value)
     rec = _record(ckpt, manifest, name)
     meta, tensors = read_safetensors(d, name, rec, verify)
-    tree_json = meta.get(fmt.TREE_METADATA_KEY)
-    if tree_json is None:
-        raise VerificationFailed(f"{ckpt / name}: header metadata lacks {fmt.TREE_METADATA_KEY!r}")
-    try:
-        tree = fmt.load_tree(tree_json, f"{ckpt / name} (header metadata {fmt.TREE_METADATA_KEY!r})")
-    except fmt.FormatError as e:
-        raise VerificationFailed(str(e)) from None
+    tree = _tree_of(ckpt / name, meta)
     try:
         state = fmt.unflatten_state(tree, tensors)
     except fmt.FormatError as e:
         raise VerificationFailed(f"{ckpt / name}: cannot rebuild the state tree ({e}); the file is damaged") from None
     return state, rec.size
+
+
+def read_model(
+    d: fmt.CheckpointDir, manifest: fmt.Manifest, p: ComponentPlan, checked: Any
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The model's Hugging Face shards as ``{name: full tensor}`` in index order (tied names included), and
+    the names saved as DTensors; ``checked(file)`` says whether to verify that file's checksum here."""
+    ckpt = d.path
+    index_path = ckpt / p.filename
+    index_rec = _record(ckpt, manifest, p.filename)
+    index = read_file(d, p.filename, index_rec, checked(p.filename), max_bytes=fmt.MAX_INDEX_BYTES)
+    try:
+        weight_map, tied = fmt.parse_model_index(bytes(index), str(index_path))
+    except fmt.FormatError as e:
+        raise _damaged(index_path, e) from None
+    # Only the model's own shards, never another component's file, whatever the index says.
+    problems = fmt.index_problems(ckpt, manifest, weight_map, tied)
+    if problems:
+        raise VerificationFailed(problems[0])
+    state: dict[str, torch.Tensor] = {}
+    shard_tensors: dict[str, set[str]] = {}
+    dtensors: set[str] = set()
+    for shard in sorted(set(weight_map.values())):
+        rec = _record(ckpt, manifest, shard)
+        meta, tensors = read_safetensors(d, shard, rec, checked(shard))
+        shard_tensors[shard] = set(tensors)
+        state.update(tensors)
+        dtensors |= _saved_dtensors(ckpt / shard, meta)
+    problems = fmt.index_problems(ckpt, manifest, weight_map, tied, shard_tensors)
+    if problems:
+        raise VerificationFailed(problems[0])
+    for group in tied:
+        for alias in group[1:]:
+            state[alias] = state[group[0]]
+    for group in tied:
+        if group[0] in dtensors:
+            dtensors.update(group[1:])
+    # Keep the order of the index (the order the model returned its state_dict in).
+    return {name: state[name] for name in _index_order(weight_map, tied)}, dtensors
+
+
+def _saved_dtensors(path: Path, meta: dict[str, str]) -> set[str]:
+    """The tensors of a SHARDED model shard that were DTensors when saved (its placements metadata)."""
+    raw = meta.get(fmt.PLACEMENTS_METADATA_KEY)
+    if raw is None:
+        return set()
+    try:
+        placements = fmt.load_json(raw, str(path), "placements metadata", fmt.MAX_TREE_VALUES)
+    except fmt.FormatError as e:
+        raise VerificationFailed(str(e)) from None
+    if not isinstance(placements, dict):
+        raise VerificationFailed(f"{path}: header metadata {fmt.PLACEMENTS_METADATA_KEY!r} is not a map")
+    return set(placements)
+
+
+def read_sharded(
+    d: fmt.CheckpointDir, manifest: fmt.Manifest, p: ComponentPlan, verify: bool, topo: Topology
+) -> tuple[Any, int]:
+    """A SHARDED component's state in the live object's layout (the resharding load).
+
+    The target layout is the live ``state_dict()``: each saved tensor becomes a DTensor on the target's
+    mesh and placements holding only this rank's piece, sliced out of the mapped file (so only the bytes
+    that overlap it are read), or the full tensor where the target is a plain tensor. Every file's checksum
+    is verified by one rank only (file ``i`` by rank ``i % world_size``; the verdicts are shared), so the
+    job reads each byte once, not once per rank. Returns the state and the bytes of this rank's pieces."""
+    ckpt = d.path
+    try:
+        target = p.component.stateful.state_dict()
+    except Exception as e:
+        raise CheckpointError(
+            f"component {p.key!r}: state_dict() raised {type(e).__name__}: {e}; a SHARDED component's live "
+            "state_dict() gives the layout to load into"
+        ) from e
+    files = sorted(manifest.components[p.key].files)
+
+    def checked_here(name: str) -> bool:
+        return verify and name in files and files.index(name) % topo.world_size == topo.rank
+
+    nbytes = 0
+
+    def convert(name: str, full: torch.Tensor, saved_as_dtensor: bool, live: Any) -> Any:
+        nonlocal nbytes
+        value = sharding.reshard(full, live, name, saved_as_dtensor, topo.world_size)
+        local = value.to_local() if sharding.is_dtensor(value) else value
+        nbytes += local.numel() * local.element_size()
+        return value
+
+    if p.is_model_index:
+        if not isinstance(target, dict):
+            raise CheckpointError(f"component {p.key!r}: a SHARDED model's state_dict() must be a flat dict")
+        state, dtensors = read_model(d, manifest, p, checked_here)
+        return {name: convert(name, t, name in dtensors, target.get(name)) for name, t in state.items()}, nbytes
+    try:
+        live = {leaf.name: leaf.tensor for leaf in fmt.flatten_state(target, p.key, sharded=True)[1]}
+    except fmt.FormatError as e:
+        raise CheckpointError(f"component {p.key!r}: its live state_dict() cannot give a target layout: {e}") from None
+    name = p.filename
+    rec = _record(ckpt, manifest, name)
+    meta, tensors = read_safetensors(d, name, rec, checked_here(name))
+    tree = _tree_of(ckpt / name, meta)
+    try:
+        state = fmt.unflatten_state(tree, tensors, lambda n, t, was_dt: convert(n, t, was_dt, live.get(n)))
+    except fmt.FormatError as e:
+        raise VerificationFailed(f"{ckpt / name}: cannot rebuild the state tree ({e}); the file is damaged") from None
+    return state, nbytes
+
+
+def _tree_of(path: Path, meta: dict[str, str]) -> Any:
+    tree_json = meta.get(fmt.TREE_METADATA_KEY)
+    if tree_json is None:
+        raise VerificationFailed(f"{path}: header metadata lacks {fmt.TREE_METADATA_KEY!r}")
+    try:
+        return fmt.load_tree(tree_json, f"{path} (header metadata {fmt.TREE_METADATA_KEY!r})")
+    except fmt.FormatError as e:
+        raise VerificationFailed(str(e)) from None
 
 
 def _index_order(weight_map: dict[str, str], tied: list[list[str]]) -> list[str]:
@@ -240,7 +330,10 @@ def _read_share(
             _warn(f"{ckpt}: {problem}; optional component {p.key!r} is not restored")
             skipped.append(p.key)
             continue
-        state, nbytes = read_component(d, manifest, p, verify)
+        if p.pattern == SharingPattern.SHARDED:
+            state, nbytes = read_sharded(d, manifest, p, verify, topo)
+        else:
+            state, nbytes = read_component(d, manifest, p, verify)
         states[p.key] = state
         total += nbytes
     return ReadResult(states, skipped, total)

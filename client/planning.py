@@ -6,6 +6,8 @@
 | PER_RANK        | every rank                              | rank           | its rank                   |
 | PER_GROUP(name) | lowest global rank of each instance     | group instance | members of that instance   |
 | PER_NODE        | local rank 0 of each node               | node           | ranks of that node         |
+| SHARDED         | every rank its distinct DTensor pieces   | shared files   | any rank, any world size   |
+|                 | (plain values: global rank 0)           | (full tensors) | (resharded; sharding.py)   |
 
 ``discover_topology`` is the only part that talks to other ranks (once, at client construction);
 ``plan`` never does, so no rank can disagree about the plan and nothing in the save path hangs on it.
@@ -262,6 +264,12 @@ def plan_component(comp: StateComponent, topo: Topology) -> ComponentPlan:
         name = fmt.component_filename(key, pattern.value, node=node)
         writers = tuple(topo.node_leader(n) for n in range(topo.nnodes))
         return ComponentPlan(comp, writers, topo.rank == topo.node_leader(node), name, node=node)
+    if pattern == SharingPattern.SHARDED:
+        # Every rank may hold pieces; which ranks did write is known only from the save's vote (placements),
+        # so the commit names the writers then (``component_spec``).
+        is_model = key == fmt.MODEL_KEY
+        name = fmt.MODEL_INDEX_NAME if is_model else fmt.component_filename(key, pattern.value)
+        return ComponentPlan(comp, tuple(range(topo.world_size)), True, name, is_model_index=is_model)
     raise CheckpointError(f"component {key!r}: unknown sharing pattern {pattern!r}")
 
 
@@ -273,12 +281,14 @@ def plan(components: list[StateComponent], topo: Topology) -> list[ComponentPlan
     return [plan_component(c, topo) for c in components]
 
 
-def component_spec(p: ComponentPlan, topo: Topology) -> ComponentSpec:
-    """What the manifest records about a component (sent by rank 0 with the commit information)."""
+def component_spec(p: ComponentPlan, topo: Topology, writers: list[int] | None = None) -> ComponentSpec:
+    """What the manifest records about a component (sent by rank 0 with the commit information).
+
+    ``writers``: the ranks that wrote a SHARDED component's pieces (from the save's vote)."""
     comp = p.component
     across: list[int] | None = None
     instances: list[list[int]] | None = None
-    if p.pattern == SharingPattern.REPLICATED:
+    if p.pattern in (SharingPattern.REPLICATED, SharingPattern.SHARDED):
         across = list(range(topo.world_size))
     elif p.pattern == SharingPattern.PER_GROUP:
         members = _instance_members(topo, comp)
@@ -287,7 +297,7 @@ def component_spec(p: ComponentPlan, topo: Topology) -> ComponentSpec:
     return ComponentSpec(
         key=comp.key,
         sharing_pattern=p.pattern.value,
-        ranks=list(p.writers),
+        ranks=list(p.writers) if writers is None else sorted(writers),
         replicated_across=across,
         group_name=comp.process_group_name if p.pattern == SharingPattern.PER_GROUP else None,
         group_instances=instances,

@@ -28,7 +28,8 @@ import torch
 
 from ckptd import format as fmt
 from ckptd.protocol import SEGMENT_PREFIX, FileSpec
-from client.components import CheckpointError, ValidationLevel
+from client import sharding
+from client.components import CheckpointError, SharingPattern, ValidationLevel
 from client.planning import ComponentPlan
 
 logger = logging.getLogger(__name__)
@@ -307,8 +308,20 @@ class FileImage:
     group_instance: int | None = None
     node: int | None = None
     offset: int = 0  # in the slab, assigned by layout()
+    region: Region | None = None  # a SHARDED file: this rank's part of a file every rank writes pieces of
 
     def spec(self) -> FileSpec:
+        if self.region is not None:
+            assert self.region.file_size is not None, "finalize_regions() runs before the hand-off"
+            return FileSpec(
+                path=self.path,
+                offset=self.offset,
+                length=self.size,
+                component=self.component,
+                kind="region",
+                file_size=self.region.file_size,
+                runs=self.region.runs(self.offset, len(self.head)),
+            )
         return FileSpec(
             path=self.path,
             offset=self.offset,
@@ -353,6 +366,257 @@ def _image(
         group_instance=p.group_instance,
         node=p.node,
     )
+
+
+# ------------------------------------------------------------------------------------- SHARDED (regions)
+
+
+@dataclass(frozen=True)
+class PlacedPiece:
+    """One piece this rank writes: where its full tensor's data starts in the file, and where it sits."""
+
+    data_begin: int  # the full tensor's data offset in the file's data section
+    global_shape: tuple[int, ...]
+    itemsize: int
+    piece: sharding.Piece
+    slab_begin: int  # the piece's data offset after this image's head in the slab
+    # Set for a DTensor on a mesh smaller than the job (FSDP over one data-parallel submesh of a 2-D job):
+    # other submeshes may hold the very same piece, so the save's vote decides who writes it.
+    contested: tuple[str, tuple[int, ...]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.piece.numel * self.itemsize
+
+
+@dataclass
+class Region:
+    """This rank's share of a shared SHARDED file (full tensors, every writer placing its own pieces).
+
+    ``head_len`` and ``file_size`` are known only after the save's vote: the header is rank 0's (it holds
+    rank 0's plain values), and every rank places its data after it."""
+
+    digest: str  # names, dtypes, global shapes and data offsets of the file: equal on every rank
+    data_size: int
+    pieces: list[PlacedPiece]
+    head_len: int | None = None
+    dropped: frozenset[tuple[str, tuple[int, ...]]] = frozenset()  # contested pieces another rank writes
+
+    @property
+    def file_size(self) -> int | None:
+        return None if self.head_len is None else self.head_len + self.data_size
+
+    def runs(self, slab_offset: int, own_head: int) -> list[list[int]]:
+        assert self.head_len is not None
+        out: list[list[int]] = []
+        if own_head:
+            out.append([0, slab_offset, own_head, 1, own_head])
+        base = slab_offset + own_head
+        for pp in self.pieces:
+            if pp.contested is not None and pp.contested in self.dropped:
+                continue
+            out += sharding.piece_runs(
+                pp.global_shape, pp.itemsize, pp.piece, self.head_len + pp.data_begin, base + pp.slab_begin
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class SharedLayout:
+    """What each rank says in the save's vote about one shared file, so that every rank can check the
+    others agree and place its bytes after rank 0's header."""
+
+    component: str
+    digest: str
+    data_size: int
+    head_len: int | None  # rank 0's header length (None on the other ranks)
+    contributed: int  # bytes this rank surely writes into it (rank 0: its header too), contested ones aside
+    contested: tuple[tuple[str, tuple[int, ...], int], ...] = ()  # (tensor, offsets, bytes) others may hold too
+
+
+@dataclass
+class SharedPlan:
+    """What stays the same between saves of one shared file while names, shapes and placements do."""
+
+    signature: tuple[Any, ...]
+    table: fmt.TensorTable  # the full tensors, in file order
+    digest: str
+    data_size: int
+    mine: list[int]  # indices (in the leaves given) of the pieces this rank writes, in slab order
+    placed: list[PlacedPiece]
+    pieces: CachedTable  # the pieces' table in the slab (and the views into it, and rank 0's header length)
+
+
+def _shared_image(
+    path: str,
+    p: ComponentPlan,
+    leaves: list[tuple[str, Any]],
+    metadata: dict[str, str],
+    cache: LayoutCache,
+    rank: int,
+) -> tuple[FileImage | None, SharedLayout]:
+    """This rank's part of one shared file of full tensors: rank 0's header, and every piece this rank
+    writes (its DTensor shards where it is the writer of their replicas, plus every plain tensor on rank 0)."""
+    signature = tuple(
+        (name, t.dtype, tuple(t.shape), tuple(t.placements), t.device_mesh.get_coordinate())
+        if sharding.is_dtensor(t)
+        else (name, t.dtype, tuple(t.shape))
+        for name, t in leaves
+    )
+    key = f"\0shared:{path}"
+    ent = cache.get(key)
+    if not isinstance(ent, SharedPlan) or ent.signature != signature:
+        items = [(name, fmt.safetensors_dtype(t.dtype), tuple(t.shape)) for name, t in leaves]
+        for (name, dtype, _), (_, t) in zip(items, leaves, strict=True):
+            if dtype is None or t.layout != torch.strided:
+                raise fmt.UnsupportedLeafError(f"{name}: tensor {t.dtype}/{t.layout} cannot be stored in safetensors")
+        order = fmt.alignment_order(items)  # type: ignore[arg-type]
+        table = fmt.tensor_table([items[i] for i in order])  # type: ignore[misc]
+        digest = fmt.checksum_bytes(f"{path}|{table.json_fragment}".encode())
+        mine: list[tuple[int, sharding.Piece]] = []  # (index in leaves, piece)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        for i, e in zip(order, table.entries, strict=True):
+            t = leaves[i][1]
+            if sharding.is_dtensor(t):
+                if not sharding.writes_piece(t):
+                    continue
+                piece = sharding.local_piece(t, leaves[i][0])
+            elif rank == 0:
+                piece = sharding.Piece((0,) * t.dim(), tuple(t.shape))
+            else:
+                continue
+            if piece.numel and e.end > e.begin:
+                mine.append((i, piece))
+        piece_items = [(f"{leaves[i][0]}@{i}", items[i][1], piece.shape) for i, piece in mine]
+        piece_table = fmt.tensor_table(piece_items)  # type: ignore[arg-type]
+        begin_of = {i: e.begin for i, e in zip(order, table.entries, strict=True)}
+        placed = [
+            PlacedPiece(
+                begin_of[i],
+                tuple(leaves[i][1].shape),
+                leaves[i][1].element_size(),
+                piece,
+                pe.begin,
+                (leaves[i][0], piece.offsets)
+                if sharding.is_dtensor(leaves[i][1]) and leaves[i][1].device_mesh.size() < world
+                else None,
+            )
+            for (i, piece), pe in zip(mine, piece_table.entries, strict=True)
+        ]
+        data_size = table.entries[-1].end if table.entries else 0
+        ent = SharedPlan(
+            signature, table, digest, data_size, [i for i, _ in mine], placed, CachedTable(signature, [], piece_table)
+        )
+        cache[key] = ent
+    table, digest, data_size, placed, cached = ent.table, ent.digest, ent.data_size, ent.placed, ent.pieces
+    mine_idx = ent.mine
+    head = b""
+    if rank == 0:
+        layout = fmt.encode_header(table, metadata, cached.head_len)
+        if len(layout.header) > cached.head_len:
+            cached.head_len = len(layout.header) + HEADER_SLACK
+            layout = fmt.encode_header(table, metadata, cached.head_len)
+        head = layout.header
+    srcs = [_local(leaves[i][1]) for i in mine_idx]
+    piece_bytes = cached.table.entries[-1].end if cached.table.entries else 0
+    contested = tuple((*pp.contested, pp.nbytes) for pp in placed if pp.contested is not None)
+    sure = len(head) + sum(pp.nbytes for pp in placed if pp.contested is None)
+    shared = SharedLayout(p.key, digest, data_size, len(head) if rank == 0 else None, sure, contested)
+    if not head and not srcs:
+        return None, shared
+    img = FileImage(
+        path=path,
+        component=p.key,
+        kind="region",
+        head=head,
+        srcs=srcs,
+        cached=cached,
+        size=len(head) + piece_bytes,
+        region=Region(digest, data_size, placed),
+    )
+    return img, shared
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t.to_local() if sharding.is_dtensor(t) else t
+
+
+def sharded_images(
+    p: ComponentPlan, state: Any, max_shard_size: int, cache: LayoutCache, rank: int
+) -> tuple[list[FileImage], dict[str, SharedLayout]]:
+    """The files of a SHARDED component this rank takes part in, and its word on each for the save's vote.
+
+    A ``model`` component with a flat ``{name: tensor or DTensor}`` state becomes Hugging Face shards of full
+    tensors plus ``model.safetensors.index.json`` (rank 0's); anything else one ``<key>_state.safetensors``
+    holding the full tensors and, in its header, the tree (with each DTensor's mesh and placements).
+
+    Example:
+        >>> images, shared = sharded_images(plan, model.state_dict(), 5 << 30, {}, rank=1)  # doctest: +SKIP
+    """
+    images: list[FileImage] = []
+    shared: dict[str, SharedLayout] = {}
+    if p.is_model_index and is_flat_tensor_dict(state):
+        names = list(state)
+        first: dict[int, str] = {}
+        tied: dict[str, list[str]] = {}
+        stored: list[str] = []
+        for name in names:
+            t = state[name]
+            owner = first.setdefault(id(t), name)
+            if owner != name:
+                tied.setdefault(owner, []).append(name)
+            else:
+                stored.append(name)
+        sizes = [state[n].numel() * state[n].element_size() for n in stored]
+        shards = fmt.plan_model_shards(sizes, max_shard_size)
+        weight_map: dict[str, str] = {}
+        for si, idx in enumerate(shards):
+            path = fmt.model_shard_filename(si, len(shards))
+            leaves = [(stored[k], state[stored[k]]) for k in idx]
+            for name, _ in leaves:
+                weight_map[name] = path
+            placements = {
+                name: {"mesh": list(t.device_mesh.shape), "placements": fmt.describe_placements(t)}
+                for name, t in leaves
+                if sharding.is_dtensor(t)
+            }
+            meta = {fmt.PLACEMENTS_METADATA_KEY: json.dumps(placements, separators=(",", ":"))} if placements else {}
+            img, layout_ = _shared_image(path, p, leaves, meta, cache, rank)
+            shared[path] = layout_
+            if img is not None:
+                images.append(img)
+        if rank == 0:
+            groups = [[owner, *aliases] for owner, aliases in tied.items()]
+            index = fmt.build_model_index(weight_map, sum(sizes), groups)
+            images.append(FileImage(fmt.MODEL_INDEX_NAME, p.key, "index", index, [], None, len(index)))
+        return images, shared
+    if p.is_model_index:
+        raise fmt.UnsupportedLeafError(
+            "model: the 'model' component must return a flat {name: tensor} state_dict to be written as "
+            "Hugging Face shards; use another key for nested state"
+        )
+    tree, leaves = fmt.flatten_state(state, p.key, sharded=True)
+    meta = {fmt.TREE_METADATA_KEY: json.dumps(tree, separators=(",", ":"), allow_nan=False)}
+    path = fmt.component_filename(p.key, SharingPattern.SHARDED.value)
+    img, layout_ = _shared_image(path, p, [(leaf.name, leaf.tensor) for leaf in leaves], meta, cache, rank)
+    shared[path] = layout_
+    return ([img] if img is not None else []), shared
+
+
+def finalize_regions(
+    images: list[FileImage], head_lens: dict[str, int], dropped: dict[str, frozenset[tuple[str, tuple[int, ...]]]]
+) -> int:
+    """Place this rank's pieces after rank 0's header, whose length the save's vote carried, leaving out the
+    contested pieces that a lower rank writes. Returns the bytes left out (staged, never handed off)."""
+    left_out = 0
+    for img in images:
+        if img.region is not None:
+            img.region.head_len = head_lens[img.path]
+            img.region.dropped = dropped.get(img.path, frozenset())
+            left_out += sum(
+                pp.nbytes for pp in img.region.pieces if pp.contested is not None and pp.contested in img.region.dropped
+            )
+    return left_out
 
 
 def is_flat_tensor_dict(state: Any) -> bool:
@@ -413,6 +677,11 @@ def model_images(
     plan = cache.get(_MODEL_PLAN)
     if not isinstance(plan, ModelPlan) or plan.signature != signature:
         for name, t in state.items():
+            if sharding.is_dtensor(t):
+                raise fmt.UnsupportedLeafError(
+                    f"model.{name}: a DTensor (placements {fmt.describe_placements(t)}) in a component that is "
+                    "not SHARDED; expected plain tensors here: declare the model component SharingPattern.SHARDED"
+                )
             if fmt.safetensors_dtype(t.dtype) is None or t.layout != torch.strided:
                 raise fmt.UnsupportedLeafError(
                     f"model.{name}: tensor {t.dtype}/{t.layout} cannot be stored in safetensors"
@@ -553,16 +822,19 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
 # -------------------------------------------------------------------------------------------- validation
 
 
-def replication_digest(state: Any, key: str, level: ValidationLevel) -> str | None:
-    """A digest that is equal on two ranks iff their REPLICATED state agrees at ``level``."""
+def replication_digest(state: Any, key: str, level: ValidationLevel, sharded: bool = False) -> str | None:
+    """A digest that is equal on two ranks iff their REPLICATED state agrees at ``level``. With ``sharded``
+    (a SHARDED component) only its plain values count: DTensors differ between ranks by design."""
     if level == ValidationLevel.NONE:
         return None
-    tree, leaves = fmt.flatten_state(state, key)
+    tree, leaves = fmt.flatten_state(state, key, sharded=sharded)
     h = fmt.new_hasher()
     h.update(json.dumps(tree, sort_keys=True, allow_nan=False).encode())
     for leaf in leaves:
         t = leaf.tensor
         h.update(f"{leaf.name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if sharding.is_dtensor(t):
+            continue
         if level in (ValidationLevel.TENSOR, ValidationLevel.FULL) and t.numel() > 0:
             raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             h.update(memoryview(raw.numpy()))

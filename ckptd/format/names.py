@@ -19,6 +19,8 @@ MANIFEST_NAME = "checkpoint_manifest.json"
 MODEL_KEY = "model"
 MODEL_INDEX_NAME = "model.safetensors.index.json"
 TREE_METADATA_KEY = "ckptd.tree"
+# A SHARDED model shard's header metadata: the mesh shape and placements each DTensor was saved with.
+PLACEMENTS_METADATA_KEY = "ckptd.placements"
 # The lease naming the one job that writes an output dir (ckptd.ownership reads and writes it), the lock
 # its read-decide-write runs under, and the temp files it is written to before the rename over it:
 # ``LEASE_TEMP_NAME`` plus a random suffix (``lease_temp_name``), created O_EXCL, so that nothing found at a
@@ -267,7 +269,9 @@ def component_filename(
 
     Args:
         key: the component key.
-        pattern: a SharingPattern value ("global", "replicated", "per_rank", "per_group", "per_node").
+        pattern: a SharingPattern value ("global", "replicated", "per_rank", "per_group", "per_node",
+            "sharded"). A SHARDED component's file holds full tensors, like a GLOBAL one: every rank writes
+            its distinct pieces at their offsets in it (a region each), so it has the same name.
         rank: the rank, for per_rank.
         group: the process group name, for per_group.
         instance: the group instance index, for per_group.
@@ -279,7 +283,7 @@ def component_filename(
     """
     if not is_valid_key(key):
         raise FormatError(f"component key {key!r} is not a valid key; expected {KEY_PATTERN}")
-    if pattern in ("global", "replicated"):
+    if pattern in ("global", "replicated", "sharded"):
         return f"{key}_state.safetensors"
     if pattern == "per_rank":
         return f"{key}_state_rank_{int(rank)}.safetensors"  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ def _type_name(obj: object) -> str:
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
+def flatten_state(obj: Any, prefix: str, *, sharded: bool = False) -> tuple[Any, list[TensorLeaf]]:
     """Split a state dict into a JSON-able tree and the tensors it holds.
 
     Tensors (and NumPy arrays) are replaced by references into the safetensors file; every other leaf
@@ -51,9 +51,14 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
     torch.device or torch.Size. Anything else raises UnsupportedLeafError naming its dotted path,
     because pickling it would make loading run code.
 
+    A ``DTensor`` (FSDP2, tensor parallel) is a leaf only with ``sharded`` (a SHARDED component): its node
+    records the mesh and placements it was saved with, and the file holds it as one full tensor. Without
+    ``sharded`` it raises UnsupportedLeafError naming its path and saying to declare the component SHARDED.
+
     Args:
         obj: the component's state (usually its ``state_dict()``).
         prefix: the dotted path of ``obj`` itself (the component key); tensor names start with it.
+        sharded: DTensors are allowed (their leaf's ``tensor`` is the DTensor itself).
 
     Returns:
         ``(tree, leaves)``: the JSON-able tree and every tensor, in the order met.
@@ -73,6 +78,7 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
     leaves: list[TensorLeaf] = []
     used: set[str] = set()
     storable = {getattr(torch, name) for name in STORABLE_TORCH_DTYPES if hasattr(torch, name)}
+    dtensor_type = _dtensor_type()
 
     def name_for(path: str) -> str:
         name, n = path, 1
@@ -89,6 +95,25 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
             return x
         if isinstance(x, float) and type(x) is float:
             return x if math.isfinite(x) else {_TAG: "float", "repr": repr(x)}
+        if dtensor_type is not None and isinstance(x, dtensor_type):
+            if not sharded:
+                raise UnsupportedLeafError(
+                    f"{path}: a DTensor (placements {describe_placements(x)}) in a component that is not SHARDED; "
+                    "expected plain tensors here: declare this component SharingPattern.SHARDED (each rank then "
+                    "writes its own shard, and the state reshards on load)"
+                )
+            if x.dtype not in storable:
+                raise UnsupportedLeafError(f"{path}: DTensor dtype {x.dtype} has no safetensors equivalent")
+            name = name_for(path)
+            leaves.append(TensorLeaf(name, path, x))
+            mesh = x.device_mesh
+            return {
+                _TAG: "dtensor",
+                "name": name,
+                "mesh": list(mesh.shape),
+                "mesh_dims": list(mesh.mesh_dim_names) if mesh.mesh_dim_names else None,
+                "placements": describe_placements(x),
+            }
         if isinstance(x, torch.Tensor):
             if x.layout != torch.strided or x.is_quantized or x.is_meta:
                 raise UnsupportedLeafError(
@@ -149,6 +174,20 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, list[TensorLeaf]]:
     return tree, leaves
 
 
+def _dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor``, or None where torch has no distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without torch.distributed
+        return None
+    return DTensor
+
+
+def describe_placements(dtensor: Any) -> list[str]:
+    """A DTensor's placements as strings, one per mesh dimension (``["Shard(dim=0)", "Replicate()"]``)."""
+    return [str(p) for p in dtensor.placements]
+
+
 def tree_value_count(tree: Any) -> int:
     """The count ``safejson.json_value_count`` gives for ``json.dumps(tree)``: one per value, plus one per empty
     list or dict (iterative: never a RecursionError).
@@ -191,8 +230,11 @@ def load_tree(tree_json: str, where: str) -> Any:
 _CONTENT_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError)
 
 
-def unflatten_state(tree: Any, tensors: dict[str, Any]) -> Any:
+def unflatten_state(tree: Any, tensors: dict[str, Any], convert: Any = None) -> Any:
     """Inverse of flatten_state: rebuild the state dict from its tree and ``{name: tensor}``.
+
+    ``convert(name, tensor, saved_as_dtensor)``, when given, turns each tensor read (the full tensor, for a
+    DTensor saved by a SHARDED component) into the value to put in the state: the loader reshards there.
 
     The tree comes from a file and is checked node by node: whatever it holds, the only exception is a
     FormatError saying what is wrong (a node without its fields, a field of the wrong type, a tensor the
@@ -207,7 +249,9 @@ def unflatten_state(tree: Any, tensors: dict[str, Any]) -> Any:
         3
     """
     try:
-        return _decode(tree, tensors)
+        return _decode(tree, tensors, convert)
+    except _ConvertFailed as e:
+        raise e.error from None
     except FormatError:
         raise
     except RecursionError:
@@ -225,7 +269,25 @@ def _field(node: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _decode(tree: Any, tensors: dict[str, Any]) -> Any:
+class _ConvertFailed(Exception):
+    """Carries an exception of ``convert`` past the handlers that turn content errors into FormatError."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _decode(tree: Any, tensors: dict[str, Any], convert: Any = None) -> Any:
+    def tensor(x: dict[str, Any], dtensor: bool) -> Any:
+        name = _field(x, "name", str)
+        t = _lookup(tensors, name)
+        if convert is None:
+            return t
+        try:
+            return convert(name, t, dtensor)
+        except Exception as e:  # the caller's own error: not a sign of a damaged tree
+            raise _ConvertFailed(e) from e
+
     def dec(x: Any) -> Any:
         if isinstance(x, list):
             return [dec(v) for v in x]
@@ -235,7 +297,9 @@ def _decode(tree: Any, tensors: dict[str, Any]) -> Any:
         if tag is None:
             return {k: dec(v) for k, v in x.items()}
         if tag == "tensor":
-            return _lookup(tensors, _field(x, "name", str))
+            return tensor(x, False)
+        if tag == "dtensor":
+            return tensor(x, True)
         if tag == "ndarray":
             return _lookup(tensors, _field(x, "name", str)).numpy()
         if tag == "tuple":
