@@ -671,17 +671,18 @@ def model_images(
     """The model as Hugging Face shards plus index; tensors that share memory (tied weights) stored once."""
     names = list(state)
     tensors = list(state.values())
+    for name, t in state.items():
+        if sharding.is_dtensor(t):
+            raise fmt.UnsupportedLeafError(
+                f"model.{name}: a DTensor (placements {fmt.describe_placements(t)}) in a component that is not "
+                "SHARDED; expected plain tensors here: declare the model component SharingPattern.SHARDED"
+            )
     ties = tied_groups(tensors)
     signature = (max_shard_size, tuple((n, t.dtype, t.shape) for n, t in zip(names, tensors, strict=True)))
     signature += (tuple((j, tuple(m)) for j, m in ties.items()),)
     plan = cache.get(_MODEL_PLAN)
     if not isinstance(plan, ModelPlan) or plan.signature != signature:
         for name, t in state.items():
-            if sharding.is_dtensor(t):
-                raise fmt.UnsupportedLeafError(
-                    f"model.{name}: a DTensor (placements {fmt.describe_placements(t)}) in a component that is "
-                    "not SHARDED; expected plain tensors here: declare the model component SharingPattern.SHARDED"
-                )
             if fmt.safetensors_dtype(t.dtype) is None or t.layout != torch.strided:
                 raise fmt.UnsupportedLeafError(
                     f"model.{name}: tensor {t.dtype}/{t.layout} cannot be stored in safetensors"

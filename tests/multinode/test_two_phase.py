@@ -137,3 +137,31 @@ def test_ranks_of_one_launcher_node_claiming_different_node_ids_are_refused_on_e
     for rec in job.results.values():
         assert rec["error"] and "one daemon serves one node" in rec["error"] and "CKPTD_NODE_ID" in rec["error"]
         assert rec["nnodes"] == 1
+
+
+def test_fsdp2_sharded_state_across_two_nodes_is_written_by_each_nodes_daemon_and_reshards(tmp_path, endpoints):
+    import torch
+    from launch import WORKER
+
+    script = WORKER.with_name("sharded_node_worker.py")
+    job = launch("save", tmp_path, endpoints, nnodes=2, nproc=2, script=script)
+    ckpt = Path(job.results[0]["path"])
+    assert verify_checkpoint(ckpt)
+    manifest = fmt.read_manifest(ckpt)
+    assert manifest.topology["nnodes"] == 2
+    # Ranks of both nodes wrote pieces of the same full-tensor files.
+    assert manifest.components["model"].ranks == [0, 1, 2, 3]
+    # Resumed on 2 nodes of 1 rank: world 4 -> 2, bit for bit.
+    from launch import node_endpoint
+
+    fresh = [node_endpoint(n) for n in range(2)]
+    endpoints.extend(fresh)
+    run_job("resume", tmp_path / "out", tmp_path / "again", 2, 1, endpoints=fresh, script=script)
+    reference = torch.load(tmp_path / "results" / "reference.pt", weights_only=True)
+    loaded = torch.load(tmp_path / "again" / "loaded-fsdp-ckptd.pt", weights_only=True)
+    for key in reference["model"]:
+        assert torch.equal(loaded["model"][key], reference["model"][key]), key
+    assert loaded["optim"]["state"].keys() == reference["optim"]["state"].keys()
+    for fqn, state in reference["optim"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(loaded["optim"]["state"][fqn][name], value), (fqn, name)

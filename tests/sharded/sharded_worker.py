@@ -10,6 +10,8 @@ parallel dim of a 2-D mesh, ColwiseParallel / RowwiseParallel over the tensor pa
   ``dcp.save`` to OUT/dcp, and write the full (gathered) state to RESULTS/reference.pt.
 - ``resume``: load from SOURCE (``ckptd`` or ``dcp``) at this layout, gather the full state into
   RESULTS/loaded-<tag>.pt, train CONTINUE_STEPS more steps and report the losses.
+- ``misdeclared``: try to save the same state declared with pattern SOURCE (e.g. ``per_rank``); report the
+  error.
 
 Every rank writes RESULTS/<mode>-<tag>_rank<r>.json.
 """
@@ -75,6 +77,24 @@ class OptimState:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(self.model, self.optim, sd)
+
+
+class AppState:
+    """The get_state_dict / set_state_dict recipe as one component (nested: model and optimizer together)."""
+
+    def __init__(self, model: torch.nn.Module, optim: torch.optim.Optimizer) -> None:
+        self.model, self.optim = model, optim
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optim)
+        return {"model": msd, "optim": osd}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
 def build(layout: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, int]:
@@ -149,6 +169,8 @@ def main() -> None:
         StateComponent("model", model if plain_model else ModelState(model), SharingPattern.SHARDED),
         StateComponent("optimizer", OptimState(model, optim), SharingPattern.SHARDED),
     ]
+    if os.environ.get("SHARDED_APP_STATE") == "1":  # one component: get_state_dict / set_state_dict together
+        components = [StateComponent("train", AppState(model, optim), SharingPattern.SHARDED)]
     tag = f"{layout}-{source}"
     report: dict[str, Any] = {"rank": rank}
     if mode == "save":
@@ -169,8 +191,19 @@ def main() -> None:
     elif mode == "resume":
         t0 = time.perf_counter()
         if source == "ckptd":
+            from client import CheckpointError
+
             with CheckpointClient(out, components) as client:
-                report["path"] = str(client.load("latest"))
+                try:
+                    report["path"] = str(client.load("latest"))
+                except CheckpointError as e:
+                    if os.environ.get("SHARDED_EXPECT_LOAD_ERROR") != "1":
+                        raise
+                    report["error"] = str(e)
+                    (results / f"{mode}-{tag}_rank{rank}.json").write_text(json.dumps(report))
+                    dist.barrier()
+                    dist.destroy_process_group()
+                    return
         else:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -184,6 +217,22 @@ def main() -> None:
         if rank == 0:
             torch.save(loaded, results / f"loaded-{tag}.pt")
         report["losses"] = train(model, optim, dp, dp_size, range(SAVE_STEP, SAVE_STEP + CONTINUE_STEPS))
+    elif mode == "misdeclared":
+        # The same DTensor state declared with a pattern that is not SHARDED: the save must fail on every rank,
+        # naming the tensor and saying what to declare.
+        from client import CheckpointError
+
+        pattern = SharingPattern(source)
+        wrong = [
+            StateComponent("model", model, pattern),
+            StateComponent("optimizer", OptimState(model, optim), pattern),
+        ]
+        with CheckpointClient(out, wrong) as client:
+            try:
+                client.save_async(1)
+            except CheckpointError as e:
+                report["error"] = str(e)
+            report["checkpoints"] = [str(p) for p in sorted((out / "checkpoints").glob("checkpoint-*"))]
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     (results / f"{mode}-{tag}_rank{rank}.json").write_text(json.dumps(report))

@@ -211,3 +211,47 @@ def test_fsdp_x_tp_2x2_mesh_reshards_to_other_mesh_shapes(tmp_path: Path, target
         assert_same(torch.load(tmp_path / "results" / f"loaded-{target}-ckptd.pt", weights_only=True), reference)
     finally:
         stop_daemon(ep)
+
+
+@pytest.mark.parametrize("pattern", ["per_rank", "replicated"])
+def test_a_dtensor_in_a_component_that_is_not_sharded_fails_the_save_naming_it(tmp_path: Path, pattern: str) -> None:
+    ep = new_endpoint()
+    try:
+        reports = launch("misdeclared", "fsdp", 2, tmp_path / "out", tmp_path / "results", ep, pattern)
+    finally:
+        stop_daemon(ep)
+    for r in reports.values():
+        assert "model.a.weight: a DTensor" in r["error"], r["error"]
+        assert "SharingPattern.SHARDED" in r["error"]
+        assert r["checkpoints"] == []
+
+
+def test_a_damaged_shared_file_is_caught_by_the_one_rank_that_checksums_it_and_every_rank_refuses(
+    fsdp_saved, tmp_path: Path
+) -> None:
+    import shutil
+
+    base, reports, ep = fsdp_saved
+    out = tmp_path / "out"
+    shutil.copytree(base / "out" / "checkpoints", out / "checkpoints")
+    ckpt = out / "checkpoints" / Path(reports[0]["path"]).name
+    victim = ckpt / "optimizer_state.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF  # the last rows: outside what most ranks' pieces read
+    victim.write_bytes(bytes(data))
+    got = launch("resume", "fsdp", 2, out, tmp_path / "results", ep, SHARDED_EXPECT_LOAD_ERROR="1")
+    for r in got.values():
+        assert "optimizer_state.safetensors" in r["error"] and "checksum" in r["error"], r["error"]
+
+
+def test_the_get_state_dict_recipe_as_one_component_saved_at_world2_reshards_up_to_world4(tmp_path: Path) -> None:
+    ep = new_endpoint()
+    try:
+        saved = launch("save", "fsdp", 2, tmp_path / "out", tmp_path / "results", ep, SHARDED_APP_STATE="1")
+        manifest = fmt.read_manifest(Path(saved[0]["path"]))
+        assert set(manifest.components) == {"train"}
+        launch("resume", "fsdp", 4, tmp_path / "out", tmp_path / "results", ep, SHARDED_APP_STATE="1")
+    finally:
+        stop_daemon(ep)
+    reference = torch.load(tmp_path / "results" / "reference.pt", weights_only=True)
+    assert_same(torch.load(tmp_path / "results" / "loaded-fsdp-ckptd.pt", weights_only=True), reference)
