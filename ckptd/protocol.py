@@ -29,6 +29,11 @@ Daemon -> rank notifications (``id`` 0), sent to every rank that staged a part o
 
 Any malformed request gets ``error {message}``; the daemon never crashes or hangs on one.
 
+Each entry of ``files`` (``FileSpec``) is either a whole file (kind ``safetensors`` or ``index``: one
+contiguous range of the segment) or, kind ``region``, this part's share of a *shared* file that several
+parts write at their byte offsets (SHARDED state): ``file_size`` and ``runs`` say where each of its slab
+bytes goes (see ``FileSpec`` and ``parse_runs``; docs/protocol.md).
+
 Multi-node (DESIGN §5). Rank 0 makes a CURVE key set for the job when ``CheckpointClient`` is built and
 asks its daemon, the leader, to ``peer_listen``: the daemon binds one ROUTER for the job on its peer host
 and answers with its address. The keys and the address reach every rank through the job's own collective;
@@ -76,10 +81,13 @@ PROTOCOL_VERSION = 1
 # Bounds that keep a hostile message from making the daemon allocate or loop without limit.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_FILES_PER_PART = 10_000  # files, not tensors: a part holds a few per component (shards)
+MAX_RUNS_PER_PART = 1_000_000  # region runs of all the shared files of one part (one per local shard, roughly)
+MAX_FILE_SIZE = fmt.MAX_FILE_SIZE
 MAX_NODE_RANKS = 4096  # ranks one daemon serves in one transaction
 MAX_RANKS = 1 << 20
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 SEGMENT_PREFIX = "ckptd-"
+SHARING_PATTERNS = ("global", "per_rank", "replicated", "per_group", "per_node", "sharded")
 
 
 class ProtocolError(ValueError):
@@ -134,16 +142,26 @@ class TxnState(str, enum.Enum):
 
 @dataclass
 class FileSpec:
-    """One file of a rank's part: ``length`` bytes at ``offset`` in the segment become ``path``."""
+    """One file of a rank's part: ``length`` bytes at ``offset`` in the segment become ``path``.
+
+    Kind ``"region"`` is this part's share of a *shared* file that several parts (ranks, possibly on
+    several nodes) write together (SHARDED state): the file is ``file_size`` bytes in the end, and this part
+    places its bytes by ``runs``, each ``[file_offset, slab_offset, run_len, count, file_stride]``: for
+    ``i in range(count)``, the ``run_len`` bytes at segment offset ``slab_offset + i*run_len`` go to file
+    offset ``file_offset + i*file_stride``. ``slab_offset`` is absolute in the segment, and every run's slab
+    bytes lie in ``[offset, offset + length)``. ``rank``, ``group_instance`` and ``node`` are None for one.
+    """
 
     path: str
     offset: int
     length: int
     component: str
-    kind: str = "safetensors"  # "safetensors" or "index"
+    kind: str = "safetensors"  # "safetensors", "index" or "region"
     rank: int | None = None
     group_instance: int | None = None
     node: int | None = None
+    file_size: int | None = None  # "region" only: the shared file's final size in bytes
+    runs: list[list[int]] | None = None  # "region" only: [file_offset, slab_offset, run_len, count, file_stride]
 
 
 @dataclass
@@ -306,7 +324,12 @@ def _known(body: dict[str, Any], cls: type, where: str) -> None:
         raise ProtocolError(f"{where}: unexpected field(s) {sorted(map(str, extra))}")
 
 
-def parse_file_spec(v: Any, segment_size: int) -> FileSpec:
+def parse_file_spec(v: Any, segment_size: int, max_runs: int = MAX_RUNS_PER_PART) -> FileSpec:
+    """Validate one entry of a stage request's ``files`` against a segment of ``segment_size`` bytes.
+
+    A ``"region"`` entry must also carry ``file_size`` and at most ``max_runs`` ``runs`` that stay inside its
+    slab range and inside the file, and that do not overlap each other in the file (see ``parse_runs``);
+    any other kind must carry neither."""
     if not isinstance(v, dict):
         raise ProtocolError("each entry of 'files' must be a map")
     _known(v, FileSpec, "files[]")
@@ -325,11 +348,14 @@ def parse_file_spec(v: Any, segment_size: int) -> FileSpec:
     if not fmt.is_valid_key(component):
         raise ProtocolError(f"file {path!r}: component key {component!r} is not a valid key")
     kind = v.get("kind", "safetensors")
-    if kind not in ("safetensors", "index"):
-        raise ProtocolError(f"file {path!r}: kind must be 'safetensors' or 'index', got {kind!r}")
+    if kind not in ("safetensors", "index", "region"):
+        raise ProtocolError(
+            f"file {path!r}: kind must be 'safetensors' or 'index' (a whole file) or 'region' (a share of a shared "
+            f"file), got {kind!r}"
+        )
     if (kind == "index") != (path == fmt.MODEL_INDEX_NAME):
         raise ProtocolError(f"file {path!r}: kind {kind!r} does not match its name")
-    return FileSpec(
+    spec = FileSpec(
         path=path,
         offset=offset,
         length=length,
@@ -339,6 +365,90 @@ def parse_file_spec(v: Any, segment_size: int) -> FileSpec:
         group_instance=_opt_int(v, "group_instance", 0, MAX_RANKS),
         node=_opt_int(v, "node", 0, MAX_RANKS),
     )
+    if kind != "region":
+        if v.get("file_size") is not None or v.get("runs") is not None:
+            raise ProtocolError(
+                f"file {path!r}: 'file_size' and 'runs' belong to kind 'region' only (a file several ranks write "
+                f"in regions); a {kind!r} file is one contiguous range of the segment"
+            )
+        return spec
+    if (spec.rank, spec.group_instance, spec.node) != (None, None, None):
+        raise ProtocolError(
+            f"file {path!r}: a region of a shared file has no rank, group_instance or node (it is shared by "
+            "every rank that writes it); send them as null"
+        )
+    spec.file_size = _int(v, "file_size", fmt.HEADER_LENGTH_BYTES, MAX_FILE_SIZE)
+    spec.runs = parse_runs(v.get("runs"), path, offset, length, spec.file_size, max_runs)
+    return spec
+
+
+def parse_runs(v: Any, path: str, offset: int, length: int, file_size: int, max_runs: int) -> list[list[int]]:
+    """Validate the ``runs`` of a region spec whose slab range is ``[offset, offset + length)``.
+
+    Each run is ``[file_offset, slab_offset, run_len, count, file_stride]`` of integers, ``run_len >= 1``,
+    ``count >= 1``, ``file_stride >= run_len`` when ``count > 1``; its slab bytes
+    ``[slab_offset, slab_offset + count*run_len)`` lie in the slab range and its file envelope
+    ``[file_offset, file_offset + (count-1)*file_stride + run_len)`` in ``[0, file_size)``. The envelopes of
+    one spec's runs must be disjoint: one part writes each byte of the file at most once. An empty list is
+    a part with no byte of the file to write (its pieces are empty, or other ranks write them): it writes and
+    records nothing.
+
+    Raises:
+        ProtocolError: naming the file, the run and the bound it breaks.
+
+    Example:
+        >>> parse_runs([[0, 0, 4, 2, 8]], "x_state.safetensors", 0, 8, 12, 10)
+        [[0, 0, 4, 2, 8]]
+    """
+    if not isinstance(v, list):
+        raise ProtocolError(f"file {path!r}: a region spec needs 'runs', a list of runs")
+    if len(v) > max_runs:
+        raise ProtocolError(
+            f"file {path!r}: {len(v)} runs exceed what is left of the {MAX_RUNS_PER_PART}-run limit of one part "
+            f"({max_runs}); the client must merge adjacent runs"
+        )
+    end_of_slab = offset + length
+    runs: list[list[int]] = []
+    envelopes: list[tuple[int, int, int]] = []
+    for i, run in enumerate(v):
+        if (
+            not isinstance(run, list)
+            or len(run) != 5
+            or not all(type(x) is int and 0 <= x <= MAX_FILE_SIZE for x in run)
+        ):
+            raise ProtocolError(
+                f"file {path!r}: run {i} must be [file_offset, slab_offset, run_len, count, file_stride], five "
+                f"non-negative integers, got {str(run)[:100]}"
+            )
+        file_offset, slab_offset, run_len, count, stride = run
+        if run_len < 1 or count < 1:
+            raise ProtocolError(f"file {path!r}: run {i} {run} needs run_len >= 1 and count >= 1")
+        if count > 1 and stride < run_len:
+            raise ProtocolError(
+                f"file {path!r}: run {i} {run} has file_stride {stride} below its run_len {run_len}: its own "
+                "pieces would overlap in the file"
+            )
+        slab_end = slab_offset + count * run_len
+        if slab_offset < offset or slab_end > end_of_slab:
+            raise ProtocolError(
+                f"file {path!r}: run {i} {run} reads segment bytes [{slab_offset}, {slab_end}), outside the "
+                f"spec's range [{offset}, {end_of_slab})"
+            )
+        file_end = file_offset + (count - 1) * stride + run_len
+        if file_end > file_size:
+            raise ProtocolError(
+                f"file {path!r}: run {i} {run} writes file bytes up to {file_end}, beyond its file_size {file_size}"
+            )
+        runs.append(run)
+        envelopes.append((file_offset, file_end, i))
+    envelopes.sort()
+    for (_, prev_end, j), (start, _, i) in zip(envelopes, envelopes[1:], strict=False):
+        if start < prev_end:
+            raise ProtocolError(
+                f"file {path!r}: runs {j} and {i} overlap in the file (run {i} starts at {start}, run {j} "
+                f"reaches {prev_end}); each part writes each byte of a shared file at most once"
+            )
+    return runs
 
 
 def parse_commit_info(v: Any) -> CommitInfo:
@@ -358,7 +468,7 @@ def parse_commit_info(v: Any) -> CommitInfo:
         _known(c, ComponentSpec, "commit.components[]")
         if not fmt.is_valid_key(c.get("key")):
             raise ProtocolError(f"component key {c.get('key')!r} is not a valid key")
-        if c.get("sharing_pattern") not in ("global", "per_rank", "replicated", "per_group", "per_node"):
+        if c.get("sharing_pattern") not in SHARING_PATTERNS:
             raise ProtocolError(f"component {c['key']!r}: unknown sharing_pattern {c.get('sharing_pattern')!r}")
         if c.get("group_name") is not None and not fmt.is_valid_key(c.get("group_name")):
             raise ProtocolError(f"component {c['key']!r}: invalid group_name {c.get('group_name')!r}")
@@ -430,7 +540,12 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
     files_raw = body.get("files")
     if not isinstance(files_raw, list) or len(files_raw) > MAX_FILES_PER_PART:
         raise ProtocolError("field 'files' must be a list")
-    files = [parse_file_spec(f, segment_size) for f in files_raw]
+    files = []
+    runs_left = MAX_RUNS_PER_PART
+    for f in files_raw:
+        spec = parse_file_spec(f, segment_size, runs_left)
+        runs_left -= len(spec.runs or ())
+        files.append(spec)
     if len({f.path for f in files}) != len(files):
         raise ProtocolError("field 'files' names the same path twice")
     commit = None if body.get("commit") is None else parse_commit_info(body["commit"])
@@ -543,7 +658,11 @@ def parse_node(body: dict[str, Any]) -> int:
 
 
 def parse_file_record(v: Any) -> fmt.FileRecord:
-    """One file a follower wrote, as it reports it in ``p_prepared``."""
+    """One file a follower wrote, as it reports it in ``p_prepared``.
+
+    A ``"region"`` record is the follower's share of a shared file: ``size`` is the bytes its rank
+    contributed, ``file_size`` the whole file's final size, and ``checksum`` is empty (the leader hashes the
+    whole file at commit)."""
     if not isinstance(v, dict):
         raise ProtocolError("each entry of 'files' must be a map")
     _known(v, fmt.FileRecord, "files[]")
@@ -554,12 +673,23 @@ def parse_file_record(v: Any) -> fmt.FileRecord:
     if not fmt.is_valid_key(component):
         raise ProtocolError(f"file {path!r}: component key {component!r} is not a valid key")
     kind = v.get("kind", "safetensors")
-    if kind not in ("safetensors", "index") or (kind == "index") != (path == fmt.MODEL_INDEX_NAME):
+    if kind not in ("safetensors", "index", "region") or (kind == "index") != (path == fmt.MODEL_INDEX_NAME):
         raise ProtocolError(f"file {path!r}: kind {kind!r} is not valid for that name")
     checksum = v.get("checksum")
-    if not isinstance(checksum, str) or not _CHECKSUM.match(checksum):
-        raise ProtocolError(f"file {path!r}: checksum must be 'algo:hex', got {str(checksum)[:80]!r}")
-    return fmt.FileRecord(
+    if kind == "region":
+        if checksum != "":
+            raise ProtocolError(
+                f"file {path!r}: a region record carries no checksum (the leader hashes the whole shared file), "
+                f"got {str(checksum)[:80]!r}"
+            )
+        file_size = _int(v, "file_size", fmt.HEADER_LENGTH_BYTES, MAX_FILE_SIZE)
+    else:
+        if not isinstance(checksum, str) or not _CHECKSUM.match(checksum):
+            raise ProtocolError(f"file {path!r}: checksum must be 'algo:hex', got {str(checksum)[:80]!r}")
+        if v.get("file_size") is not None:
+            raise ProtocolError(f"file {path!r}: 'file_size' belongs to region records only")
+        file_size = None
+    rec = fmt.FileRecord(
         path=path,
         size=_int(v, "size"),
         checksum=checksum,
@@ -569,7 +699,16 @@ def parse_file_record(v: Any) -> fmt.FileRecord:
         group_instance=_opt_int(v, "group_instance", 0, MAX_RANKS),
         node=_opt_int(v, "node", 0, MAX_RANKS),
         written_by=_int(v, "written_by", 0, MAX_RANKS),
+        file_size=file_size,
     )
+    if kind == "region":
+        if (rec.rank, rec.group_instance, rec.node) != (None, None, None):
+            raise ProtocolError(f"file {path!r}: a region record has no rank, group_instance or node")
+        if not 1 <= rec.size <= file_size:
+            raise ProtocolError(
+                f"file {path!r}: a region record of {rec.size} bytes does not fit its file_size {file_size}"
+            )
+    return rec
 
 
 @dataclass(frozen=True)
@@ -588,7 +727,8 @@ def parse_prepared(body: dict[str, Any]) -> Prepared:
     if not isinstance(files_raw, list) or len(files_raw) > MAX_FILES_PER_PART * 64:
         raise ProtocolError("field 'files' must be a list")
     files = tuple(parse_file_record(f) for f in files_raw)
-    if len({f.path for f in files}) != len(files):
+    # Several ranks of one node may each write regions of one shared file: one record per (path, rank).
+    if len({(f.path, f.written_by if f.kind == "region" else None) for f in files}) != len(files):
         raise ProtocolError("field 'files' names the same path twice")
     return Prepared(parse_txn(body), parse_node(body), _int(body, "ino", 1, 1 << 63), files)
 

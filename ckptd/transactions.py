@@ -39,20 +39,36 @@ Per part (one per rank of this node):
     1. ``Ledger.open`` / ``join``    the first part opens the transaction; ``prepare_dir`` (*I/O*)
                                      sweeps stale entries and creates ``.tmp-checkpoint-<step>-<txn>``
                                      beside its owner record.
-    2. ``write_part`` (*I/O*)        every file of the part: validate its header, write its range, hash it.
+    2. ``write_part`` (*I/O*)        every file of the part: validate its header, write its range, hash it;
+                                     or, for a region spec, write its runs into the shared file.
     3. (server)                      sends ``released``: the rank's slab may be reused from now on.
     4. ``sync_part`` (*I/O*)         fsync every file of the part; then ``part_durable``.
 
 Once per transaction:
     5. ``try_prepare``               every part durable and the commit info in: check that it can be a
                                      checkpoint (at least one component, every component's files written
-                                     and fsynced here by its writers) -> PREPARED, or ABORTING if not.
+                                     and fsynced here by its writers, every shared file's regions adding
+                                     up to its size) -> PREPARED, or ABORTING if not.
     6. ``begin_commit``              its turn (commits in one output dir go in hand-over order).
-    7. ``commit`` (*I/O*)            manifest, fsyncs, the rename (or RENAME_EXCHANGE on a re-save).
+    7. ``commit`` (*I/O*)            remote files' sizes, each shared file checked and hashed, manifest,
+                                     fsyncs, the rename (or RENAME_EXCHANGE on a re-save).
     8. ``finish_commit``             -> COMMITTED, or ABORTING if it failed before the rename.
     9. ``apply_retention``, ``empty_trash`` (*I/O*, COMMITTED only) then the server notifies the ranks.
 
 On failure: ``begin_abort`` -> (in-flight I/O drains) ``cleanup`` (*I/O*) -> ``finish_abort``.
+
+Shared files (SHARDED state). A FileSpec of kind ``region`` is one part's share of a file that several
+parts write together, each its distinct pieces at their byte offsets (``writer.write_regions``; no part
+holds the whole file). The part's record is a ``FileRecord`` of kind ``region``: ``size`` is the bytes it
+contributed, ``file_size`` the file's final size, no checksum. Such records never reach the manifest:
+
+* ``refusal`` groups every region record of a path (local parts and followers' votes): they must agree on
+  ``file_size`` and component, the path must not also be a whole file, no rank may send a path twice, and
+  the bytes contributed must add up to exactly ``file_size``;
+* ``commit`` (in ``build_manifest``, on the worker thread, before the manifest is written) checks each
+  shared file once, a regular file of exactly ``file_size`` bytes whose safetensors header parses and whose
+  data ends at ``file_size``, and hashes it: it becomes one ordinary record (kind ``safetensors``,
+  ``written_by`` its lowest writer rank). Any failure there aborts: it is before the rename.
 
 Multi-node (``role``; DESIGN §5). The daemon of the node holding rank 0 is the LEADER, the others are
 FOLLOWERs; every node's transaction has the same id and shares one temp dir on shared storage.
@@ -68,7 +84,9 @@ FOLLOWERs; every node's transaction has the same id and shares one temp dir on s
   the leader (or the veto) removes the shared dir.
 * The leader is PREPARED once its own parts are durable, the commit info is in, and every other node
   reported PREPARED for the same temp dir inode; ``refusal`` then checks the union of every node's files
-  against the plan, and ``commit`` checks each remote file's size on disk before the manifest. The rename
+  against the plan, and ``commit`` checks each remote file's size on disk before the manifest (a region
+  record: its shared file's final size). Followers write their regions of a shared file straight into the
+  shared temp dir, like their whole files; the leader hashes the assembled file. The rename
   is the decision for every node. Its ``cleanup`` renames the temp dir out of sight before removing it, so
   a follower still writing can add nothing to it.
 """
@@ -332,17 +350,20 @@ class Transaction:
     def refusal(self) -> str | None:
         """Why this transaction cannot be a checkpoint, or None. A commit must name at least one component,
         every component must have files, written and fsynced in this transaction by exactly the ranks the
-        commit names as its writers, and every file must belong to a named component."""
+        commit names as its writers, every file must belong to a named component, and the regions of every
+        shared file must agree and add up to it (``shared_file_problem``)."""
         info = self.commit_info
         assert info is not None
         if not info.components:
             return "the commit names no component"
         by_component: dict[str, set[int]] = {}
+        records: list[fmt.FileRecord] = []
         for part in self.parts.values():
             if not part.durable:
                 return f"rank {part.rank}'s files are not durable"
             for rec in part.records:
                 by_component.setdefault(rec.component, set()).add(rec.written_by)
+            records += part.records
         node_of = self._node_of_rank()
         for node, remote in sorted(self.remote.items()):
             assert remote.prepared is not None
@@ -352,6 +373,10 @@ class Transaction:
                 if node_of is not None and (rec.written_by >= len(node_of) or node_of[rec.written_by] != node):
                     return f"node {node} reported {rec.path} as written by rank {rec.written_by}, not one of its ranks"
                 by_component.setdefault(rec.component, set()).add(rec.written_by)
+            records += remote.prepared.files
+        problem = shared_file_problem(records)
+        if problem is not None:
+            return problem
         declared = {c.key for c in info.components}
         stray = sorted(set(by_component) - declared)
         if stray:
@@ -519,14 +544,20 @@ class Transaction:
             ) from None
 
     def write_part(self, part: Part, direct: bool = False) -> None:
-        """Validate and write every file of a part (not yet fsynced)."""
+        """Validate and write every file of a part (not yet fsynced); a region spec's runs go into its
+        shared file, which other parts write too (checked and hashed whole at commit)."""
         assert part.segment is not None
         for spec in part.request.files:
             writer.validate_file_bytes(part.segment, spec)
         for spec in part.request.files:
             if self.state in (TxnState.ABORTING, TxnState.ABORTED):
                 raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}")
-            f = writer.write_range(part.segment, spec, self.temp_dir, direct)
+            if spec.kind == "region" and not spec.runs:
+                continue  # no byte of this shared file is this rank's to write: not one of its writers
+            if spec.kind == "region":
+                f = writer.write_regions(part.segment, spec, self.temp_dir)
+            else:
+                f = writer.write_range(part.segment, spec, self.temp_dir, direct)
             part.open_files.append(f)
             self.faults.hit(FaultPoint.AFTER_FILE_WRITE)
             self.bytes_written += f.size
@@ -541,6 +572,7 @@ class Transaction:
                     group_instance=spec.group_instance,
                     node=spec.node,
                     written_by=part.rank,
+                    file_size=spec.file_size,
                 )
             )
         part.written = True
@@ -571,18 +603,40 @@ class Transaction:
             writer.fsync_dir(self.temp_dir)
 
     def build_manifest(self) -> fmt.Manifest:
+        """The manifest of every file of every node. *I/O* when there are shared files: each is checked and
+        hashed here (``seal_shared_file``), so this runs on the worker thread, inside ``commit``."""
         info = self.commit_info
         assert info is not None
         files: dict[str, fmt.FileRecord] = {}
         records = [rec for rank in sorted(self.parts) for rec in self.parts[rank].records]
         votes = [self.remote[n].prepared for n in sorted(self.remote)]
         records += [rec for vote in votes if vote is not None for rec in vote.files]
+        shared = shared_files(records)
+        sealed: set[str] = set()
+        started = time.monotonic()
         for rec in records:
+            if rec.kind == "region" and rec.path in sealed:
+                continue  # another share of a shared file already checked and hashed
             if rec.path in files:
                 raise TxnError(
                     f"{rec.path} was staged by both rank {files[rec.path].written_by} and rank {rec.written_by}"
                 )
-            files[rec.path] = rec
+            if rec.kind == "region":
+                sealed.add(rec.path)
+                files[rec.path] = self.seal_shared_file(rec.path, shared[rec.path])
+            else:
+                files[rec.path] = rec
+        if sealed:
+            took = time.monotonic() - started
+            total = sum(files[path].size for path in sealed)
+            logger.info(
+                "txn %s: checked and hashed %d shared file(s), %d bytes, in %.3f s (%.0f MB/s)",
+                self.txn,
+                len(sealed),
+                total,
+                took,
+                total / 1e6 / max(took, 1e-9),
+            )
         by_component: dict[str, list[str]] = {}
         for rec in files.values():
             by_component.setdefault(rec.component, []).append(rec.path)
@@ -626,8 +680,8 @@ class Transaction:
         warning of a committed outcome."""
         assert self.state == TxnState.COMMITTING
         try:
+            self.check_remote_files()  # cheap, before the shared files are hashed
             manifest = self.build_manifest()
-            self.check_remote_files()
             self.faults.hit(FaultPoint.BEFORE_MANIFEST)
             writer.write_small_file(self.temp_dir / fmt.MANIFEST_NAME, manifest.to_json())
             self.faults.hit(FaultPoint.AFTER_MANIFEST)
@@ -668,7 +722,8 @@ class Transaction:
         return CommitOutcome(renamed=True, path=self.final_dir, warnings=tuple(warnings))
 
     def check_remote_files(self) -> None:
-        """Every file a follower reported is in the temp dir, a regular file of the size it reported."""
+        """Every file a follower reported is in the temp dir, a regular file of the size it reported (for its
+        share of a shared file: of the shared file's final size; ``seal_shared_file`` checks the rest)."""
         for node in sorted(self.remote):
             prep = self.remote[node].prepared
             for rec in prep.files if prep is not None else ():
@@ -676,10 +731,70 @@ class Transaction:
                     st = os.lstat(self.temp_dir / rec.path)
                 except FileNotFoundError:
                     raise TxnError(f"node {node} reported {rec.path}, which is not in {self.temp_dir.name}") from None
-                if not os.path.isfile(self.temp_dir / rec.path) or st.st_size != rec.size:
+                size = rec.file_size if rec.kind == "region" else rec.size
+                if not os.path.isfile(self.temp_dir / rec.path) or st.st_size != size:
+                    what = f"its share of the shared file {rec.path}, which is" if rec.kind == "region" else rec.path
                     raise TxnError(
-                        f"node {node} reported {rec.path} of {rec.size} bytes; the temp dir holds {st.st_size} bytes"
+                        f"node {node} reported {what} of {size} bytes; the temp dir holds {st.st_size} bytes"
                     )
+
+    def seal_shared_file(self, path: str, shares: list[fmt.FileRecord]) -> fmt.FileRecord:
+        """*I/O*: check the shared file ``path`` its ranks wrote in regions, hash it, and return the one
+        ordinary record the manifest lists for it.
+
+        Opened without following links, it must be a regular file of exactly the agreed ``file_size``, its
+        safetensors header must parse and its data end exactly at ``file_size``; its checksum is then
+        computed over the whole file (``refusal`` has checked that the shares agree and add up).
+
+        Raises:
+            TxnError: naming the file, its writer ranks and what is wrong (the commit aborts).
+        """
+        file_size = shares[0].file_size
+        assert file_size is not None
+        ranks = sorted(r.written_by for r in shares)
+        where = self.temp_dir / path
+        try:
+            fd, st = fmt.open_regular(where)
+        except FileNotFoundError:
+            raise TxnError(
+                f"the shared file {path} (written by ranks {ranks}) is not in {self.temp_dir.name}"
+            ) from None
+        except fmt.FormatError as e:
+            raise TxnError(f"the shared file {path} (written by ranks {ranks}): {e}") from None
+        started = time.monotonic()
+        try:
+            if st.st_size != file_size:
+                raise TxnError(
+                    f"the shared file {path} holds {st.st_size} bytes, its writer ranks {ranks} declared {file_size}"
+                )
+            try:
+                head = fmt.pread_exact(fd, fmt.HEADER_LENGTH_BYTES, 0, where)
+                head = fmt.pread_exact(fd, fmt.header_span(head, file_size), 0, where)
+                fmt.parse_safetensors_header(head, file_size)
+                checksum = fmt.hash_fd(fd, file_size, where=where)
+            except fmt.FormatError as e:
+                raise TxnError(
+                    f"the shared file {path}, as ranks {ranks} assembled it, is not a valid safetensors file: {e}; "
+                    f"the header rank {ranks[0]} sent at file offset 0 does not describe the {file_size}-byte file"
+                ) from None
+        finally:
+            os.close(fd)
+        logger.debug(
+            "txn %s: shared file %s (%d bytes, ranks %s) checked and hashed in %.3f s",
+            self.txn,
+            path,
+            file_size,
+            ranks,
+            time.monotonic() - started,
+        )
+        return fmt.FileRecord(
+            path=path,
+            size=file_size,
+            checksum=checksum,
+            component=shares[0].component,
+            kind="safetensors",
+            written_by=ranks[0],
+        )
 
     def _rename_into_place(self) -> bool:
         """Rename (or, re-saving a step, swap) the temp dir into place; True when it swapped."""
@@ -829,6 +944,58 @@ class Ledger:
 
     def live_ids(self) -> set[str]:
         return set(self.live)
+
+
+def shared_files(records: list[fmt.FileRecord]) -> dict[str, list[fmt.FileRecord]]:
+    """The region records (shares of shared files) among ``records``, by path, in order."""
+    shared: dict[str, list[fmt.FileRecord]] = {}
+    for rec in records:
+        if rec.kind == "region":
+            shared.setdefault(rec.path, []).append(rec)
+    return shared
+
+
+def shared_file_problem(records: list[fmt.FileRecord]) -> str | None:
+    """Why the shares of some shared file among ``records`` (every node's) cannot make it, or None.
+
+    Every share of a path must agree on ``file_size`` and component, no rank may send two shares of it, the
+    path must not also be a whole file, and the bytes contributed must add up to exactly ``file_size``.
+    (Shares report sizes only, so shares that overlap each other while leaving a gap are caught at commit
+    only if the header or the data size then fails to parse.)"""
+    whole = {rec.path: rec.written_by for rec in records if rec.kind != "region"}
+    for path, shares in shared_files(records).items():
+        ranks = sorted(r.written_by for r in shares)
+        if path in whole:
+            return (
+                f"{path} is written both as a whole file (by rank {whole[path]}) and in regions of a shared file "
+                f"(by ranks {ranks}); a file is one or the other"
+            )
+        if len(set(ranks)) != len(ranks):
+            twice = sorted({r for r in ranks if ranks.count(r) > 1})
+            return f"rank(s) {twice} sent regions of the shared file {path} twice"
+        sizes = {r.file_size for r in shares}
+        if len(sizes) != 1:
+            said = ", ".join(f"rank {r.written_by}: {r.file_size}" for r in sorted(shares, key=lambda r: r.written_by))
+            return (
+                f"the ranks writing the shared file {path} disagree on its size ({said} bytes); every rank must "
+                "declare the same file_size"
+            )
+        components = {r.component for r in shares}
+        if len(components) != 1:
+            return f"the ranks {ranks} writing the shared file {path} name different components {sorted(components)}"
+        (file_size,) = sizes
+        received = sum(r.size for r in shares)
+        if received != file_size:
+            why = (
+                "a rank's part is missing or incomplete: every rank holding a piece of it must send its regions"
+                if received < file_size
+                else "the ranks' regions overlap"
+            )
+            return (
+                f"the shared file {path} received {received} bytes from ranks {ranks}, expected exactly its "
+                f"file_size of {file_size} bytes; {why}"
+            )
+    return None
 
 
 def _inode(path: Path) -> int | None:

@@ -2,6 +2,9 @@
 
 Each file of a part is written as one contiguous range of the segment (the client laid the safetensors
 header and data out back to back), hashed chunk by chunk while the bytes are still in cache, and fsynced.
+A *shared* file (SHARDED state: several ranks, possibly on several nodes, each hold distinct pieces of
+it) is written in regions instead: each part places its runs at their file offsets (``write_regions``),
+and the whole file is checked and hashed once at commit, when every part is in.
 Nothing here decides *which* files a checkpoint has or *when* it commits: that is transactions.py.
 """
 
@@ -143,7 +146,12 @@ def sweep_legacy_slabs() -> list[str]:
 
 
 def validate_file_bytes(seg: Segment, spec: FileSpec) -> None:
-    """Check that the range holds what its name promises before any byte reaches the disk."""
+    """Check that the range holds what its name promises before any byte reaches the disk.
+
+    A region of a shared file is not checked here: no part holds the whole file, so it is checked (header
+    and size) and hashed at commit, once every part is in."""
+    if spec.kind == "region":
+        return
     view = memoryview(seg.mm)[spec.offset : spec.offset + spec.length]
     try:
         if spec.kind == "index":
@@ -225,6 +233,80 @@ def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = Fa
     finally:
         view.release()
     return OpenFile(path, fd, spec.length, hashing.checksum)
+
+
+_REGION_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def write_regions(seg: Segment, spec: FileSpec, directory: Path) -> OpenFile:
+    """Write one part's regions of a shared file into ``directory``; returns it still open for fsync.
+
+    Other parts write the same file at the same time (other writer threads, other nodes' daemons), so the
+    file is opened without ``O_EXCL`` (but never through a symlink, and ``O_NONBLOCK`` so a FIFO cannot
+    block), must be a regular file no larger than ``spec.file_size``, and is extended to that size if it is
+    smaller (never shrunk: writers racing to extend it to the same size is harmless). Every run is then
+    written at its file offsets with ``pwrite``, buffered (runs are not aligned for O_DIRECT).
+
+    Args:
+        seg: the rank's mapped slab.
+        spec: a ``"region"`` FileSpec, already validated by ``protocol.parse_file_spec``.
+        directory: the transaction's temp dir.
+
+    Returns:
+        The open file; ``size`` is the bytes this part contributed, ``checksum`` is empty (the whole file is
+        hashed at commit).
+
+    Raises:
+        OSError: on a write error, or when something other than a regular file of at most ``file_size``
+            bytes is at the path.
+    """
+    assert spec.kind == "region" and spec.file_size is not None and spec.runs is not None
+    path = directory / spec.path
+    fd = os.open(path, _REGION_FLAGS, 0o644)
+    view = memoryview(seg.mm)
+    contributed = 0
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(
+                errno.EINVAL,
+                f"{spec.path} in the temp dir is {stat.filemode(st.st_mode)}, not a regular file; a shared file "
+                "is written only into a regular file this transaction's parts create",
+                str(path),
+            )
+        if st.st_size > spec.file_size:
+            raise OSError(
+                errno.EFBIG,
+                f"{spec.path} already holds {st.st_size} bytes, more than the {spec.file_size} bytes this part "
+                "declares as its file_size; the ranks writing it disagree on its size",
+                str(path),
+            )
+        if st.st_size < spec.file_size:
+            os.ftruncate(fd, spec.file_size)
+        for file_offset, slab_offset, run_len, count, stride in spec.runs:
+            if count == 1 or stride == run_len:  # one contiguous piece: write it in large chunks
+                _pwrite_all(fd, view, slab_offset, count * run_len, file_offset)
+            else:
+                for i in range(count):
+                    _pwrite_all(fd, view, slab_offset + i * run_len, run_len, file_offset + i * stride)
+            contributed += count * run_len
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        view.release()
+    return OpenFile(path, fd, contributed, "")
+
+
+def _pwrite_all(fd: int, view: memoryview, start: int, n: int, file_offset: int) -> None:
+    """Write ``n`` bytes of ``view`` from ``start`` at ``file_offset``, chunk by chunk, retrying short writes."""
+    done = 0
+    while done < n:
+        with view[start + done : start + min(n, done + WRITE_CHUNK)] as chunk:
+            wrote = os.pwrite(fd, chunk, file_offset + done)
+        if wrote <= 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {file_offset + done}")
+        done += wrote
 
 
 def fsync_and_close(f: OpenFile) -> None:

@@ -43,6 +43,10 @@ class FileRecord:
     group_instance: int | None = None  # PER_GROUP
     node: int | None = None  # PER_NODE
     written_by: int = 0  # global rank whose slab held the bytes
+    # The daemon's part records only: kind "region" is one rank's share of a shared file, ``size`` the bytes it
+    # contributed and ``file_size`` the whole file's. Never in a manifest: the daemon turns the shares of a
+    # shared file into one ordinary record (see ckptd.transactions), and to_json leaves the field out.
+    file_size: int | None = None
 
 
 @dataclass
@@ -79,8 +83,15 @@ class Manifest:
     training_args_hash: str | None = None
 
     def to_json(self) -> bytes:
-        """The manifest as written to disk (indented JSON, one trailing newline)."""
-        return (json.dumps(asdict(self), indent=2, sort_keys=False) + "\n").encode("utf-8")
+        """The manifest as written to disk (indented JSON, one trailing newline).
+
+        A file record's ``file_size`` (a daemon-internal field of region shares) is left out; a manifest
+        holding a region record is refused, since only whole files may be listed."""
+        body = asdict(self)
+        for path, rec in body["files"].items():
+            if rec["kind"] == "region" or rec.pop("file_size") is not None:
+                raise ValueError(f"{path}: a region record of a shared file cannot be written into a manifest")
+        return (json.dumps(body, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
 def now_timestamp() -> str:
@@ -126,6 +137,12 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
                 raise FormatError(f"{where}: invalid file record {brief(path)}")
             if not isinstance(fr.checksum, str):
                 raise FormatError(f"{where}: invalid file record {brief(path)}: checksum must be a string")
+            if fr.kind == "region" or "file_size" in rec:
+                # A region share is the daemon's own bookkeeping; a manifest lists whole files only.
+                raise FormatError(
+                    f"{where}: invalid file record {brief(path)}: a region share of a shared file (kind 'region', "
+                    "'file_size') is never a manifest entry; the manifest is damaged, resume from an older checkpoint"
+                )
             files[path] = fr
         components = {k: ComponentRecord(**c) for k, c in raw["components"].items()}
         fields = {k: v for k, v in raw.items() if k not in ("files", "components")}

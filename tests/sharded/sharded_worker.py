@@ -10,8 +10,10 @@ parallel dim of a 2-D mesh, ColwiseParallel / RowwiseParallel over the tensor pa
   ``dcp.save`` to OUT/dcp, and write the full (gathered) state to RESULTS/reference.pt.
 - ``resume``: load from SOURCE (``ckptd`` or ``dcp``) at this layout, gather the full state into
   RESULTS/loaded-<tag>.pt, train CONTINUE_STEPS more steps and report the losses.
-- ``misdeclared``: try to save the same state declared with pattern SOURCE (e.g. ``per_rank``); report the
-  error.
+
+With ``SHARDED_TRY_MISDECLARED=1``, ``save`` first tries to save the state declared PER_RANK and REPLICATED
+(both must fail); with ``SHARDED_APP_STATE=1`` it also saves the ``get_state_dict`` / ``set_state_dict``
+recipe as one more component, ``train``, and ``resume`` loads through that component alone.
 
 Every rank writes RESULTS/<mode>-<tag>_rank<r>.json.
 """
@@ -169,12 +171,16 @@ def main() -> None:
         StateComponent("model", model if plain_model else ModelState(model), SharingPattern.SHARDED),
         StateComponent("optimizer", OptimState(model, optim), SharingPattern.SHARDED),
     ]
-    if os.environ.get("SHARDED_APP_STATE") == "1":  # one component: get_state_dict / set_state_dict together
+    if os.environ.get("SHARDED_APP_STATE") == "1" and mode != "save":  # load through the recipe alone
         components = [StateComponent("train", AppState(model, optim), SharingPattern.SHARDED)]
     tag = f"{layout}-{source}"
     report: dict[str, Any] = {"rank": rank}
     if mode == "save":
         report["losses"] = train(model, optim, dp, dp_size, range(SAVE_STEP))
+        if os.environ.get("SHARDED_TRY_MISDECLARED") == "1":
+            report["misdeclared"] = misdeclared(out, model, optim, ["per_rank", "replicated"])
+        if os.environ.get("SHARDED_APP_STATE") == "1":  # the recipe as one more component, beside the others
+            components.append(StateComponent("train", AppState(model, optim), SharingPattern.SHARDED))
         with CheckpointClient(out, components) as client:
             h = client.save_async(SAVE_STEP)
             report["path"] = str(h.wait(60))
@@ -217,12 +223,22 @@ def main() -> None:
         if rank == 0:
             torch.save(loaded, results / f"loaded-{tag}.pt")
         report["losses"] = train(model, optim, dp, dp_size, range(SAVE_STEP, SAVE_STEP + CONTINUE_STEPS))
-    elif mode == "misdeclared":
-        # The same DTensor state declared with a pattern that is not SHARDED: the save must fail on every rank,
-        # naming the tensor and saying what to declare.
-        from client import CheckpointError
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    (results / f"{mode}-{tag}_rank{rank}.json").write_text(json.dumps(report))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
-        pattern = SharingPattern(source)
+
+def misdeclared(out: Path, model: torch.nn.Module, optim: torch.optim.Optimizer, patterns: list[str]) -> dict:
+    """Try to save the DTensor state declared with each of ``patterns``: every save must fail, naming the
+    tensor and what to declare, and leave no checkpoint. Returns the errors and the checkpoints found."""
+    from client import CheckpointClient, CheckpointError, SharingPattern, StateComponent
+
+    errors = {}
+    for value in patterns:
+        pattern = SharingPattern(value)
         wrong = [
             StateComponent("model", model, pattern),
             StateComponent("optimizer", OptimState(model, optim), pattern),
@@ -231,14 +247,8 @@ def main() -> None:
             try:
                 client.save_async(1)
             except CheckpointError as e:
-                report["error"] = str(e)
-            report["checkpoints"] = [str(p) for p in sorted((out / "checkpoints").glob("checkpoint-*"))]
-    else:
-        raise SystemExit(f"unknown mode {mode!r}")
-    (results / f"{mode}-{tag}_rank{rank}.json").write_text(json.dumps(report))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+                errors[value] = str(e)
+    return {"errors": errors, "checkpoints": [p.name for p in sorted((out / "checkpoints").glob("checkpoint-*"))]}
 
 
 def _plain_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:

@@ -102,11 +102,14 @@ def distinct_bytes(reference: dict[str, Any]) -> int:
 
 @pytest.fixture(scope="module")
 def fsdp_saved(tmp_path_factory: pytest.TempPathFactory):
-    """FSDP2 + AdamW at world 4, saved by ckptd and by dcp.save at step 3."""
+    """FSDP2 + AdamW at world 4, saved by ckptd (model, optimizer, and the get_state_dict recipe as a third
+    component) and by dcp.save at step 3; before that, the same state declared PER_RANK and REPLICATED."""
     base = tmp_path_factory.mktemp("fsdp4")
     ep = new_endpoint()
     try:
-        reports = launch("save", "fsdp", 4, base / "out", base / "results", ep)
+        reports = launch(
+            "save", "fsdp", 4, base / "out", base / "results", ep, SHARDED_TRY_MISDECLARED="1", SHARDED_APP_STATE="1"
+        )
         yield base, reports, ep
     finally:
         stop_daemon(ep)
@@ -120,10 +123,13 @@ def test_fsdp2_world4_checkpoint_is_verified_and_holds_each_distinct_byte_once(f
     reference = torch.load(base / "results" / "reference.pt", weights_only=True)
     manifest = fmt.read_manifest(ckpt)
     assert manifest.components["model"].sharing_pattern == "sharded"
-    # The ranks staged exactly the distinct bytes: no replica written twice, no shard missing.
-    assert sum(r["bytes_staged"] for r in reports.values()) == distinct_bytes(reference)
-    # And the files hold nothing else: headers, the index and the tensors' data once.
-    assert sum(rec.size for rec in manifest.files.values()) == distinct_bytes(reference) + _header_bytes(ckpt, manifest)
+    # The ranks staged exactly the distinct bytes: no replica written twice, no shard missing. (The state is
+    # in the checkpoint twice on purpose: as "model" + "optimizer", and as the recipe's "train" component.)
+    assert set(manifest.components) == {"model", "optimizer", "train"}
+    assert sum(r["bytes_staged"] for r in reports.values()) == 2 * distinct_bytes(reference)
+    # And the files hold nothing else: headers, the index and the tensors' data once per component.
+    total = sum(rec.size for rec in manifest.files.values())
+    assert total == 2 * distinct_bytes(reference) + _header_bytes(ckpt, manifest)
     # Each file holds full tensors: safetensors opens them like any other file.
     from safetensors.torch import load_file
 
@@ -193,37 +199,46 @@ def test_ckptd_export_of_a_sharded_checkpoint_is_a_plain_hf_directory(fsdp_saved
     assert_same(weights, reference["model"])
 
 
+@pytest.fixture(scope="module")
+def mesh_2x2_saved(tmp_path_factory: pytest.TempPathFactory):
+    """A 2 x 2 FSDP x TP job (ColwiseParallel / RowwiseParallel, plain model.state_dict()) saved at step 3."""
+    base = tmp_path_factory.mktemp("mesh2x2")
+    ep = new_endpoint()
+    try:
+        saved = launch("save", "2x2", 4, base / "out", base / "results", ep, SHARDED_PLAIN_MODEL="1")
+        yield base, saved, ep
+    finally:
+        stop_daemon(ep)
+
+
+def test_fsdp_x_tp_2x2_mesh_writes_each_distinct_shard_once(mesh_2x2_saved) -> None:
+    base, saved, _ = mesh_2x2_saved
+    reference = torch.load(base / "results" / "reference.pt", weights_only=True)
+    ckpt = Path(saved[0]["path"])
+    assert verify_checkpoint(ckpt)
+    manifest = fmt.read_manifest(ckpt)
+    # b.bias is replicated over TP, c.* (not tensor parallel) over both data-parallel submeshes: written once.
+    assert sum(r["bytes_staged"] for r in saved.values()) == distinct_bytes(reference)
+    assert sum(rec.size for rec in manifest.files.values()) == distinct_bytes(reference) + _header_bytes(ckpt, manifest)
+
+
 @pytest.mark.parametrize("target", ["1x2", "4x1"])
-def test_fsdp_x_tp_2x2_mesh_reshards_to_other_mesh_shapes(tmp_path: Path, target: str) -> None:
-    ep = new_endpoint()
-    try:
-        saved = launch("save", "2x2", 4, tmp_path / "out", tmp_path / "results", ep, SHARDED_PLAIN_MODEL="1")
-        reference = torch.load(tmp_path / "results" / "reference.pt", weights_only=True)
-        ckpt = Path(saved[0]["path"])
-        assert verify_checkpoint(ckpt)
-        manifest = fmt.read_manifest(ckpt)
-        assert sum(r["bytes_staged"] for r in saved.values()) == distinct_bytes(reference)
-        assert sum(rec.size for rec in manifest.files.values()) == distinct_bytes(reference) + _header_bytes(
-            ckpt, manifest
-        )
-        nproc = 2 if target == "1x2" else 4
-        launch("resume", target, nproc, tmp_path / "out", tmp_path / "results", ep, SHARDED_PLAIN_MODEL="1")
-        assert_same(torch.load(tmp_path / "results" / f"loaded-{target}-ckptd.pt", weights_only=True), reference)
-    finally:
-        stop_daemon(ep)
+def test_fsdp_x_tp_2x2_mesh_reshards_to_other_mesh_shapes(mesh_2x2_saved, target: str) -> None:
+    base, _, ep = mesh_2x2_saved
+    reference = torch.load(base / "results" / "reference.pt", weights_only=True)
+    nproc = 2 if target == "1x2" else 4
+    launch("resume", target, nproc, base / "out", base / "results", ep, SHARDED_PLAIN_MODEL="1")
+    assert_same(torch.load(base / "results" / f"loaded-{target}-ckptd.pt", weights_only=True), reference)
 
 
-@pytest.mark.parametrize("pattern", ["per_rank", "replicated"])
-def test_a_dtensor_in_a_component_that_is_not_sharded_fails_the_save_naming_it(tmp_path: Path, pattern: str) -> None:
-    ep = new_endpoint()
-    try:
-        reports = launch("misdeclared", "fsdp", 2, tmp_path / "out", tmp_path / "results", ep, pattern)
-    finally:
-        stop_daemon(ep)
+def test_a_dtensor_in_a_component_that_is_not_sharded_fails_the_save_naming_it(fsdp_saved) -> None:
+    _, reports, _ = fsdp_saved
     for r in reports.values():
-        assert "model.a.weight: a DTensor" in r["error"], r["error"]
-        assert "SharingPattern.SHARDED" in r["error"]
-        assert r["checkpoints"] == []
+        tried = r["misdeclared"]
+        assert set(tried["errors"]) == {"per_rank", "replicated"}
+        for error in tried["errors"].values():
+            assert "model.a.weight: a DTensor" in error and "SharingPattern.SHARDED" in error, error
+        assert tried["checkpoints"] == []
 
 
 def test_a_damaged_shared_file_is_caught_by_the_one_rank_that_checksums_it_and_every_rank_refuses(
@@ -244,14 +259,8 @@ def test_a_damaged_shared_file_is_caught_by_the_one_rank_that_checksums_it_and_e
         assert "optimizer_state.safetensors" in r["error"] and "checksum" in r["error"], r["error"]
 
 
-def test_the_get_state_dict_recipe_as_one_component_saved_at_world2_reshards_up_to_world4(tmp_path: Path) -> None:
-    ep = new_endpoint()
-    try:
-        saved = launch("save", "fsdp", 2, tmp_path / "out", tmp_path / "results", ep, SHARDED_APP_STATE="1")
-        manifest = fmt.read_manifest(Path(saved[0]["path"]))
-        assert set(manifest.components) == {"train"}
-        launch("resume", "fsdp", 4, tmp_path / "out", tmp_path / "results", ep, SHARDED_APP_STATE="1")
-    finally:
-        stop_daemon(ep)
-    reference = torch.load(tmp_path / "results" / "reference.pt", weights_only=True)
-    assert_same(torch.load(tmp_path / "results" / "loaded-fsdp-ckptd.pt", weights_only=True), reference)
+def test_the_get_state_dict_recipe_as_one_component_reshards_from_world4_to_world2(fsdp_saved, tmp_path) -> None:
+    base, _, ep = fsdp_saved
+    launch("resume", "fsdp", 2, base / "out", tmp_path, ep, SHARDED_APP_STATE="1")
+    reference = torch.load(base / "results" / "reference.pt", weights_only=True)
+    assert_same(torch.load(tmp_path / "loaded-fsdp-ckptd.pt", weights_only=True), reference)
