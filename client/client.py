@@ -1262,9 +1262,11 @@ def _agree(votes: list[Any], plans: list[planning.ComponentPlan]) -> str | None:
         ref = votes[0][3].get(p.key)
         differ = [r for r, v in enumerate(votes) if v[3].get(p.key) != ref]
         if differ:
+            what = "its plain (non-DTensor) values" if p.pattern == SharingPattern.SHARDED else "it"
             return (
-                f"REPLICATED component {p.key!r} differs from rank 0 on rank(s) {differ} "
-                f"(validation level {p.component.effective_validation.value}); the replicas have diverged"
+                f"{p.pattern.value.upper()} component {p.key!r} differs from rank 0 on rank(s) {differ} "
+                f"(validation level {p.component.effective_validation.value}, comparing {what}); the replicas "
+                "have diverged"
             )
     return None
 

@@ -169,7 +169,8 @@ def main() -> None:
     plain_model = os.environ.get("SHARDED_PLAIN_MODEL") == "1"  # model.state_dict() itself (DTensors in it)
     components = [
         StateComponent("model", model if plain_model else ModelState(model), SharingPattern.SHARDED),
-        StateComponent("optimizer", OptimState(model, optim), SharingPattern.SHARDED),
+        # Its plain values (step, param_groups) are checked across ranks; its DTensors differ by design.
+        StateComponent("optimizer", OptimState(model, optim), SharingPattern.SHARDED, validate_replication=True),
     ]
     if os.environ.get("SHARDED_APP_STATE") == "1" and mode != "save":  # load through the recipe alone
         components = [StateComponent("train", AppState(model, optim), SharingPattern.SHARDED)]
@@ -248,7 +249,32 @@ def misdeclared(out: Path, model: torch.nn.Module, optim: torch.optim.Optimizer,
                 client.save_async(1)
             except CheckpointError as e:
                 errors[value] = str(e)
+    # A SHARDED component whose plain value differs between ranks, validated: refused like a REPLICATED one.
+    rank = dist.get_rank()
+    diverged = StateComponent(
+        "optimizer", _Diverged(OptimState(model, optim), rank), SharingPattern.SHARDED, validate_replication=True
+    )
+    with CheckpointClient(out, [StateComponent("model", model, SharingPattern.SHARDED), diverged]) as client:
+        try:
+            client.save_async(1)
+        except CheckpointError as e:
+            errors["sharded-diverged"] = str(e)
     return {"errors": errors, "checkpoints": [p.name for p in sorted((out / "checkpoints").glob("checkpoint-*"))]}
+
+
+class _Diverged:
+    """A SHARDED state whose plain ``lr`` differs on every rank (a bug SHARDED validation must catch)."""
+
+    def __init__(self, inner: Any, rank: int) -> None:
+        self.inner, self.rank = inner, rank
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.inner.state_dict()
+        sd["param_groups"][0]["lr"] = 0.1 * (self.rank + 1)
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.inner.load_state_dict(sd)
 
 
 def _plain_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:

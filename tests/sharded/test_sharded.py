@@ -235,10 +235,14 @@ def test_a_dtensor_in_a_component_that_is_not_sharded_fails_the_save_naming_it(f
     _, reports, _ = fsdp_saved
     for r in reports.values():
         tried = r["misdeclared"]
-        assert set(tried["errors"]) == {"per_rank", "replicated"}
-        for error in tried["errors"].values():
+        errors = dict(tried["errors"])
+        diverged = errors.pop("sharded-diverged")
+        assert set(errors) == {"per_rank", "replicated"}
+        for error in errors.values():
             assert "model.a.weight: a DTensor" in error and "SharingPattern.SHARDED" in error, error
         assert tried["checkpoints"] == []
+        # The plain values of a SHARDED component are checked like a REPLICATED component's.
+        assert "component 'optimizer' differs from rank 0 on rank(s) [1, 2, 3]" in diverged, diverged
 
 
 def test_a_damaged_shared_file_is_caught_by_the_one_rank_that_checksums_it_and_every_rank_refuses(
