@@ -285,7 +285,8 @@ LayoutCache = dict[str, Any]  # CachedTable per file, plus the ModelPlan
 def forget_views(cache: LayoutCache, slab: Slab) -> None:
     """Drop the cached destination views into ``slab`` (before it is destroyed), so that its mapping is
     released at once instead of when the next save rebuilds the views."""
-    for ent in cache.values():
+    for value in cache.values():
+        ent = value.pieces if isinstance(value, SharedPlan) else value
         if isinstance(ent, CachedTable) and ent.views_key is not None and ent.views_key[0] == slab.name:
             ent.views, ent.views_key, ent.big = [], None, []
 
