@@ -677,10 +677,10 @@ def parse_file_record(v: Any) -> fmt.FileRecord:
         raise ProtocolError(f"file {path!r}: kind {kind!r} is not valid for that name")
     checksum = v.get("checksum")
     if kind == "region":
-        if checksum != "":
+        if not isinstance(checksum, str) or fmt.parse_coverage(checksum) is None:
             raise ProtocolError(
-                f"file {path!r}: a region record carries no checksum (the leader hashes the whole shared file), "
-                f"got {str(checksum)[:80]!r}"
+                f"file {path!r}: a region record's checksum field holds its coverage fingerprint "
+                f"('cover:' and 16 hex digits; the leader hashes the whole shared file), got {str(checksum)[:80]!r}"
             )
         file_size = _int(v, "file_size", fmt.HEADER_LENGTH_BYTES, MAX_FILE_SIZE)
     else:

@@ -375,7 +375,7 @@ class Transaction:
                     return f"node {node} reported {rec.path} as written by rank {rec.written_by}, not one of its ranks"
                 by_component.setdefault(rec.component, set()).add(rec.written_by)
             records += remote.prepared.files
-        problem = shared_file_problem(records)
+        problem = shared_file_problem(records, fmt.coverage_key(self.txn))
         if problem is not None:
             return problem
         declared = {c.key for c in info.components}
@@ -556,7 +556,7 @@ class Transaction:
             if spec.kind == "region" and not spec.runs:
                 continue  # no byte of this shared file is this rank's to write: not one of its writers
             if spec.kind == "region":
-                f = writer.write_regions(part.segment, spec, self.temp_dir)
+                f = writer.write_regions(part.segment, spec, self.temp_dir, fmt.coverage_key(self.txn))
             else:
                 f = writer.write_range(part.segment, spec, self.temp_dir, direct)
             part.open_files.append(f)
@@ -957,13 +957,14 @@ def shared_files(records: list[fmt.FileRecord]) -> dict[str, list[fmt.FileRecord
     return shared
 
 
-def shared_file_problem(records: list[fmt.FileRecord]) -> str | None:
+def shared_file_problem(records: list[fmt.FileRecord], cover_key: int | None = None) -> str | None:
     """Why the shares of some shared file among ``records`` (every node's) cannot make it, or None.
 
     Every share of a path must agree on ``file_size`` and component, no rank may send two shares of it, the
     path must not also be a whole file, and the bytes contributed must add up to exactly ``file_size``.
-    (Shares report sizes only, so shares that overlap each other while leaving a gap are caught at commit
-    only if the header or the data size then fails to parse.)"""
+    With ``cover_key`` (the transaction's, ``writer.coverage_key``), the shares' coverage fingerprints (in
+    their checksum field, computed from the runs by the daemon that wrote them) must add up to the whole
+    file's: shares that overlap while leaving a hole of the same size are refused too."""
     whole = {rec.path: rec.written_by for rec in records if rec.kind != "region"}
     for path, shares in shared_files(records).items():
         ranks = sorted(r.written_by for r in shares)
@@ -997,6 +998,14 @@ def shared_file_problem(records: list[fmt.FileRecord]) -> str | None:
                 f"the shared file {path} received {received} bytes from ranks {ranks}, expected exactly its "
                 f"file_size of {file_size} bytes; {why}"
             )
+        if cover_key is not None:
+            prints = [fmt.parse_coverage(r.checksum) for r in shares]
+            if None in prints or sum(prints) % fmt.COVER_PRIME != fmt.full_coverage(file_size, cover_key):  # type: ignore[arg-type]
+                return (
+                    f"the ranks' regions of the shared file {path} (ranks {ranks}) add up to its {file_size} bytes "
+                    "but do not cover each byte exactly once: some overlap and leave a hole; the ranks disagree "
+                    "on where their pieces go (a ckptd bug, or ranks with different DTensor placements)"
+                )
     return None
 
 

@@ -238,7 +238,7 @@ def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = Fa
 _REGION_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-def write_regions(seg: Segment, spec: FileSpec, directory: Path) -> OpenFile:
+def write_regions(seg: Segment, spec: FileSpec, directory: Path, key: int) -> OpenFile:
     """Write one part's regions of a shared file into ``directory``; returns it still open for fsync.
 
     Other parts write the same file at the same time (other writer threads, other nodes' daemons), so the
@@ -295,7 +295,7 @@ def write_regions(seg: Segment, spec: FileSpec, directory: Path) -> OpenFile:
         raise
     finally:
         view.release()
-    return OpenFile(path, fd, contributed, "")
+    return OpenFile(path, fd, contributed, fmt.format_coverage(fmt.coverage_fingerprint(spec.runs or [], key)))
 
 
 def _pwrite_all(fd: int, view: memoryview, start: int, n: int, file_offset: int) -> None:

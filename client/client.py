@@ -1294,7 +1294,8 @@ def _agree_shared(votes: list[Any]) -> str | None:
             if digest != ref[path][1]:
                 return (
                     f"SHARDED component {component!r}: rank {r} holds other tensors in {path} than rank 0 (names, "
-                    "dtypes or global shapes differ); every rank must hold the same DTensors and plain tensors"
+                    "dtypes, global shapes, or DTensor meshes and placements differ); every rank must hold the "
+                    "same DTensors, split the same way, and the same plain tensors"
                 )
     owners = _contested_owners(votes)
     for path, (component, _, data_size, head_len, _, _) in ref.items():

@@ -473,7 +473,14 @@ def _shared_image(
                 raise fmt.UnsupportedLeafError(f"{name}: tensor {t.dtype}/{t.layout} cannot be stored in safetensors")
         order = fmt.alignment_order(items)  # type: ignore[arg-type]
         table = fmt.tensor_table([items[i] for i in order])  # type: ignore[misc]
-        digest = fmt.checksum_bytes(f"{path}|{table.json_fragment}".encode())
+        # Placements and mesh shapes too: ranks that disagree on how a tensor is split would place pieces that
+        # add up to its size yet overlap (the daemon's coverage check would refuse it; this says why, earlier).
+        layouts = [
+            (name, list(t.device_mesh.shape), fmt.describe_placements(t))
+            for name, t in leaves
+            if sharding.is_dtensor(t)
+        ]
+        digest = fmt.checksum_bytes(f"{path}|{table.json_fragment}|{json.dumps(layouts)}".encode())
         mine: list[tuple[int, sharding.Piece]] = []  # (index in leaves, piece)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         for i, e in zip(order, table.entries, strict=True):
@@ -538,6 +545,13 @@ def _shared_image(
     return img, shared
 
 
+def _same_layout(a: Any, b: Any) -> bool:
+    """Two tensors sharing local memory are one tensor only if they are alike globally too."""
+    if sharding.is_dtensor(a) != sharding.is_dtensor(b) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return not sharding.is_dtensor(a) or (a.placements == b.placements and a.device_mesh == b.device_mesh)
+
+
 def _local(t: Any) -> torch.Tensor:
     return t.to_local() if sharding.is_dtensor(t) else t
 
@@ -558,16 +572,16 @@ def sharded_images(
     shared: dict[str, SharedLayout] = {}
     if p.is_model_index and is_flat_tensor_dict(state):
         names = list(state)
-        first: dict[int, str] = {}
         tied: dict[str, list[str]] = {}
-        stored: list[str] = []
-        for name in names:
-            t = state[name]
-            owner = first.setdefault(id(t), name)
-            if owner != name:
-                tied.setdefault(owner, []).append(name)
-            else:
-                stored.append(name)
+        aliases: set[str] = set()
+        # Tied weights share memory: a DTensor's local shard (state_dict() detaches, so objects differ). The
+        # same tie must be seen on every rank: the file tables (and their digest) depend on it.
+        for first, members in tied_groups([_local(state[n]) for n in names]).items():
+            same = [names[i] for i in members if _same_layout(state[names[first]], state[names[i]])]
+            if same:
+                tied[names[first]] = same
+                aliases.update(same)
+        stored = [n for n in names if n not in aliases]
         sizes = [state[n].numel() * state[n].element_size() for n in stored]
         shards = fmt.plan_model_shards(sizes, max_shard_size)
         weight_map: dict[str, str] = {}

@@ -10,6 +10,7 @@ public name is re-exported here. The submodules, each with one job:
 - ``header``: dtypes, tensor tables, safetensors header layouts, the header codec;
 - ``tree``: the state-dict tree as JSON in the header metadata (no pickle);
 - ``model_index``: the model's Hugging Face shards and ``model.safetensors.index.json``;
+- ``coverage``: fingerprints that tell whether the regions of a shared (SHARDED) file tile it exactly;
 - ``checksums``: xxh3-128, and the one streaming hash-while-copying helper (``HashingWriter``,
   ``hash_chunks``, ``hash_fd``);
 - ``manifest``: ``checkpoint_manifest.json`` records, parsing and reading;
@@ -55,6 +56,14 @@ from ckptd.format.checksums import (
     hash_fd,
     new_hasher,
     short_checksum,
+)
+from ckptd.format.coverage import (
+    COVER_PRIME,
+    coverage_fingerprint,
+    coverage_key,
+    format_coverage,
+    full_coverage,
+    parse_coverage,
 )
 from ckptd.format.errors import FormatError
 from ckptd.format.header import (
@@ -165,6 +174,12 @@ from ckptd.format.tree import (
 )
 
 __all__ = [
+    "COVER_PRIME",
+    "coverage_fingerprint",
+    "coverage_key",
+    "format_coverage",
+    "full_coverage",
+    "parse_coverage",
     "LEASE_LOCK_NAME",
     "LEASE_TEMP_NAME",
     "parse_temp_veto_name",

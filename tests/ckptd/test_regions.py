@@ -372,8 +372,18 @@ def test_the_runs_of_one_part_are_bounded_in_total(monkeypatch: pytest.MonkeyPat
         shm.close()
 
 
-def region_record(rank: int, size: int, file_size: int = 1000, **kw) -> fmt.FileRecord:
-    return fmt.FileRecord(SHARED, size, "", KEY, kind="region", written_by=rank, file_size=file_size, **kw)
+def region_record(
+    rank: int, size: int, file_size: int = 1000, *, txn: str | None = None, runs: list[list[int]] | None = None, **kw
+) -> fmt.FileRecord:
+    """A share of SHARED; with ``txn``, its coverage fingerprint is that of ``runs`` (default: one run of
+    ``size`` bytes starting where rank ``rank``'s equal share would), as a daemon computes it."""
+    cover = 0
+    if txn is not None:
+        runs = runs if runs is not None else [[rank * size, 0, size, 1, size]]
+        cover = fmt.coverage_fingerprint(runs, fmt.coverage_key(txn))
+    return fmt.FileRecord(
+        SHARED, size, fmt.format_coverage(cover), KEY, kind="region", written_by=rank, file_size=file_size, **kw
+    )
 
 
 def test_a_followers_region_records_parse_and_two_ranks_may_share_a_path() -> None:
@@ -387,7 +397,7 @@ def test_a_followers_region_records_parse_and_two_ranks_may_share_a_path() -> No
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        ({"checksum": "xxh3-128:00"}, "carries no checksum"),
+        ({"checksum": "xxh3-128:00"}, "holds its coverage fingerprint"),
         ({"file_size": None}, "'file_size'"),
         ({"size": 1001}, "does not fit its file_size"),
         ({"size": 0}, "does not fit its file_size"),
@@ -429,23 +439,27 @@ def test_write_regions_extends_never_shrinks_and_refuses_links_and_larger_files(
     try:
         d = tmp_path / "temp"
         d.mkdir()
-        done = [writer.write_regions(seg, specs[r], d) for r in (1, 0)]  # rank 1 first: it extends the file
-        assert [o.size for o in done] == [specs[1].length, specs[0].length] and {o.checksum for o in done} == {""}
+        key = fmt.coverage_key("t")
+        done = [writer.write_regions(seg, specs[r], d, key) for r in (1, 0)]  # rank 1 first: it extends the file
+        assert [o.size for o in done] == [specs[1].length, specs[0].length]
+        # Each share's fingerprint is in its checksum field, and together they cover the file exactly once.
+        prints = [fmt.parse_coverage(o.checksum) for o in done]
+        assert sum(prints) % fmt.COVER_PRIME == fmt.full_coverage(len(f.data), key)
         for o in done:
             writer.fsync_and_close(o)
         assert (d / SHARED).read_bytes() == f.data
         (d / SHARED).unlink()
         (d / SHARED).symlink_to(tmp_path / "elsewhere")
         with pytest.raises(OSError) as e:
-            writer.write_regions(seg, specs[0], d)
+            writer.write_regions(seg, specs[0], d, key)
         assert not (tmp_path / "elsewhere").exists(), e.value
         (d / SHARED).unlink()
         (d / SHARED).write_bytes(b"\0" * (len(f.data) + 1))
         with pytest.raises(OSError, match="more than the"):
-            writer.write_regions(seg, specs[0], d)
+            writer.write_regions(seg, specs[0], d, key)
         os.mkfifo(d / "fifo.safetensors")
         with pytest.raises(OSError):
-            writer.write_regions(seg, dataclasses.replace(specs[0], path="fifo.safetensors"), d)
+            writer.write_regions(seg, dataclasses.replace(specs[0], path="fifo.safetensors"), d, key)
     finally:
         seg.close()
 
@@ -494,7 +508,7 @@ def test_a_followers_region_shares_are_counted_by_the_leader_daemon(harness: Har
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            rec = region_record(1, len(blob), len(f.data))
+            rec = region_record(1, len(blob), len(f.data), txn=txn, runs=runs)
             follower.send(
                 MsgType.P_PREPARED, txn=txn, node=1, ino=os.lstat(temp).st_ino, files=[dataclasses.asdict(rec)]
             )
@@ -531,14 +545,18 @@ def test_the_leader_transaction_counts_and_hashes_its_followers_region_shares(tm
         t.temp_dir.mkdir()
         t.temp_ino = os.lstat(t.temp_dir).st_ino
         (t.temp_dir / SHARED).write_bytes(data)  # what the four writers put there together
+
+        def share(rank: int, nbytes: int, file_size: int = n) -> fmt.FileRecord:
+            return region_record(rank, nbytes, file_size, txn=txn, runs=[[cuts[rank], 0, nbytes, 1, nbytes]])
+
         for rank, part in t.parts.items():
-            part.records.append(region_record(rank, size[rank], n))
+            part.records.append(share(rank, size[rank]))
             t.part_durable(part)
         vote = proto.Prepared(
             t.txn,
             1,
             t.temp_ino,
-            tuple(region_record(r, s, vote_file_size) for r, s in zip((2, 3), vote_sizes, strict=True)),
+            tuple(share(r, s, vote_file_size) for r, s in zip((2, 3), vote_sizes, strict=True)),
         )
         t.remote_prepared(vote, "sock", b"f1")
         return t
@@ -598,7 +616,7 @@ def test_a_follower_region_record_still_counts_as_a_writer_of_its_component(tmp_
     t.temp_dir.mkdir()
     t.temp_ino = os.lstat(t.temp_dir).st_ino
     for rank, part in t.parts.items():
-        part.records.append(region_record(rank, 500))
+        part.records.append(region_record(rank, 500, txn=t.txn))
         t.part_durable(part)
     # Node 1's ranks 2 and 3 hold no piece of this file, yet the commit names them as writers.
     t.remote_prepared(proto.Prepared(t.txn, 1, t.temp_ino, ()), "sock", b"f1")
