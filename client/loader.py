@@ -216,24 +216,29 @@ def _saved_dtensors(path: Path, meta: dict[str, str]) -> set[str]:
     return set(placements)
 
 
-def read_sharded(
-    d: fmt.CheckpointDir, manifest: fmt.Manifest, p: ComponentPlan, verify: bool, topo: Topology
-) -> tuple[Any, int]:
-    """A SHARDED component's state in the live object's layout (the resharding load).
-
-    The target layout is the live ``state_dict()``: each saved tensor becomes a DTensor on the target's
-    mesh and placements holding only this rank's piece, sliced out of the mapped file (so only the bytes
-    that overlap it are read), or the full tensor where the target is a plain tensor. Every file's checksum
-    is verified by one rank only (picked by a hash of the file's name; the verdicts are shared), so the job
-    reads each byte once, not once per rank. Returns the state and the bytes of this rank's pieces."""
-    ckpt = d.path
+def live_state(p: ComponentPlan) -> Any:
+    """A SHARDED component's live ``state_dict()``: the layout its checkpoint is resharded into."""
     try:
-        target = p.component.stateful.state_dict()
+        return p.component.stateful.state_dict()
     except Exception as e:
         raise CheckpointError(
             f"component {p.key!r}: state_dict() raised {type(e).__name__}: {e}; a SHARDED component's live "
             "state_dict() gives the layout to load into"
         ) from e
+
+
+def read_sharded(
+    d: fmt.CheckpointDir, manifest: fmt.Manifest, p: ComponentPlan, verify: bool, topo: Topology, target: Any
+) -> tuple[Any, int]:
+    """A SHARDED component's state in the live object's layout (the resharding load).
+
+    The target layout is the live ``state_dict()`` (``target``, from :func:`live_state`): each saved tensor
+    becomes a DTensor on the target's mesh and placements holding only this rank's piece, sliced out of the
+    mapped file (so only the bytes that overlap it are read), or the full tensor where the target is a plain
+    tensor. Every file's checksum
+    is verified by one rank only (picked by a hash of the file's name; the verdicts are shared), so the job
+    reads each byte once, not once per rank. Returns the state and the bytes of this rank's pieces."""
+    ckpt = d.path
 
     def checked_here(name: str) -> bool:
         # By name alone (not by the manifest's file lists, which a damaged manifest could leave short): every
@@ -314,6 +319,9 @@ def _read_share(
         manifest = fmt.read_manifest(d)
     except (fmt.FormatError, OSError) as e:
         raise _damaged(ckpt / fmt.MANIFEST_NAME, e) from None
+    # Every SHARDED component's live state first, on every rank alike, before anything can fail on one rank
+    # only (a damaged file): a state_dict() that runs collectives must not leave the others waiting.
+    targets = {p.key: live_state(p) for p in plans if p.pattern == SharingPattern.SHARDED}
     states: dict[str, Any] = {}
     skipped: list[str] = []
     total = 0
@@ -332,7 +340,7 @@ def _read_share(
             skipped.append(p.key)
             continue
         if p.pattern == SharingPattern.SHARDED:
-            state, nbytes = read_sharded(d, manifest, p, verify, topo)
+            state, nbytes = read_sharded(d, manifest, p, verify, topo, targets[p.key])
         else:
             state, nbytes = read_component(d, manifest, p, verify)
         states[p.key] = state
