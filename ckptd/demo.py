@@ -62,7 +62,10 @@ def run_trainer(args: list[str], env: dict[str, str], rep: Reporter, label: str)
         elif parts[0] == "committed":
             rep.line(f"  {label} committed {Path(parts[1]).name}")
         elif parts[0] == "crash":
-            rep.line(f"  {label} kill -9 of the trainer now, while ckptd writes checkpoint-{parts[1]}")
+            rep.line(
+                f"  {label} kill -9 of the trainer now, one step after save_async (the save was handed off at "
+                f"that step's optimizer.step()), while ckptd writes checkpoint-{parts[1]}"
+            )
         elif parts[0] == "resumed":
             rep.line(f"  {label} load('latest') -> {Path(parts[1]).name}, resuming after step {parts[-1]}")
         elif "Error" in text or "Traceback" in text or "WARNING" in text:

@@ -35,7 +35,7 @@ from ckptd import format as fmt
 from ckptd import ownership, security
 from ckptd import protocol as proto
 from ckptd.protocol import MsgType, TxnState
-from client import loader, planning, sharding, staging
+from client import loader, overlap, planning, sharding, staging
 from client.components import CheckpointError, SharingPattern, StateComponent, ValidationLevel
 from client.transport import DAEMON_START_TIMEOUT_S, DaemonLink, DaemonUnavailable
 
@@ -59,8 +59,10 @@ class SaveHandle:
     deadline: float = 0.0  # Unix time after which the daemon may not commit it (the tombstone keeps it)
     path: Path | None = None
     error: str | None = None
-    staged_s: float = 0.0
+    staged_s: float = 0.0  # the time save_async copied synchronously (the stall, less the collective)
     collective_s: float = 0.0  # the save path's one collective (the snapshot agreement), part of the stall
+    overlapped_bytes: int = 0  # bytes copied in the background after save_async returned (overlapped staging)
+    hook_wait_s: float = 0.0  # how long the optimizer's next step() (or another call) waited for that copy
     bytes_staged: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic, repr=False)
@@ -79,6 +81,7 @@ class SaveHandle:
         """Block until committed; returns the checkpoint path. Raises CheckpointError if it aborted."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.client._call():
+            self.client._finish_overlap()
             while self.path is None and self.error is None:
                 if self.client._inflight.get(self.txn) is not self:
                     # Neither in flight nor settled: nothing could ever settle it, so waiting would spin
@@ -130,6 +133,8 @@ class CheckpointClient:
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         daemon_start_timeout_s: float = DAEMON_START_TIMEOUT_S,
         read_only: bool = False,
+        overlap_staging: bool | None = None,
+        optimizers: list[Any] | None = None,
     ) -> None:
         # Absolute but not resolved: paths handed back keep the form (and symlinks) the caller used.
         self.output_dir = Path(os.path.abspath(os.path.expanduser(output_dir)))
@@ -141,6 +146,9 @@ class CheckpointClient:
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
         self.daemon_start_timeout_s = float(daemon_start_timeout_s)
         self.read_only = bool(read_only)
+        self.overlap_staging = overlap_staging
+        self._optimizers_given = optimizers
+        self._overlap: overlap.Overlap | None = None
         self._closed = False
         self._inflight: dict[str, SaveHandle] = {}
         self._slabs: list[staging.Slab] = []
@@ -247,6 +255,8 @@ class CheckpointClient:
                     self._check_leader_reachable()
 
             self._agree_on("CheckpointClient(...)", check)
+        if not self.read_only and self.overlap_staging is not False:
+            self._overlap = overlap.Overlap.for_components(self, self.components, self._optimizers_given)
         if self._lease is not None:
             self._lease_thread = threading.Thread(target=self._refresh_lease_loop, name="ckptd-lease", daemon=True)
             self._lease_thread.start()
@@ -381,6 +391,7 @@ class CheckpointClient:
         """Receive daemon notifications for up to ``timeout_s`` and settle handles; detect a dead daemon."""
         if not self._inflight or self._link is None:
             return
+        self._finish_overlap(block=False)
         self._link.pump(timeout_s)
         for ev in self._link.take_events():
             self._apply_event(ev)
@@ -402,9 +413,10 @@ class CheckpointClient:
         assert self._link is not None
         now = time.monotonic()
         interval = min(HEARTBEAT_S, self.heartbeat_timeout_s / 3)
+        pending = self._overlap.pending.handle if self._overlap is not None and self._overlap.pending else None
         for h in list(self._inflight.values()):
-            if h.txn not in self._inflight:
-                continue
+            if h.txn not in self._inflight or h is pending:
+                continue  # (a save still being copied is not the daemon's yet: nothing to ask about)
             if h.query_id is not None:
                 reply = self._link.take_reply(h.query_id)
                 if reply is None:
@@ -493,6 +505,10 @@ class CheckpointClient:
         Every handle given up on is settled whatever happens: a veto that fails in any way (an OSError, a
         hostile file, a bug) is reported in that handle's error, and even an interruption (Ctrl-C) settles
         every handle before it propagates, so no handle is ever left neither in flight nor settled."""
+        ov = self._overlap
+        if ov is not None and ov.pending is not None and ov.pending.handle.txn in txns:
+            ov.pending.copying.join()  # its slab is destroyed below: the copy thread must be done with it
+            ov.pending = None
         for txn in txns:
             for slab in [s for s in self._slabs if s.busy_txn == txn]:
                 self._slabs.remove(slab)
@@ -623,6 +639,7 @@ class CheckpointClient:
         return None
 
     def _save_async(self, step: int, metadata: dict[str, Any] | None) -> SaveHandle:
+        self._finish_overlap()  # the previous save's hand-off, if its copy was still running
         t0 = time.perf_counter()
         try:
             error = self._check_save_allowed(step, metadata)
@@ -636,6 +653,7 @@ class CheckpointClient:
         digests: dict[str, str | None] = {}
         full_states: dict[str, Any] = {}
         stats = staging.CopyStats()
+        copying: overlap.BackgroundCopy | None = None  # the deferred copies, running on the copy thread
         # The snapshot allocates many small objects; a cyclic GC pass in the middle of it is pure stall.
         gc_was_enabled = gc.isenabled()
         gc.disable()
@@ -665,7 +683,11 @@ class CheckpointClient:
                         images += staging.component_images(p, state, self.max_shard_size, self._layouts)
                 need = staging.layout(images)
                 slab = self._acquire_slab(need)
-                stats = staging.copy_into(slab, images, self._side_streams)
+                defer = self._overlap.deferrable() if self._overlap is not None else None
+                stats, later = staging.copy_into(slab, images, self._side_streams, defer)
+                if later:
+                    assert self._overlap is not None
+                    copying = self._overlap.start_copy(later, self._side_streams, slab.pinned)
         except (fmt.FormatError, CheckpointError, OSError) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - every rank must reach the collective, or the others hang
@@ -687,6 +709,8 @@ class CheckpointClient:
         if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
             problem = self._compare_with_rank0(full_states)
         if problem is not None:
+            if copying is not None:
+                copying.join()  # the slab is free again only once the copy thread is done with it
             raise CheckpointError(f"save of step {step} failed before the hand-off: {problem}; nothing was written")
         txn, deadline = votes[0][2], votes[0][4]
         if self._peer_keys is not None:
@@ -702,6 +726,35 @@ class CheckpointClient:
         handle = SaveHandle(step=step, txn=txn, client=self, deadline=deadline)
         self._inflight[txn] = handle
         req = self._stage_request(step, txn, deadline, slab, images, metadata, sharded_writers)
+        handle.staged_s = t_staged - t0
+        handle.collective_s = collective_s
+        handle.bytes_staged = stats.bytes
+        if copying is not None:
+            # Overlapped staging: the hand-off waits for the copy thread, at the optimizer's next step() (its
+            # pre-step hook) or at the next call of this client, whichever comes first.
+            assert self._overlap is not None
+            handle.overlapped_bytes = copying.nbytes
+            self._overlap.pending = overlap.PendingHandOff(handle, req, copying)
+            return handle
+        self._hand_off(handle, req)
+        if handle.error is not None:
+            # Raised here, so not reported again by the next client.wait().
+            with contextlib.suppress(ValueError):
+                self._failed.remove(handle)
+            raise CheckpointError(handle.error)
+        logger.debug(
+            "step %d staged %s in %.4f s (+%.4f s hand-off)",
+            step,
+            staging.describe_size(stats.bytes),
+            t_staged - t0,
+            time.perf_counter() - t_staged,
+        )
+        return handle
+
+    def _hand_off(self, handle: SaveHandle, req: proto.StageRequest) -> None:
+        """Send this rank's part to the daemon; a failure settles ``handle`` (never raises)."""
+        assert self._link is not None
+        txn = handle.txn
         try:
             self._link.request(MsgType.STAGE, self.heartbeat_timeout_s, stage=req)
         except DaemonUnavailable as e:
@@ -711,22 +764,30 @@ class CheckpointClient:
             # Refused: the daemon reads nothing of this part; the other ranks' parts are aborted.
             self._settle(txn, error=str(e))
             self._courtesy_abort(txn, str(e))
-        if handle.error is not None:
-            # Raised here, so not reported again by the next client.wait().
-            with contextlib.suppress(ValueError):
-                self._failed.remove(handle)
-            raise CheckpointError(handle.error)
-        handle.staged_s = t_staged - t0
-        handle.collective_s = collective_s
-        handle.bytes_staged = stats.bytes
-        logger.debug(
-            "step %d staged %s in %.4f s (+%.4f s hand-off)",
-            step,
-            staging.describe_size(stats.bytes),
-            t_staged - t0,
-            time.perf_counter() - t_staged,
-        )
-        return handle
+
+    def _finish_overlap(self, block: bool = True) -> None:
+        """Complete an overlapped save's staging (wait for the copy thread) and hand it off. Called by the
+        optimizer's pre-step hook and at the start of every client call; never raises (a failure settles the
+        handle, reported by ``handle.wait()`` / ``client.wait()``). With ``block=False``, only if the copy is
+        already done."""
+        ov = self._overlap
+        if ov is None or ov.pending is None:
+            return
+        pending = ov.pending
+        if not block and not pending.copying.done():
+            return
+        ov.pending = None
+        t0 = time.perf_counter()
+        error = pending.copying.join()
+        pending.handle.hook_wait_s += time.perf_counter() - t0
+        if pending.handle.txn not in self._inflight:
+            return  # settled meanwhile (the client was torn down)
+        if error is not None:
+            reason = f"rank {self.rank}: the background copy of the staged state failed: {error}"
+            self._settle(pending.handle.txn, error=reason)
+            self._courtesy_abort(pending.handle.txn, reason)
+            return
+        self._hand_off(pending.handle, pending.request)
 
     def _before_snapshot(self) -> None:
         """This rank's checks before it stages: the lease (rank 0) and a daemon that answers."""
@@ -1169,6 +1230,7 @@ class CheckpointClient:
         if self._closed:
             return
         with self._call():
+            self._finish_overlap()  # a save still being copied is handed off either way
             if wait:
                 failed = self._wait_in_flight()[1]
                 if failed:
@@ -1182,6 +1244,8 @@ class CheckpointClient:
     def _teardown(self) -> None:
         """Free what this client holds; also after a failed construction."""
         self._closed = True
+        if self._overlap is not None:
+            self._overlap.close()  # no copy thread may still write into a slab unmapped below
         for h in self._inflight.values():
             # Left to the daemon (close(wait=False)): it still commits them, but this client cannot tell.
             h.error = (

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--save-every", type=int, default=5)
-    ap.add_argument("--crash-at", type=int, default=None, help="kill -9 this process right after save_async")
+    ap.add_argument(
+        "--crash-at", type=int, default=None, help="kill -9 this process once the save of this step is handed off"
+    )
     ap.add_argument("--no-checkpoint", action="store_true")
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--losses", required=True, help="JSON file for {step: loss}")
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"saved {step} stall_ms {stall_ms:.2f}", flush=True)
                 if step == args.crash_at:
                     Path(args.losses).write_text(json.dumps(losses))
+                    # Overlapped staging hands the save to the daemon at the next optimizer.step() (its
+                    # pre-step hook, once the background copy is done): run that step's compute, then die.
+                    train_step(model, opt, sched)
                     print(f"crash {step}", flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
             for h in [h for h in handles if h.done()]:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 REGION_ALIGN = 4096  # each file starts on a page boundary of the slab
 BIG_COPY = 1 << 20  # bytes from which a tensor is copied on its own (multi-threaded) rather than batched
+DEFER_MIN = 64 << 10  # overlapped staging leaves smaller tensors to the synchronous copy (not worth a wait)
 GROWTH = 1.125  # headroom when a slab grows, so small state changes do not reallocate every save
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; pre-faults the slab at allocation, not in the first copy
 _MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", 10)  # a forked child does not inherit the mapping
@@ -776,9 +777,19 @@ def _views(slab: Slab, img: FileImage) -> list[torch.Tensor | None]:
     return ent.views
 
 
-def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any]) -> CopyStats:
+def copy_into(
+    slab: Slab,
+    images: list[FileImage],
+    side_streams: dict[int, Any],
+    defer: Any = None,
+) -> tuple[CopyStats, list[tuple[torch.Tensor, torch.Tensor, bool]]]:
     """One copy per byte: headers, then every tensor into its place. CUDA tensors go device-to-host on a
-    side stream (non-blocking into pinned memory) that is synchronised before this returns."""
+    side stream (non-blocking into pinned memory) that is synchronised before this returns.
+
+    ``defer(src)``, when given, picks the tensors *not* copied now (overlapped staging: those only
+    ``optimizer.step()`` changes) among those of at least ``DEFER_MIN`` bytes; they come back as
+    ``(dst, src, big)`` for :func:`copy_pairs`, and their bytes count in the stats. Returns the stats and the
+    deferred copies."""
     stats = CopyStats()
     mv = memoryview(slab.mm)
     try:
@@ -786,10 +797,8 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
             mv[img.offset : img.offset + len(img.head)] = img.head
     finally:
         mv.release()
-    small_dst: list[torch.Tensor] = []
-    small_src: list[torch.Tensor] = []
-    big: list[tuple[torch.Tensor, torch.Tensor]] = []
-    cuda: list[tuple[torch.Tensor, torch.Tensor]] = []
+    now: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    later: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
     for img in images:
         if img.cached is None:
             continue
@@ -797,15 +806,39 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
         for dst, src, is_big in zip(views, img.srcs, img.cached.big, strict=True):
             if dst is None:
                 continue
-            if src.is_cuda:
-                cuda.append((dst, src))
-            elif is_big:
-                big.append((dst, src))
+            if defer is not None and dst.nbytes >= DEFER_MIN and defer(src):
+                later.append((dst, src, is_big))
             else:
-                small_dst.append(dst)
-                small_src.append(src)
+                now.append((dst, src, is_big))
         stats.tensors += len(img.srcs)
         stats.bytes += img.size - len(img.head)
+    stats.cuda_bytes = _copy(now, side_streams, slab.pinned)
+    stats.cuda_bytes += sum(dst.nbytes for dst, src, _ in later if src.is_cuda)
+    return stats, later
+
+
+def copy_pairs(
+    pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], side_streams: dict[int, Any], pinned: bool
+) -> None:
+    """Copy deferred ``(dst, src, big)`` copies (overlapped staging, on the client's copy thread)."""
+    _copy(pairs, side_streams, pinned)
+
+
+def _copy(pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], side_streams: dict[int, Any], pinned: bool) -> int:
+    """The copies themselves; returns the bytes copied from CUDA devices."""
+    small_dst: list[torch.Tensor] = []
+    small_src: list[torch.Tensor] = []
+    big: list[tuple[torch.Tensor, torch.Tensor]] = []
+    cuda: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for dst, src, is_big in pairs:
+        if src.is_cuda:
+            cuda.append((dst, src))
+        elif is_big:
+            big.append((dst, src))
+        else:
+            small_dst.append(dst)
+            small_src.append(src)
+    cuda_bytes = 0
     with torch.no_grad():
         used: dict[int, Any] = {}
         for dst, src in cuda:
@@ -819,8 +852,8 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
                 stream.wait_stream(torch.cuda.current_stream(dev))
                 used[dev] = stream
             with torch.cuda.stream(stream):
-                dst.copy_(src, non_blocking=slab.pinned)
-            stats.cuda_bytes += dst.nbytes
+                dst.copy_(src, non_blocking=pinned)
+            cuda_bytes += dst.nbytes
         # The host copies run while the device-to-host copies are in flight. Large tensors go through
         # copy_, which is multi-threaded; small ones in one dispatch.
         for dst, src in big:
@@ -832,7 +865,7 @@ def copy_into(slab: Slab, images: list[FileImage], side_streams: dict[int, Any])
                 dst.copy_(src)
         for stream in used.values():
             stream.synchronize()
-    return stats
+    return cuda_bytes
 
 
 # -------------------------------------------------------------------------------------------- validation
