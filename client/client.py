@@ -705,7 +705,8 @@ class CheckpointClient:
         collective_s = time.perf_counter() - t_staged
         problem = _agree(votes, self.plans)
         if problem is None:
-            problem = _agree_shared(votes)
+            owners = _contested_owners(votes)
+            problem = _agree_shared(votes, owners)
         if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
             problem = self._compare_with_rank0(full_states)
         if problem is not None:
@@ -717,10 +718,10 @@ class CheckpointClient:
             self._leader_address = votes[0][5]
         # Every rank places its pieces after rank 0's header; the commit names who wrote each SHARDED component.
         left_out = staging.finalize_regions(
-            images, {path: v[3] for path, v in votes[0][6].items()}, _dropped_pieces(votes, self.rank)
+            images, {path: v[3] for path, v in votes[0][6].items()}, _dropped_pieces(owners, self.rank)
         )
         stats.bytes -= left_out
-        sharded_writers = _sharded_writers(votes)
+        sharded_writers = _sharded_writers(votes, owners)
         assert slab is not None and self._link is not None
         slab.busy_txn = txn
         handle = SaveHandle(step=step, txn=txn, client=self, deadline=deadline)
@@ -1343,7 +1344,7 @@ def _vote_shared(shared: dict[str, staging.SharedLayout]) -> dict[str, tuple[Any
     }
 
 
-def _agree_shared(votes: list[Any]) -> str | None:
+def _agree_shared(votes: list[Any], owners: ContestedOwners) -> str | None:
     """Every rank must see the same SHARDED files (names, dtypes and global shapes of their tensors), and
     the bytes they write must tile each file exactly: rank 0's header, then every distinct piece once."""
     ref = votes[0][6]
@@ -1361,7 +1362,6 @@ def _agree_shared(votes: list[Any]) -> str | None:
                     "dtypes, global shapes, or DTensor meshes and placements differ); every rank must hold the "
                     "same DTensors, split the same way, and the same plain tensors"
                 )
-    owners = _contested_owners(votes)
     for path, (component, _, data_size, head_len, _, _) in ref.items():
         written = sum(v[6][path][4] for v in votes) + sum(n for _, n in owners.get(path, {}).values())
         if head_len is None or written != head_len + data_size:
@@ -1374,11 +1374,15 @@ def _agree_shared(votes: list[Any]) -> str | None:
     return None
 
 
-def _contested_owners(votes: list[Any]) -> dict[str, dict[tuple[str, tuple[int, ...]], tuple[int, int]]]:
+# For each shared file: contested piece (tensor, offsets) -> (the lowest rank holding it, its bytes).
+ContestedOwners = dict[str, dict[tuple[str, tuple[int, ...]], tuple[int, int]]]
+
+
+def _contested_owners(votes: list[Any]) -> ContestedOwners:
     """For each file, every contested piece (tensor, offsets) -> (the lowest rank holding it, its bytes): a
     DTensor on a submesh (FSDP over one data-parallel group of a DP x TP job) is held alike by every submesh
     that replicates it, and the lowest rank writes it. The same on every rank (gathered votes)."""
-    owners: dict[str, dict[tuple[str, tuple[int, ...]], tuple[int, int]]] = {}
+    owners: ContestedOwners = {}
     for r, v in enumerate(votes):
         for path, layout in v[6].items():
             for name, offsets, nbytes in layout[5]:
@@ -1386,18 +1390,16 @@ def _contested_owners(votes: list[Any]) -> dict[str, dict[tuple[str, tuple[int, 
     return owners
 
 
-def _dropped_pieces(votes: list[Any], rank: int) -> dict[str, frozenset[tuple[str, tuple[int, ...]]]]:
+def _dropped_pieces(owners: ContestedOwners, rank: int) -> dict[str, frozenset[tuple[str, tuple[int, ...]]]]:
     """The contested pieces this rank holds but a lower rank writes."""
     return {
-        path: frozenset(key for key, (owner, _) in pieces.items() if owner != rank)
-        for path, pieces in _contested_owners(votes).items()
+        path: frozenset(key for key, (owner, _) in pieces.items() if owner != rank) for path, pieces in owners.items()
     }
 
 
-def _sharded_writers(votes: list[Any]) -> dict[str, list[int]]:
+def _sharded_writers(votes: list[Any], owners: ContestedOwners) -> dict[str, list[int]]:
     """The ranks that write each SHARDED component (those contributing bytes to any of its files)."""
     writers: dict[str, set[int]] = {}
-    owners = _contested_owners(votes)
     for r, v in enumerate(votes):
         for path, (component, _, _, _, contributed, _) in v[6].items():
             ranks = writers.setdefault(component, set())

@@ -250,7 +250,7 @@ def read_sharded(
     def convert(name: str, full: torch.Tensor, saved_as_dtensor: bool, live: Any) -> Any:
         nonlocal nbytes
         value = sharding.reshard(full, live, name, saved_as_dtensor, topo.world_size)
-        local = value.to_local() if sharding.is_dtensor(value) else value
+        local = sharding.local_tensor(value)
         nbytes += local.numel() * local.element_size()
         return value
 

@@ -89,8 +89,7 @@ def find_optimizers(components: list[Any]) -> list[torch.optim.Optimizer]:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, int] | None:
-    if sharding.is_dtensor(t):
-        t = t.to_local()
+    t = sharding.local_tensor(t)
     try:
         return (t.device, t.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):

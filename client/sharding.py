@@ -53,6 +53,11 @@ def is_dtensor(x: Any) -> bool:
     return cls is not None and isinstance(x, cls)
 
 
+def local_tensor(t: Any) -> Any:
+    """A DTensor's local shard, or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 @dataclass(frozen=True)
 class Piece:
     """A hyper-rectangle of a global tensor: where it starts and how large it is, per dimension."""

@@ -336,6 +336,16 @@ class FileImage:
         )
 
 
+def _encode_header(ent: CachedTable, table: fmt.TensorTable, metadata: dict[str, str]) -> fmt.SafetensorsLayout:
+    """``table``'s header padded to the length ``ent`` reserved, growing the reservation (with slack) when the
+    metadata outgrows it, so that the data keeps its slab offset from one save to the next."""
+    layout = fmt.encode_header(table, metadata, ent.head_len)
+    if len(layout.header) > ent.head_len:
+        ent.head_len = len(layout.header) + HEADER_SLACK
+        layout = fmt.encode_header(table, metadata, ent.head_len)
+    return layout
+
+
 def _image(
     path: str,
     p: ComponentPlan,
@@ -352,10 +362,7 @@ def _image(
         order = fmt.alignment_order(items)  # type: ignore[arg-type]
         ent = CachedTable(signature, order, fmt.tensor_table([items[i] for i in order]))  # type: ignore[misc]
         cache[path] = ent
-    layout = fmt.encode_header(ent.table, metadata, ent.head_len)
-    if len(layout.header) > ent.head_len:
-        ent.head_len = len(layout.header) + HEADER_SLACK
-        layout = fmt.encode_header(ent.table, metadata, ent.head_len)
+    layout = _encode_header(ent, ent.table, metadata)
     return FileImage(
         path=path,
         component=p.key,
@@ -521,12 +528,8 @@ def _shared_image(
     mine_idx = ent.mine
     head = b""
     if rank == 0:
-        layout = fmt.encode_header(table, metadata, cached.head_len)
-        if len(layout.header) > cached.head_len:
-            cached.head_len = len(layout.header) + HEADER_SLACK
-            layout = fmt.encode_header(table, metadata, cached.head_len)
-        head = layout.header
-    srcs = [_local(leaves[i][1]) for i in mine_idx]
+        head = _encode_header(cached, table, metadata).header
+    srcs = [sharding.local_tensor(leaves[i][1]) for i in mine_idx]
     piece_bytes = cached.table.entries[-1].end if cached.table.entries else 0
     contested = tuple((*pp.contested, pp.nbytes) for pp in placed if pp.contested is not None)
     sure = len(head) + sum(pp.nbytes for pp in placed if pp.contested is None)
@@ -553,10 +556,6 @@ def _same_layout(a: Any, b: Any) -> bool:
     return not sharding.is_dtensor(a) or (a.placements == b.placements and a.device_mesh == b.device_mesh)
 
 
-def _local(t: Any) -> torch.Tensor:
-    return t.to_local() if sharding.is_dtensor(t) else t
-
-
 def sharded_images(
     p: ComponentPlan, state: Any, max_shard_size: int, cache: LayoutCache, rank: int
 ) -> tuple[list[FileImage], dict[str, SharedLayout]]:
@@ -577,7 +576,7 @@ def sharded_images(
         aliases: set[str] = set()
         # Tied weights share memory: a DTensor's local shard (state_dict() detaches, so objects differ). The
         # same tie must be seen on every rank: the file tables (and their digest) depend on it.
-        for first, members in tied_groups([_local(state[n]) for n in names]).items():
+        for first, members in tied_groups([sharding.local_tensor(state[n]) for n in names]).items():
             same = [names[i] for i in members if _same_layout(state[names[first]], state[names[i]])]
             if same:
                 tied[names[first]] = same
@@ -812,20 +811,14 @@ def copy_into(
                 now.append((dst, src, is_big))
         stats.tensors += len(img.srcs)
         stats.bytes += img.size - len(img.head)
-    stats.cuda_bytes = _copy(now, side_streams, slab.pinned)
+    stats.cuda_bytes = copy_pairs(now, side_streams, slab.pinned)
     stats.cuda_bytes += sum(dst.nbytes for dst, src, _ in later if src.is_cuda)
     return stats, later
 
 
-def copy_pairs(
-    pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], side_streams: dict[int, Any], pinned: bool
-) -> None:
-    """Copy deferred ``(dst, src, big)`` copies (overlapped staging, on the client's copy thread)."""
-    _copy(pairs, side_streams, pinned)
-
-
-def _copy(pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], side_streams: dict[int, Any], pinned: bool) -> int:
-    """The copies themselves; returns the bytes copied from CUDA devices."""
+def copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], side_streams: dict[int, Any], pinned: bool) -> int:
+    """Copy ``(dst, src, big)`` pairs: those of a save's ``copy_into``, and its deferred ones (overlapped
+    staging, on the client's copy thread). Returns the bytes copied from CUDA devices."""
     small_dst: list[torch.Tensor] = []
     small_src: list[torch.Tensor] = []
     big: list[tuple[torch.Tensor, torch.Tensor]] = []
