@@ -933,9 +933,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(cfg)
 
 
+def serve_pacing_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--max-write-rate``, ``--cpu-affinity``, ``--ionice`` and ``--writer-threads``, checked, as
+    DaemonConfig fields; CliError (exit 2) names the option, what was wrong and what to pass."""
+    from ckptd import pacing
+
+    if args.writer_threads < 1:
+        raise CliError(f"--writer-threads {args.writer_threads}: expected at least 1 (the default is 4)")
+    try:
+        return {
+            "max_write_rate": pacing.parse_write_rate(args.max_write_rate),
+            "cpu_affinity": pacing.parse_cpu_list(args.cpu_affinity) if args.cpu_affinity is not None else None,
+            "ionice": pacing.parse_ionice(args.ionice) if args.ionice is not None else None,
+        }
+    except pacing.PacingError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ckptd import server
 
+    placement = serve_pacing_options(args)
     try:
         endpoint = proto.resolve_endpoint(args.endpoint)
         config = server.DaemonConfig(
@@ -949,6 +967,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             keys_dir=Path(args.keys) if args.keys else None,
             peer_host=args.peer_host,
             peer_ports=args.peer_ports,
+            drop_cache=args.drop_cache,
+            **placement,  # type: ignore[arg-type]
         )
         return server.serve(config)
     except server.EndpointBusy as e:
@@ -1034,6 +1054,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="remove stale temp/trash directories under DIR/checkpoints at start (repeatable)",
+    )
+    s.add_argument(
+        "--max-write-rate",
+        metavar="RATE",
+        default="off",
+        help="spread each checkpoint's writes: a rate shared by all writers (e.g. 200MiB/s, 1GB/s), 'auto' (finish "
+        "within half the interval between an output dir's saves; 'auto:F' for a fraction F), or 'off' (the "
+        "default, also for the embedded daemon). Never at the cost of a save's deadline, and lifted when the "
+        "next save is due",
+    )
+    s.add_argument(
+        "--cpu-affinity",
+        metavar="LIST",
+        help="run every daemon thread on these CPUs only, e.g. '3' or '2-3' (taskset -c syntax); default: inherited",
+    )
+    s.add_argument(
+        "--ionice",
+        metavar="CLASS[:LEVEL]",
+        help="I/O scheduling class of the daemon's writes: 'idle' or 'best-effort[:0-7]' (honoured by the bfq and "
+        "mq-deadline schedulers); default: inherited",
+    )
+    s.add_argument(
+        "--keep-page-cache",
+        dest="drop_cache",
+        action="store_false",
+        help="leave written checkpoint files in the page cache (default: drop their pages after the fsync, so "
+        "that checkpoints do not evict the trainer's cached data)",
     )
     s.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
     s.add_argument(

@@ -37,7 +37,7 @@ import zmq
 import zmq.asyncio
 
 import ckptd
-from ckptd import ownership, peers, security, writer
+from ckptd import ownership, pacing, peers, security, writer
 from ckptd import protocol as proto
 from ckptd import transactions as tx
 from ckptd.faults import FaultInjector
@@ -55,6 +55,7 @@ LINK_IDLE_S = 120.0
 MAX_PENDING_JOINS = 4096
 MAX_LISTENERS = 64  # jobs this daemon leads at once (each a socket, a ZeroMQ context and its I/O thread)
 MAX_LINKS = 256  # leaders this daemon follows at once
+MAX_RHYTHMS = 1024  # output dirs whose save intervals auto pacing remembers
 
 
 @dataclass
@@ -71,6 +72,12 @@ class DaemonConfig:
     keys_dir: Path | None = None  # CURVE keys; required for tcp:// endpoints
     peer_host: str | None = None  # interface for multi-node peer traffic; None: $CKPTD_PEER_HOST or the host name's
     peer_ports: str | None = None  # "LO-HI" for the leader's per-job peer sockets; None: $CKPTD_PEER_PORTS or any
+    # Spread each save's writes (pacing.py): a fixed rate shared by all writers, or auto (a fraction of the
+    # measured interval between a dir's saves). Never at the cost of a deadline or of back-pressure.
+    max_write_rate: pacing.WriteRate = pacing.UNLIMITED
+    cpu_affinity: set[int] | None = None  # CPUs every daemon thread may run on; None: inherited
+    ionice: pacing.IoPriority | None = None  # I/O class of every daemon thread; None: inherited
+    drop_cache: bool = True  # POSIX_FADV_DONTNEED each written file after its fsync
 
 
 @dataclass
@@ -169,6 +176,9 @@ class Daemon:
         self.joined: set[str] = set()  # follower transactions the leader has been told of (beats may start)
         self.last_beat = 0.0
         self.last_dir_check = 0.0
+        rate = config.max_write_rate
+        self.bucket = pacing.TokenBucket(rate.bytes_per_s) if rate.bytes_per_s is not None else None
+        self.rhythms: OrderedDict[Path, pacing.Rhythm] = OrderedDict()  # hand-off times per output dir
 
     # -- messages out ---------------------------------------------------------------------------------
 
@@ -250,6 +260,7 @@ class Daemon:
             self.release_dead_conflicts(txn)
             self.ledger.admit(txn)
             self.dirs_seen.add(txn.output_dir)
+            self.plan_pace(txn)
             if link is not None:
                 # A follower never creates the shared temp dir: it waits for the leader's word that it exists.
                 self.txn_links[txn.txn] = link
@@ -283,6 +294,47 @@ class Daemon:
         self.stats.bytes_staged += sum(f.length for f in req.files)
         await self.send(identity, MsgType.ACCEPTED, req_id, txn=req.txn, rank=req.rank)
         self.spawn(self.run_part(txn, part))
+
+    def plan_pace(self, txn: tx.Transaction) -> None:
+        """Note the hand-off in its output dir's rhythm; pace its writes if ``--max-write-rate`` says so.
+
+        A save of the same output dir that is still being written is un-paced for good: this one waits
+        behind it (commits go in hand-over order), and its trainer may be waiting too."""
+        for other in self.ledger.live.values():
+            if other is not txn and other.output_dir == txn.output_dir and other.pace is not None:
+                other.pace.lift("a later save of this output dir was handed over")
+        rhythm = self.rhythms.pop(txn.output_dir, None) or pacing.Rhythm([])
+        self.rhythms[txn.output_dir] = rhythm
+        while len(self.rhythms) > MAX_RHYTHMS:
+            self.rhythms.popitem(last=False)
+        interval = rhythm.note(txn.opened_at)
+        rate = self.config.max_write_rate
+        if not rate.enabled:
+            return
+        target_end = None
+        if rate.auto_fraction is not None:
+            if interval is None:
+                return  # the first save of this dir here: no interval to spread it over yet
+            target_end = txn.opened_at + min(rate.auto_fraction * interval, pacing.AUTO_MAX_SPREAD_S)
+        txn.pace = pacing.Pace(
+            txn.opened_at,
+            txn.deadline,
+            total=lambda: txn.bytes_total,
+            cancelled=txn.aborting,
+            bucket=self.bucket,
+            target_end=target_end,
+            due_at=txn.opened_at + interval if interval is not None else None,
+        )
+        if self.stopping_since is not None:
+            txn.pace.lift("the daemon is stopping")
+        logger.debug(
+            "txn %s: writes paced (%s%s; interval %s; written by %.1f s at the latest)",
+            txn.txn,
+            rate.describe(),
+            f", done in {txn.pace.target_end - txn.opened_at:.1f} s" if txn.pace.target_end else "",
+            f"{interval:.1f} s" if interval is not None else "not known yet",
+            txn.pace.safe_end - txn.opened_at,
+        )
 
     def release_dead_conflicts(self, txn: tx.Transaction) -> None:
         """Abort saves of another job in ``txn``'s output dir that can never commit: their job lost the lease,
@@ -318,7 +370,7 @@ class Daemon:
         try:
             await asyncio.shield(self.prepared[txn.txn])
             if part.segment is not None:
-                await self.run_io(self.io_pool, txn.write_part, part, self.config.direct_io)
+                await self.run_io(self.io_pool, txn.write_part, part, self.config.direct_io, self.config.drop_cache)
             else:
                 part.written = True
             await self.release(txn, part)
@@ -858,6 +910,7 @@ class Daemon:
             "clients": sorted(self.clients),
             "output_dirs": sorted(str(p) for p in self.dirs_seen),
             "leading": sorted({f"{lst.job} {lst.address}" for lst in self.listeners.values()}),
+            "max_write_rate": self.config.max_write_rate.describe(),
             "following": sorted({link.leader for link in self.links.values()}),
         }
 
@@ -989,6 +1042,9 @@ class Daemon:
     def stop(self) -> None:
         if self.stopping_since is None:
             self.stopping_since = time.monotonic()
+            for txn in self.ledger.live.values():
+                if txn.pace is not None:
+                    txn.pace.lift("the daemon is stopping")  # the grace is for committing, not for pacing
             logger.info(
                 "stopping: no new saves; %d in flight get %.0f s to commit", len(self.ledger.live), self.config.grace_s
             )
@@ -1030,8 +1086,13 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
     # Before anything binds: a tcp:// endpoint without CURVE keys is refused, never served in the clear.
     keys = security.keys_for_endpoint(config.endpoint, config.keys_dir)
     lock = EndpointLock(config.endpoint)
+    # Before any thread starts (ZeroMQ's I/O thread, the worker pools): they inherit what is set here.
     if config.nice > 0:
         os.nice(config.nice)
+    if config.cpu_affinity is not None:
+        pacing.apply_cpu_affinity(config.cpu_affinity)
+    if config.ionice is not None:
+        pacing.apply_ionice(config.ionice)
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 1000)

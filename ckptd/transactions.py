@@ -109,7 +109,7 @@ from pathlib import Path
 
 import ckptd
 from ckptd import format as fmt
-from ckptd import ownership, writer
+from ckptd import ownership, pacing, writer
 from ckptd.faults import FaultInjector, FaultPoint
 from ckptd.protocol import CommitInfo, PeerInfo, Prepared, StageRequest, TxnState
 
@@ -213,6 +213,7 @@ class Transaction:
     shared_ino: int | None = None  # follower: inode of the leader's temp dir, as observed here
     last_heard_leader: float = field(default_factory=time.monotonic)  # follower: the leader's last word
     reason_from_leader: bool = False  # follower: aborted on the leader's word (so it need not be told back)
+    pace: pacing.Pace | None = None  # when its chunks may be written (the server sets it; None: full speed)
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -544,21 +545,39 @@ class Transaction:
                 "owns it; this transaction cannot commit"
             ) from None
 
-    def write_part(self, part: Part, direct: bool = False) -> None:
+    def aborting(self) -> bool:
+        """Whether it is being (or has been) aborted: its writers stop at the next chunk. Thread-safe."""
+        return self.state in (TxnState.ABORTING, TxnState.ABORTED)
+
+    def write_part(self, part: Part, direct: bool = False, drop_cache: bool = True) -> None:
         """Validate and write every file of a part (not yet fsynced); a region spec's runs go into its
-        shared file, which other parts write too (checked and hashed whole at commit)."""
+        shared file, which other parts write too (checked and hashed whole at commit). Paced by ``pace``."""
         assert part.segment is not None
         for spec in part.request.files:
             writer.validate_file_bytes(part.segment, spec)
+        pace = self.pace.wait if self.pace is not None else None
         for spec in part.request.files:
-            if self.state in (TxnState.ABORTING, TxnState.ABORTED):
+            if self.aborting():
                 raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}")
             if spec.kind == "region" and not spec.runs:
                 continue  # no byte of this shared file is this rank's to write: not one of its writers
-            if spec.kind == "region":
-                f = writer.write_regions(part.segment, spec, self.temp_dir, fmt.coverage_key(self.txn))
-            else:
-                f = writer.write_range(part.segment, spec, self.temp_dir, direct)
+            try:
+                if spec.kind == "region":
+                    # The leader hashes its shared files at commit: keep its pages cached until then
+                    # (seal_shared_file drops them); a follower's pages are of no use to that read.
+                    f = writer.write_regions(
+                        part.segment,
+                        spec,
+                        self.temp_dir,
+                        fmt.coverage_key(self.txn),
+                        pace,
+                        drop_cache=drop_cache and self.role == Role.FOLLOWER,
+                    )
+                else:
+                    f = writer.write_range(part.segment, spec, self.temp_dir, direct, pace)
+                    f.drop_cache = drop_cache
+            except pacing.Aborted:
+                raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}") from None
             part.open_files.append(f)
             self.faults.hit(FaultPoint.AFTER_FILE_WRITE)
             self.bytes_written += f.size
@@ -774,6 +793,7 @@ class Transaction:
                 fmt.parse_safetensors_header(head, file_size)
                 # Small reads into one reused buffer stay in cache: 3x faster than the default 64 MiB chunks.
                 checksum = fmt.hash_fd(fd, file_size, where=where, chunk_size=SEAL_CHUNK)
+                writer.drop_cached_pages(fd)  # fsynced by every part, now read: keep it out of the page cache
             except fmt.FormatError as e:
                 raise TxnError(
                     f"the shared file {path}, as ranks {ranks} assembled it, is not a valid safetensors file: {e}; "

@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 LEGACY_SLAB_PREFIX = "ckptd-"  # /dev/shm slabs of ckptd before slabs became memfds
-# Small enough that a chunk is still in cache when it is written after being hashed.
+# Small enough that a chunk is still in cache when it is written after being hashed (the copy into the page
+# cache reads it again). Measured 2026-12-03: 4, 8 and 16 MiB all about 0.35-0.38 CPU s/GiB, 0.86-0.96 s/GiB.
 WRITE_CHUNK = 8 * 1024 * 1024
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 _F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
@@ -175,10 +177,22 @@ class OpenFile:
     fd: int
     size: int
     checksum: str
+    # After its fsync, drop the file's pages from the page cache (POSIX_FADV_DONTNEED): checkpoint bytes
+    # must not evict the trainer's cached data. Left False where the bytes are read back soon (a shared
+    # file the leader hashes at commit).
+    drop_cache: bool = True
+
+
+Pace = Callable[[int], None]  # called with a chunk's length before the chunk is written; may sleep or raise
 
 
 DIRECT_ALIGN = 4096
-DIRECT_CHUNK = 32 * 1024 * 1024  # O_DIRECT writes are synchronous: fewer, larger ones keep the disk busy
+# O_DIRECT writes are synchronous: fewer, larger ones keep the disk busy and cost less CPU per byte. Measured
+# 2026-12-03 on the 2-core VM, write_range of 512 MiB + fsync (docs/benchmarks.md), two runs: 32 MiB 0.57 and
+# 0.68 s/GiB at 0.087 and 0.091 CPU s/GiB; 8 MiB 0.75 s/GiB at 0.093 and 0.125; 4 MiB 0.75-0.85 s/GiB at
+# 0.115-0.128; 64 MiB 0.58-0.65 s/GiB at 0.078-0.083 (within noise of 32 MiB). Paced writes use it too: a
+# 32 MiB O_DIRECT write is a ~20 ms burst here, shorter than a training step, at a third less CPU than 8 MiB.
+DIRECT_CHUNK = 32 * 1024 * 1024
 
 
 def _set_direct(fd: int, on: bool) -> None:
@@ -186,12 +200,16 @@ def _set_direct(fd: int, on: bool) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, (flags | os.O_DIRECT) if on else (flags & ~os.O_DIRECT))
 
 
-def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = False) -> OpenFile:
+def write_range(
+    seg: Segment, spec: FileSpec, directory: Path, direct: bool = False, pace: Pace | None = None
+) -> OpenFile:
     """Write one file's range into ``directory`` (must not exist yet); returns it still open for fsync.
 
     With ``direct``, the page-aligned body goes out with O_DIRECT straight from the slab (no copy into the
     page cache, no writeback work: less CPU taken from training); the unaligned tail, and any file system
-    that refuses O_DIRECT, fall back to ordinary writes.
+    that refuses O_DIRECT, fall back to ordinary writes. Each chunk is hashed and then written from the
+    same slab view: one pass over the bytes, no second read. ``pace`` (``pacing.Pace.wait``) is called
+    before each chunk.
     """
     path = directory / spec.path
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -212,6 +230,8 @@ def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = Fa
         while pos < end:
             limit = direct_end if pos < direct_end else end
             chunk = view[pos : min(limit, pos + (DIRECT_CHUNK if pos < direct_end else WRITE_CHUNK))]
+            if pace is not None:
+                pace(len(chunk))
             hashing.write(chunk)
             done = 0
             while done < len(chunk):
@@ -238,7 +258,9 @@ def write_range(seg: Segment, spec: FileSpec, directory: Path, direct: bool = Fa
 _REGION_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-def write_regions(seg: Segment, spec: FileSpec, directory: Path, key: int) -> OpenFile:
+def write_regions(
+    seg: Segment, spec: FileSpec, directory: Path, key: int, pace: Pace | None = None, drop_cache: bool = True
+) -> OpenFile:
     """Write one part's regions of a shared file into ``directory``; returns it still open for fsync.
 
     Other parts write the same file at the same time (other writer threads, other nodes' daemons), so the
@@ -251,6 +273,10 @@ def write_regions(seg: Segment, spec: FileSpec, directory: Path, key: int) -> Op
         seg: the rank's mapped slab.
         spec: a ``"region"`` FileSpec, already validated by ``protocol.parse_file_spec``.
         directory: the transaction's temp dir.
+        key: the transaction's coverage key (``format.coverage_key``).
+        pace: called with each chunk's length before it is written (``pacing.Pace.wait``).
+        drop_cache: whether ``fsync_and_close`` drops the file's cached pages (False where this node hashes
+            the whole file at commit and would read them back).
 
     Returns:
         The open file; ``size`` is the bytes this part contributed, ``checksum`` is empty (the whole file is
@@ -285,24 +311,27 @@ def write_regions(seg: Segment, spec: FileSpec, directory: Path, key: int) -> Op
             os.ftruncate(fd, spec.file_size)
         for file_offset, slab_offset, run_len, count, stride in spec.runs:
             if count == 1 or stride == run_len:  # one contiguous piece: write it in large chunks
-                _pwrite_all(fd, view, slab_offset, count * run_len, file_offset)
+                _pwrite_all(fd, view, slab_offset, count * run_len, file_offset, pace)
             else:
                 for i in range(count):
-                    _pwrite_all(fd, view, slab_offset + i * run_len, run_len, file_offset + i * stride)
+                    _pwrite_all(fd, view, slab_offset + i * run_len, run_len, file_offset + i * stride, pace)
             contributed += count * run_len
     except BaseException:
         os.close(fd)
         raise
     finally:
         view.release()
-    return OpenFile(path, fd, contributed, fmt.format_coverage(fmt.coverage_fingerprint(spec.runs or [], key)))
+    coverage = fmt.format_coverage(fmt.coverage_fingerprint(spec.runs or [], key))
+    return OpenFile(path, fd, contributed, coverage, drop_cache=drop_cache)
 
 
-def _pwrite_all(fd: int, view: memoryview, start: int, n: int, file_offset: int) -> None:
+def _pwrite_all(fd: int, view: memoryview, start: int, n: int, file_offset: int, pace: Pace | None = None) -> None:
     """Write ``n`` bytes of ``view`` from ``start`` at ``file_offset``, chunk by chunk, retrying short writes."""
     done = 0
     while done < n:
         with view[start + done : start + min(n, done + WRITE_CHUNK)] as chunk:
+            if pace is not None:
+                pace(len(chunk))
             wrote = os.pwrite(fd, chunk, file_offset + done)
         if wrote <= 0:
             raise OSError(errno.EIO, f"pwrite wrote nothing at offset {file_offset + done}")
@@ -310,10 +339,24 @@ def _pwrite_all(fd: int, view: memoryview, start: int, n: int, file_offset: int)
 
 
 def fsync_and_close(f: OpenFile) -> None:
+    """fsync, then (``f.drop_cache``) drop the now clean pages from the page cache, then close."""
     try:
         os.fsync(f.fd)
+        if f.drop_cache:
+            drop_cached_pages(f.fd)
     finally:
         os.close(f.fd)
+
+
+def drop_cached_pages(fd: int) -> None:
+    """POSIX_FADV_DONTNEED over the whole file: its clean cached pages go, so that checkpoint bytes do not
+    evict the trainer's page cache (data sets, libraries). Best effort: a file system that ignores it loses
+    nothing."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            logger.debug("posix_fadvise(DONTNEED) failed: %s", e)
 
 
 def write_small_file(path: Path, data: bytes) -> None:
