@@ -20,6 +20,7 @@ Nothing here talks to other ranks.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -33,8 +34,10 @@ from client.components import CheckpointError
 logger = logging.getLogger(__name__)
 
 
+@functools.cache
 def dtensor_type() -> Any:
-    """``DTensor``, or None where torch was built without distributed support."""
+    """``DTensor``, or None where torch was built without distributed support. Cached: the import statement
+    alone costs about 2 us, and the staging of a model with 10,000 tensors asks once per tensor."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover

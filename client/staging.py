@@ -17,8 +17,10 @@ import json
 import logging
 import math
 import mmap
+import operator
 import os
 import secrets
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -277,6 +279,16 @@ class CachedTable:
     views_key: tuple[str, int] | None = None
     views: list[torch.Tensor | None] = field(default_factory=list)
     big: list[bool] = field(default_factory=list)  # per view: large enough for a multi-threaded copy_
+    # The copy plan of the views: positions (in data order) of the tensors copied one by one (big), and the
+    # views of those copied in one batch (small), so that a save of many small tensors splits no list.
+    big_at: list[int] = field(default_factory=list)
+    small_at: list[int] = field(default_factory=list)
+    small_views: list[torch.Tensor] = field(default_factory=list)
+    # The last header encoded, with the metadata it was encoded for: a save whose metadata did not change
+    # reuses the bytes (the header of 10,000 tensors is about 1 MB of JSON).
+    encoded: tuple[dict[str, str], int, fmt.SafetensorsLayout] | None = None
+    # Model shards: the index of each of the file's tensors, in data order, in the model's state_dict.
+    src_index: list[int] | None = None
 
 
 # file path -> its cached table; one per client, so steady-state saves skip layout work
@@ -339,10 +351,14 @@ class FileImage:
 def _encode_header(ent: CachedTable, table: fmt.TensorTable, metadata: dict[str, str]) -> fmt.SafetensorsLayout:
     """``table``'s header padded to the length ``ent`` reserved, growing the reservation (with slack) when the
     metadata outgrows it, so that the data keeps its slab offset from one save to the next."""
+    if ent.encoded is not None and ent.encoded[0] == metadata and ent.encoded[1] == ent.head_len and table is ent.table:
+        return ent.encoded[2]
     layout = fmt.encode_header(table, metadata, ent.head_len)
     if len(layout.header) > ent.head_len:
         ent.head_len = len(layout.header) + HEADER_SLACK
         layout = fmt.encode_header(table, metadata, ent.head_len)
+    if table is ent.table:
+        ent.encoded = (dict(metadata), ent.head_len, layout)
     return layout
 
 
@@ -362,13 +378,20 @@ def _image(
         order = fmt.alignment_order(items)  # type: ignore[arg-type]
         ent = CachedTable(signature, order, fmt.tensor_table([items[i] for i in order]))  # type: ignore[misc]
         cache[path] = ent
+    return _cached_image(path, p, ent, [leaves[i][1] for i in ent.order], metadata)
+
+
+def _cached_image(
+    path: str, p: ComponentPlan, ent: CachedTable, srcs: list[torch.Tensor], metadata: dict[str, str]
+) -> FileImage:
+    """The image of a file whose table is ``ent``, with its tensors ``srcs`` in data order."""
     layout = _encode_header(ent, ent.table, metadata)
     return FileImage(
         path=path,
         component=p.key,
         kind="safetensors",
         head=layout.header,
-        srcs=[leaves[i][1] for i in ent.order],
+        srcs=srcs,
         cached=ent,
         size=layout.file_size,
         rank=p.rank,
@@ -635,7 +658,12 @@ def finalize_regions(
 
 
 def is_flat_tensor_dict(state: Any) -> bool:
-    return isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    """Whether ``state`` is ``{str: tensor}``; by the set of key and value types, without a Python step per item."""
+    if not isinstance(state, dict):
+        return False
+    return all(issubclass(c, str) for c in set(map(type, state))) and all(
+        issubclass(c, torch.Tensor) for c in set(map(type, state.values()))
+    )
 
 
 def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -648,6 +676,9 @@ def tied_groups(tensors: list[torch.Tensor]) -> dict[int, list[int]]:
     Screens by data pointer (cheap) and confirms candidates with the full storage/offset/shape/stride key,
     so that a view starting at the same address (``a`` and ``a[:2]``) is not mistaken for a tie.
     """
+    ptrs = [t.data_ptr() for t in tensors]
+    if len(set(ptrs)) == len(ptrs):
+        return {}  # the common case, decided without a Python step per tensor
     first: dict[int, int] = {}
     candidates: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -684,16 +715,21 @@ def model_images(
     p: ComponentPlan, state: dict[str, torch.Tensor], max_shard_size: int, cache: LayoutCache
 ) -> list[FileImage]:
     """The model as Hugging Face shards plus index; tensors that share memory (tied weights) stored once."""
+    # Every step below is one pass over the tensors with no per-tensor Python call that can be avoided: a
+    # model of 10,000 small tensors must stage in about twice the time of one tensor of the same bytes.
     names = list(state)
     tensors = list(state.values())
-    for name, t in state.items():
-        if sharding.is_dtensor(t):
-            raise fmt.UnsupportedLeafError(
-                f"model.{name}: a DTensor (placements {fmt.describe_placements(t)}) in a component that is not "
-                "SHARDED; expected plain tensors here: declare the model component SharingPattern.SHARDED"
-            )
+    dtensor = sharding.dtensor_type()
+    if dtensor is not None and any(issubclass(cls, dtensor) for cls in set(map(type, tensors))):
+        for name, t in state.items():
+            if isinstance(t, dtensor):
+                raise fmt.UnsupportedLeafError(
+                    f"model.{name}: a DTensor (placements {fmt.describe_placements(t)}) in a component that is "
+                    "not SHARDED; expected plain tensors here: declare the model component SharingPattern.SHARDED"
+                )
     ties = tied_groups(tensors)
-    signature = (max_shard_size, tuple((n, t.dtype, t.shape) for n, t in zip(names, tensors, strict=True)))
+    # Two C-level passes are cheaper than one of Python tuples (4.6 against 6.0 ms for 10,000 tensors).
+    signature = (max_shard_size, names, list(map(_DTYPE, tensors)), list(map(torch.Tensor.size, tensors)))
     signature += (tuple((j, tuple(m)) for j, m in ties.items()),)
     plan = cache.get(_MODEL_PLAN)
     if not isinstance(plan, ModelPlan) or plan.signature != signature:
@@ -716,10 +752,18 @@ def model_images(
         cache[_MODEL_PLAN] = plan  # type: ignore[assignment]
     images = []
     for si, idx in enumerate(plan.shards):
-        leaves = [(names[plan.stored[k]], tensors[plan.stored[k]]) for k in idx]
+        path = fmt.model_shard_filename(si, len(plan.shards))
         # The plan's signature already covers these leaves: no need to recompute one per shard.
         shard_sig = ("model-plan", plan.generation, si)
-        images.append(_image(fmt.model_shard_filename(si, len(plan.shards)), p, leaves, {}, cache, shard_sig))
+        ent = cache.get(path)
+        if isinstance(ent, CachedTable) and ent.signature == shard_sig and ent.src_index is not None:
+            images.append(_cached_image(path, p, ent, [tensors[j] for j in ent.src_index], {}))
+            continue
+        leaves = [(names[plan.stored[k]], tensors[plan.stored[k]]) for k in idx]
+        img = _image(path, p, leaves, {}, cache, shard_sig)
+        assert img.cached is not None
+        img.cached.src_index = [plan.stored[idx[i]] for i in img.cached.order]
+        images.append(img)
     images.append(FileImage(fmt.MODEL_INDEX_NAME, p.key, "index", plan.index, [], None, len(plan.index)))
     return images
 
@@ -773,6 +817,9 @@ def _views(slab: Slab, img: FileImage) -> list[torch.Tensor | None]:
                 views.append(slab.tensor[base + e.begin : base + e.end].view(dtype).view(e.shape))
         ent.views, ent.views_key = views, key
         ent.big = [e.end - e.begin >= BIG_COPY for e in ent.table.entries]
+        ent.big_at = [i for i, v in enumerate(views) if v is not None and ent.big[i]]
+        ent.small_at = [i for i, v in enumerate(views) if v is not None and not ent.big[i]]
+        ent.small_views = [views[i] for i in ent.small_at]  # type: ignore[misc]
     return ent.views
 
 
@@ -798,6 +845,23 @@ def copy_into(
         mv.release()
     now: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
     later: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    if defer is None and not any(any(map(_IS_CUDA, img.srcs)) for img in images):
+        # Host tensors only, nothing deferred: the cached copy plan, with no per-tensor Python in between.
+        with torch.no_grad():
+            small_dst: list[torch.Tensor] = []
+            small_src: list[torch.Tensor] = []
+            for img in images:
+                if img.cached is None:
+                    continue
+                views, ent, srcs = _views(slab, img), img.cached, img.srcs
+                for i in ent.big_at:
+                    views[i].copy_(srcs[i])  # type: ignore[union-attr]
+                small_dst += ent.small_views
+                small_src += srcs if len(ent.small_at) == len(srcs) else [srcs[i] for i in ent.small_at]
+                stats.tensors += len(srcs)
+                stats.bytes += img.size - len(img.head)
+            _batch_copy(small_dst, small_src)
+        return stats, later
     for img in images:
         if img.cached is None:
             continue
@@ -851,14 +915,46 @@ def copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], side_stream
         # copy_, which is multi-threaded; small ones in one dispatch.
         for dst, src in big:
             dst.copy_(src)
-        if len(small_dst) > 16 and hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(small_dst, small_src)
-        else:
-            for dst, src in zip(small_dst, small_src, strict=True):
-                dst.copy_(src)
+        _batch_copy(small_dst, small_src)
         for stream in used.values():
             stream.synchronize()
     return cuda_bytes
+
+
+_IS_CUDA = operator.attrgetter("is_cuda")
+_DTYPE = operator.attrgetter("dtype")
+BATCH_SPLIT = 2048  # host tensors from which a batched copy is split across two threads
+
+
+def _batch_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Copy many small host tensors in as few dispatches as torch allows (``_foreach_copy_``). Its cost is
+    about 2 us of dispatch per tensor, not the bytes, and it releases the GIL, so a large batch is split
+    between this thread and a second one where torch may use more than one thread."""
+    if len(dsts) <= 16 or not hasattr(torch, "_foreach_copy_"):
+        for dst, src in zip(dsts, srcs, strict=True):
+            dst.copy_(src)
+        return
+    if len(dsts) < BATCH_SPLIT or torch.get_num_threads() < 2:
+        torch._foreach_copy_(dsts, srcs)
+        return
+    half = len(dsts) // 2
+    failed: list[BaseException] = []
+
+    def second_half() -> None:
+        try:
+            with torch.no_grad():
+                torch._foreach_copy_(dsts[half:], srcs[half:])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(e)
+
+    helper = threading.Thread(target=second_half, name="ckptd-batch-copy", daemon=True)
+    helper.start()
+    try:
+        torch._foreach_copy_(dsts[:half], srcs[:half])
+    finally:
+        helper.join()
+    if failed:
+        raise failed[0]
 
 
 # -------------------------------------------------------------------------------------------- validation
