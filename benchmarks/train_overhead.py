@@ -7,6 +7,7 @@ torch.distributed.checkpoint.async_save and with no checkpoint at all, measured 
     python benchmarks/train_overhead.py --repeats 9 --json out.json
     python benchmarks/train_overhead.py --model transformer --steps 20
     python benchmarks/train_overhead.py --device cuda         # adds the dcp-stager mode
+    python benchmarks/train_overhead.py --config nice10="--nice 10" --config nice19="--nice 19"
 
 Every repeat runs the whole loop once per mode, the order of the modes rotating from repeat to repeat; one
 shorter warm-up loop per mode comes first and is not counted. Modes:
@@ -14,6 +15,9 @@ shorter warm-up loop per mode comes first and is not counted. Modes:
 * ``none``: the loop, no checkpoint.
 * ``ckptd``: a CheckpointClient (model and optimizer REPLICATED, RNGState PER_RANK) on a private embedded
   daemon, ``save_async`` every ``--save-every`` steps, ``client.wait()`` at the end counted in the loop time.
+* ``ckptd:NAME`` (one per ``--config NAME=ARGS``): the same loop, its own client and output dir, against a
+  daemon this script starts with ``python -m ckptd serve --endpoint <a private one> ARGS`` (daemon settings
+  side by side; each gets its own overhead, breakdown, DCP ratio and verdicts).
 * ``dcp``: ``dcp.async_save({"model": ..., "optim": ...})`` in a single-process gloo group (default stager,
   thread executor); each save first waits for the previous one's future, and the loop ends with the last one.
 * ``dcp-stager``: the same with ``async_stager=DefaultStager(StagingOptions(use_async_staging=True, ...))``,
@@ -21,8 +25,9 @@ shorter warm-up loop per mode comes first and is not counted. Modes:
   needs an accelerator); skipped with a message otherwise.
 
 The overhead of a mode is its median loop time minus that of ``none``. ``--breakdown`` (on by default) splits
-ckptd's overhead into the visible stall, the wait at the end, the step-time inflation of the steps that ran
-while a save was in flight, and the rest; it also reports the daemon's CPU time and the page cache growth.
+each ckptd-like mode's overhead into the visible stall, the wait at the end, the step-time inflation of the
+steps that ran while a save was in flight, and the rest; it also reports the daemon's CPU time and the page
+cache growth.
 See benchmarks/README.md for every row and docs/benchmarks.md for figures.
 """
 
@@ -36,7 +41,9 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -57,11 +64,13 @@ from ckptd import protocol as proto
 MiB = 1024**2
 GiB = 1024**3
 ALL_MODES = ("none", "ckptd", "dcp", "dcp-stager")
+CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a --config NAME: mode ckptd:NAME, dir ckptd-NAME
 # DESIGN.md §8, training-loop overhead row
 OVERHEAD_MAX = 0.05
 OVERHEAD_GOAL = 0.02
 DCP_RATIO_MIN = 10.0
 DAEMON_STOP_S = 15.0
+DAEMON_START_S = 30.0  # a --config daemon must answer within this
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -90,6 +99,11 @@ def fmt_s(s: float, signed: bool = False) -> str:
 
 def fmt_pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:+.1f} %"
+
+
+def is_ckptd_mode(mode: str) -> bool:
+    """``ckptd`` (the embedded daemon) or ``ckptd:NAME`` (a daemon started with a --config's arguments)."""
+    return mode == "ckptd" or mode.startswith("ckptd:")
 
 
 def rotate(items: list[Any], r: int) -> list[Any]:
@@ -225,7 +239,7 @@ class Loop:
     staging_wait_s: list[float] = field(default_factory=list)  # dcp-stager: staging future before optim.step
     poll_s: float = 0.0  # ckptd: handle.done() calls after each step (the benchmark's in-flight probe)
     end_wait_s: float = 0.0  # client.wait() / the last future, at the end of the loop
-    daemon_cpu_s: float = float("nan")
+    daemon_cpu_s: float = float("nan")  # the mode's own daemon; for none/dcp modes the `ckptd` mode's (idle) one
     cached_delta: float = float("nan")  # Cached (page cache) after minus before, bytes
     loadavg: float = float("nan")  # 1-minute load average when the loop ended (other processes' load)
 
@@ -251,14 +265,60 @@ class Ckptd:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def spawn_daemon(endpoint: str, daemon_args: list[str]) -> subprocess.Popen:
+    """``python -m ckptd serve --endpoint ENDPOINT ARGS`` (a --config daemon), its output in ``<socket>.log``.
+    Same process group as this script: a Ctrl-C reaches it too (stop_daemon reaps it either way)."""
+    cmd = [sys.executable, "-m", "ckptd", "serve", "--endpoint", endpoint, *daemon_args]
+    path = proto.ipc_path(endpoint)
+    assert path is not None
+    with open(path + ".log", "wb") as log:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            close_fds=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def wait_for_daemon(mode: str, endpoint: str, process: subprocess.Popen) -> None:
+    """Until the daemon just spawned answers a status request; fail (exit status 2) if it exits or is mute."""
+    from ckptd.cli import request_status
+
+    deadline = time.monotonic() + DAEMON_START_S
+    while request_status(endpoint, 0.5) is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            path = proto.ipc_path(endpoint)
+            try:
+                tail = Path(f"{path}.log").read_text(errors="replace").strip().splitlines()[-10:]
+            except OSError:
+                tail = []
+            why = (
+                f"exited with {process.returncode}"
+                if process.poll() is not None
+                else f"did not answer within {DAEMON_START_S:g} s"
+            )
+            fail(f"{mode}: '{shlex.join(process.args)}' {why}" + "".join(f"\n  | {line}" for line in tail))
+
+
 class Runner:
-    def __init__(self, args: argparse.Namespace, trainer: Trainer, work: Path, endpoint: str) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        trainer: Trainer,
+        work: Path,
+        endpoints: dict[str, str],
+        configs: dict[str, list[str]],
+    ) -> None:
         self.args = args
         self.t = trainer
         self.work = work
-        self.endpoint = endpoint
+        self.endpoints = endpoints  # ckptd-like mode -> its endpoint
+        self.configs = configs  # --config NAME -> the `ckptd serve` arguments
         self.global_step = 0  # increases across every loop, so ckptd's step numbers never repeat
-        self.ck: Ckptd | None = None
+        self.cks: dict[str, Ckptd] = {}  # ckptd-like mode -> its client
+        self.procs: dict[str, subprocess.Popen] = {}  # ckptd:NAME -> the daemon this script started
         self.dcp: Any = None
         self.stager: Any = None
         self.owned_group = False
@@ -266,8 +326,17 @@ class Runner:
     # -- setup / teardown
 
     def open(self, modes: list[str]) -> None:
-        if "ckptd" in modes:
-            self.ck = Ckptd(self.work / "ckptd", self.t, self.endpoint, self.args.save_total_limit)
+        for m in modes:
+            if m == "ckptd":  # the client starts its own (embedded) daemon at the endpoint
+                self.cks[m] = Ckptd(self.work / "ckptd", self.t, self.endpoints[m], self.args.save_total_limit)
+            elif is_ckptd_mode(m):
+                name = m.split(":", 1)[1]
+                self.procs[m] = spawn_daemon(self.endpoints[m], self.configs[name])
+                wait_for_daemon(m, self.endpoints[m], self.procs[m])
+                ck = Ckptd(self.work / f"ckptd-{name}", self.t, self.endpoints[m], self.args.save_total_limit)
+                self.cks[m] = ck
+                if ck.process is not None:  # cannot happen: ours answered first
+                    fail(f"{m}: the client started a daemon of its own instead of using ours at {ck.client.endpoint}")
         if "dcp" in modes or "dcp-stager" in modes:
             import torch.distributed as dist
             import torch.distributed.checkpoint as dcp
@@ -291,12 +360,23 @@ class Runner:
                 )
             )
 
-    def close(self) -> str:
-        what = "no daemon"
-        if self.ck is not None:
+    def close(self) -> dict[str, str]:
+        """Close every client, then stop every daemon (each endpoint's, found by its lock file even where
+        setup failed half-way), at most DAEMON_STOP_S each, all at once. Returns what happened, per mode."""
+        for ck in self.cks.values():
             with contextlib.suppress(Exception):
-                self.ck.client.close(wait=False)
-            what = stop_daemon(self.endpoint, self.ck.process)
+                ck.client.close(wait=False)
+        what: dict[str, str] = {}
+        if self.endpoints:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(self.endpoints)) as ex:
+                futs = {
+                    # ckptd:NAME: the daemon this script started; ckptd: the one its client started, if it did
+                    m: ex.submit(stop_daemon, ep, self.procs.get(m) or getattr(self.cks.get(m), "process", None))
+                    for m, ep in self.endpoints.items()
+                }
+            what = {m: f.result() for m, f in futs.items()}
         if self.stager is not None:
             with contextlib.suppress(Exception):
                 self.stager.close()
@@ -309,8 +389,8 @@ class Runner:
 
     def clear(self) -> None:
         """Remove every checkpoint written so far (untimed, between loops)."""
-        if self.ck is not None:
-            self.ck.clear()
+        for ck in self.cks.values():
+            ck.clear()
         shutil.rmtree(self.work / "dcp", ignore_errors=True)
 
     # -- loops
@@ -319,12 +399,17 @@ class Runner:
         gc.collect()
         self.t.sync()
         loop = Loop(mode, repeat)
-        pid = daemon_pid(self.endpoint) if self.ck is not None else None
+        proc = self.procs.get(mode)
+        if proc is not None and proc.poll() is not None:
+            fail(f"{mode}: its daemon exited with {proc.returncode} (log {proto.ipc_path(self.endpoints[mode])}.log)")
+        # The daemon whose CPU time counts: the mode's own; for the other modes the `ckptd` mode's (idle) one.
+        ep = self.endpoints.get(mode if is_ckptd_mode(mode) else "ckptd")
+        pid = daemon_pid(ep) if ep is not None else None
         cpu0, cache0 = proc_cpu_s(pid), cached_bytes()
         if mode == "none":
             self._none(loop, steps)
-        elif mode == "ckptd":
-            self._ckptd(loop, steps)
+        elif is_ckptd_mode(mode):
+            self._ckptd(loop, steps, self.cks[mode])
         else:
             self._dcp(loop, steps, stager=mode == "dcp-stager")
         loop.daemon_cpu_s = proc_cpu_s(pid) - cpu0
@@ -343,9 +428,8 @@ class Runner:
             self.global_step += 1
         loop.total_s = pc() - t0
 
-    def _ckptd(self, loop: Loop, steps: int) -> None:
-        assert self.ck is not None
-        client = self.ck.client
+    def _ckptd(self, loop: Loop, steps: int, ck: Ckptd) -> None:
+        client = ck.client
         every = self.args.save_every
         pc = time.perf_counter
         pending: list[Any] = []
@@ -468,7 +552,7 @@ def stop_daemon(endpoint: str, process: subprocess.Popen | None) -> str:
 
 
 def ckptd_parts(ck: Loop, none: Loop) -> dict[str, float]:
-    """ckptd's overhead in one repeat (its loop minus the `none` loop of the same repeat), split into parts
+    """A ckptd-like mode's overhead in one repeat (its loop minus the `none` loop of the same repeat), split into parts
     that add up to it exactly: the remainder is loop glue (timer reads, list appends, the save-every check)."""
     idle = [t for t, b in zip(ck.step_s, ck.inflight, strict=True) if not b]
     busy = [t for t, b in zip(ck.step_s, ck.inflight, strict=True) if b]
@@ -502,12 +586,12 @@ def ckptd_parts(ck: Loop, none: Loop) -> dict[str, float]:
     }
 
 
-def print_breakdown(parts: list[dict[str, float]], bare: float, saves: int) -> dict[str, float]:
+def print_breakdown(parts: list[dict[str, float]], bare: float, saves: int, mode: str = "ckptd") -> dict[str, float]:
     agg = {k: mean([p[k] for p in parts]) for k in parts[0]}
     agg_med = {k: med([p[k] for p in parts]) for k in parts[0]}
     n = len(parts)
     print(
-        f"\nckptd overhead breakdown (per loop of {saves} saves; mean over {n} repeats, which adds up, "
+        f"\n{mode} overhead breakdown (per loop of {saves} saves; mean over {n} repeats, which adds up, "
         f"and median; each repeat paired with that repeat's `none` loop):"
     )
     rows = [
@@ -528,7 +612,7 @@ def print_breakdown(parts: list[dict[str, float]], bare: float, saves: int) -> d
         print(f"  {label:<{w}}{fmt_s(agg[key], True):>10}{fmt_s(agg_med[key], True):>10}{fmt_pct(agg[key] / bare):>11}")
     total = sum(agg[k] for _, k, top in rows if top)
     print(
-        f"  {'= measured overhead (ckptd loop - none loop)':<{w}}{fmt_s(agg['overhead'], True):>10}"
+        f"  {f'= measured overhead ({mode} loop - none loop)':<{w}}{fmt_s(agg['overhead'], True):>10}"
         f"{fmt_s(agg_med['overhead'], True):>10}{fmt_pct(agg['overhead'] / bare):>11}"
     )
     if abs(total - agg["overhead"]) > 1e-6 * max(1.0, abs(total)):  # cannot happen: the glue row is the rest
@@ -579,8 +663,9 @@ def print_modes(
     (fastest loop minus `none`'s fastest: the least disturbed pair on a shared machine)."""
     bare = summary["none"]["median"]
     none_by_rep = {lp.repeat: lp.total_s for lp in loops if lp.mode == "none"}
+    wn = max(12, max(len(m) for m in modes) + 2)
     print(
-        f"\n{'mode':<12}{'loop median':>12}{'min – max':>22}{'overhead':>12}{'% of bare':>11}{'paired':>11}"
+        f"\n{'mode':<{wn}}{'loop median':>12}{'min – max':>22}{'overhead':>12}{'% of bare':>11}{'paired':>11}"
         f"{'of minima':>20}"
     )
     overhead: dict[str, dict[str, float]] = {}
@@ -594,11 +679,11 @@ def print_modes(
         overhead[m] = o
         rng = f"{fmt_s(s['min'])} – {fmt_s(s['max'])}"
         if m == "none":
-            print(f"{m:<12}{fmt_s(s['median']):>12}{rng:>22}")
+            print(f"{m:<{wn}}{fmt_s(s['median']):>12}{rng:>22}")
             continue
         mins = f"{fmt_s(o['min'], True)} ({fmt_pct(o['min'] / summary['none']['min'])})"
         print(
-            f"{m:<12}{fmt_s(s['median']):>12}{rng:>22}{fmt_s(o['median'], True):>12}{fmt_pct(o['median'] / bare):>11}"
+            f"{m:<{wn}}{fmt_s(s['median']):>12}{rng:>22}{fmt_s(o['median'], True):>12}{fmt_pct(o['median'] / bare):>11}"
             f"{fmt_s(o['paired'], True):>11}{mins:>20}"
         )
     print(
@@ -637,14 +722,22 @@ def print_dcp_parts(loops: list[Loop], mode: str) -> None:
 def make_verdicts(
     modes: list[str], overhead: dict[str, dict[str, float]], bare: float, summary: dict[str, dict[str, float]]
 ) -> list[dict[str, Any]]:
-    """DESIGN.md §8 verdicts on the medians. An overhead of ckptd at or below zero is noise, not a result: the
-    verdict is then INCONCLUSIVE rather than PASS, and the ratio is not formed."""
+    """DESIGN.md §8 verdicts on the medians, for each ckptd-like mode (``ckptd``, ``ckptd:NAME``): its overhead,
+    then DCP's overhead over it. An overhead at or below zero is noise, not a result: the verdict is then
+    INCONCLUSIVE rather than PASS, and the ratio is not formed."""
     out: list[dict[str, Any]] = []
-    if "ckptd" not in modes:
-        return out
-    ov = overhead["ckptd"]["median"]
+    for ck in (m for m in modes if is_ckptd_mode(m)):
+        out += _verdicts_of(ck, modes, overhead, bare, summary)
+    return out
+
+
+def _verdicts_of(
+    ck: str, modes: list[str], overhead: dict[str, dict[str, float]], bare: float, summary: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    ov = overhead[ck]["median"]
     frac = ov / bare
-    spread = max(summary[m]["max"] / summary[m]["min"] for m in ("none", "ckptd"))
+    spread = max(summary[m]["max"] / summary[m]["min"] for m in ("none", ck))
     if ov <= 0:
         verdict = "INCONCLUSIVE (overhead <= 0: noise)"
     else:
@@ -652,10 +745,11 @@ def make_verdicts(
         verdict += f" (2 % goal {'met' if frac <= OVERHEAD_GOAL else 'not met'})"
     if spread > 1.25:
         verdict += f"; loop times spread {spread:.1f}x"
-    paired, mins = overhead["ckptd"]["paired"], overhead["ckptd"]["min"]
+    paired, mins = overhead[ck]["paired"], overhead[ck]["min"]
     out.append(
         {
-            "target": "ckptd overhead <= 5 % of the bare loop",
+            "target": f"{ck} overhead <= 5 % of the bare loop",
+            "mode": ck,
             "measured": f"{fmt_s(ov, True)} ({fmt_pct(frac)}); paired {fmt_pct(paired / bare)}, "
             f"of minima {fmt_pct(mins / summary['none']['min'])}",
             "value": frac,
@@ -669,18 +763,19 @@ def make_verdicts(
             continue
 
         def ratio(key: str, m: str = m) -> str:
-            c, d = overhead["ckptd"][key], overhead[m][key]
+            c, d = overhead[ck][key], overhead[m][key]
             return f"{d / c:.1f}x" if c > 0 else "n/a"
 
-        c, d = overhead["ckptd"]["median"], overhead[m]["median"]
+        c, d = overhead[ck]["median"], overhead[m]["median"]
         x = d / c if c > 0 else float("nan")
         if c <= 0:
-            verdict = "INCONCLUSIVE (ckptd's overhead <= 0: noise)"
+            verdict = f"INCONCLUSIVE ({ck}'s overhead <= 0: noise)"
         else:
             verdict = "PASS" if x >= DCP_RATIO_MIN else "MISS"
         out.append(
             {
-                "target": f"{m} overhead / ckptd overhead >= 10",
+                "target": f"{m} overhead / {ck} overhead >= 10",
+                "mode": ck,
                 "measured": f"{ratio('median')} ({fmt_s(d, True)} vs {fmt_s(c, True)}); paired {ratio('paired')}, "
                 f"of minima {ratio('min')}",
                 "value": x,
@@ -710,7 +805,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=5, help="a save every N steps (default 5)")
     p.add_argument("--warmup-steps", type=int, default=None, help="steps of the warm-up loop (default 2 saves)")
     p.add_argument("--repeats", type=int, default=5, help="timed loops per mode (default 5)")
-    p.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated subset of {','.join(ALL_MODES)}")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_MODES)} and of the ckptd:NAME modes of --config (default: "
+        "all; every --config's mode runs unless --modes names some ckptd:NAME, then only those)",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="also mode ckptd:NAME: the ckptd loop against a daemon this script starts with 'python -m ckptd "
+        "serve --endpoint <its own> ARGS' (ARGS shell-split, may be empty; repeatable)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dir", type=Path, default=None, help="where files go (a fresh temp dir inside it)")
     p.add_argument("--save-total-limit", type=int, default=2, help="ckptd save_total_limit (default 2; 0: none)")
@@ -730,11 +838,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--warmup-steps must cover at least one save (>= --save-every)")
     if args.save_every > args.steps:
         p.error("--save-every larger than --steps: the loop would not save")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ALL_MODES]
+    configs: dict[str, list[str]] = {}
+    for c in args.config:
+        name, sep, rest = c.partition("=")
+        if not sep or not CONFIG_NAME.fullmatch(name):
+            p.error(f"--config {c!r}: expected NAME=ARGS, NAME of letters, digits, '.', '_', '-' (ARGS may be empty)")
+        if name in configs:
+            p.error(f"--config {name}: given twice")
+        try:
+            daemon_args = shlex.split(rest)
+        except ValueError as e:
+            p.error(f"--config {c!r}: {e}")
+        if any(a == "--endpoint" or a.startswith("--endpoint=") for a in daemon_args):
+            p.error(f"--config {c!r}: no --endpoint (each config's daemon gets a private one)")
+        configs[name] = daemon_args
+    modes = [m.strip() for m in (args.modes or ",".join(ALL_MODES)).split(",") if m.strip()]
+    bad = [m for m in modes if m not in ALL_MODES and not (m.startswith("ckptd:") and m[6:] in configs)]
     if bad or "none" not in modes:
-        p.error(f"--modes: unknown {bad}" if bad else "--modes must include none (the baseline)")
-    args.modes = [m for m in ALL_MODES if m in modes]
+        p.error(
+            f"--modes: unknown {bad} (a ckptd:NAME mode needs a --config NAME=ARGS)"
+            if bad
+            else "--modes must include none (the baseline)"
+        )
+    picked = [n for n in configs if f"ckptd:{n}" in modes] or list(configs)
+    args.configs = {n: configs[n] for n in picked}
+    args.modes = []
+    for m in ALL_MODES:  # the ckptd:NAME modes right after ckptd, in --config order
+        if m in modes:
+            args.modes.append(m)
+        if m == "ckptd":
+            args.modes += [f"ckptd:{n}" for n in picked]
     args.save_total_limit = args.save_total_limit or None
     return args
 
@@ -809,7 +942,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ckptd-overhead-", dir=base))
     rt = proto.runtime_dir()
     proto.ensure_private_dir(rt)
-    endpoint = f"ipc://{rt}/bench-overhead-{secrets.token_hex(4)}.sock"
+    token = secrets.token_hex(4)
+    endpoints = {"ckptd": f"ipc://{rt}/bench-overhead-{token}.sock"} if "ckptd" in args.modes else {}
+    for i, name in enumerate(args.configs, 1):  # each in the same private (0700) runtime dir
+        endpoints[f"ckptd:{name}"] = f"ipc://{rt}/bench-overhead-{token}-{i}.sock"
     saves = args.steps // args.save_every
     env = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -837,12 +973,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['loadavg'][0]:.2f}; modes {', '.join(args.modes)}; {args.repeats} interleaved repeats after a "
         f"{args.warmup_steps}-step warm-up loop per mode; files in {work}"
     )
+    for name, daemon_args in args.configs.items():
+        ep = endpoints[f"ckptd:{name}"]
+        print(f"mode ckptd:{name}: python -m ckptd serve --endpoint {ep} {shlex.join(daemon_args)}".rstrip())
     for m, why in skipped.items():
         print(f"mode {m} skipped: {why}")
-    runner = Runner(args, trainer, work, endpoint)
+    runner = Runner(args, trainer, work, endpoints, args.configs)
     loops: list[Loop] = []
     warmups: list[Loop] = []
-    stopped = "no daemon"
+    stopped: dict[str, str] = {}
     t_start = time.monotonic()
     try:
         runner.open(args.modes)
@@ -860,11 +999,18 @@ def main(argv: list[str] | None = None) -> int:
                 runner.clear()
             print(f"  repeat {r}/{args.repeats}: " + ", ".join(got) + f" (load {lp.loadavg:.1f})", flush=True)
     finally:
-        stopped = runner.close()
-        shutil.rmtree(work, ignore_errors=True)
+        # No second Ctrl-C or SIGTERM may cut the cleanup short (every step of it is bounded in time).
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            stopped = runner.close()
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     wall = time.monotonic() - t_start
     env["loadavg_end"] = os.getloadavg()
-    print(f"(run took {wall:.0f} s; load average at the end {env['loadavg_end'][0]:.2f}; daemon: {stopped})")
+    daemons = "; ".join(f"{m} {what}" for m, what in stopped.items()) or "none"
+    print(f"(run took {wall:.0f} s; load average at the end {env['loadavg_end'][0]:.2f}; daemons: {daemons})")
 
     summary = summarize(loops, args.modes)
     bare = summary["none"]["median"]
@@ -872,12 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in ("dcp", "dcp-stager"):
         print_dcp_parts(loops, m)
 
-    parts: list[dict[str, float]] = []
-    agg: dict[str, float] = {}
-    if "ckptd" in args.modes and args.breakdown:
+    parts: dict[str, list[dict[str, float]]] = {}
+    agg: dict[str, dict[str, float]] = {}
+    if args.breakdown:
         none_by_rep = {lp.repeat: lp for lp in loops if lp.mode == "none"}
-        parts = [ckptd_parts(lp, none_by_rep[lp.repeat]) for lp in loops if lp.mode == "ckptd"]
-        agg = print_breakdown(parts, bare, saves)
+        for m in (m for m in args.modes if is_ckptd_mode(m)):
+            parts[m] = [ckptd_parts(lp, none_by_rep[lp.repeat]) for lp in loops if lp.mode == m]
+            agg[m] = print_breakdown(parts[m], bare, saves, m)
 
     verdicts = make_verdicts(args.modes, overhead, bare, summary)
     if verdicts:
@@ -907,8 +1054,15 @@ def main(argv: list[str] | None = None) -> int:
             "summary_s": summary,
             "overhead_s": overhead,
             "verdicts": verdicts,
-            "ckptd_breakdown_per_repeat": parts,
-            "ckptd_breakdown_mean": agg,
+            "daemon_configs": {
+                n: {"mode": f"ckptd:{n}", "endpoint": endpoints[f"ckptd:{n}"], "serve_args": a}
+                for n, a in args.configs.items()
+            },
+            "daemons_stopped": stopped,
+            "ckptd_breakdown_per_repeat": parts.get("ckptd", []),  # the `ckptd` mode's, as before
+            "ckptd_breakdown_mean": agg.get("ckptd", {}),
+            "breakdown_per_repeat": parts,  # every ckptd-like mode's
+            "breakdown_mean": agg,
             "loops": [asdict(lp) for lp in loops],
             "warmup_loops": [asdict(lp) for lp in warmups],
             "run_s": wall,
