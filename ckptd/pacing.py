@@ -8,15 +8,18 @@ per chunk by the writer threads (``Pace.wait`` before each chunk of ``writer.wri
 * a fixed rate (``--max-write-rate 200MiB/s``): one token bucket shared by every writer thread;
 * ``auto`` (``--max-write-rate auto[:FRACTION]``): each save of an output dir is spread to finish within
   FRACTION (default 0.5) of the interval measured between that dir's last hand-offs (never over more than
-  ``AUTO_MAX_SPREAD_S``); the first save of a dir goes at full speed.
+  ``AUTO_MAX_SPREAD_S``).
+
+In every mode the first save of an output dir goes at full speed: there is no interval to plan with, and
+nothing could lift its pace while its trainer waits for the slab.
 
 Whatever the mode, pacing never costs a save its deadline or makes the trainer wait:
 
 * every save keeps a floor schedule that has its bytes written by ``SAFE_FRACTION`` of its time budget
   (``timeout_s``, or the rank's deadline), with ``SAFE_MARGIN_S`` kept for fsync and commit;
 * pacing is lifted for good once a later save of the same output dir is handed over (it waits behind this
-  one), once the next save is due by the measured rhythm (the trainer may be waiting for the slab), and
-  when the daemon is asked to stop;
+  one), once the next save is due by the measured rhythm (the trainer may be waiting for the slab), when
+  every writer thread is taken and another save waits for one, and when the daemon is asked to stop;
 * a paced writer sleeps in slices of at most ``SLICE_S`` and stops as soon as its save is aborted.
 """
 
@@ -132,6 +135,10 @@ def parse_cpu_list(text: str) -> set[int]:
                 "'2-3' or '0,2-3' (as taskset -c and /sys/devices/system/cpu/online write them)"
             )
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        allowed = os.sched_getaffinity(0)
+        if hi > max(allowed):  # checked before the range is built: '0-4000000000' must not exhaust memory
+            cpus.add(hi)
+            break
         cpus.update(range(lo, hi + 1))
     allowed = os.sched_getaffinity(0)
     outside = sorted(cpus - allowed)

@@ -146,6 +146,7 @@ class Daemon:
         self.sock = sock
         self.faults = faults or FaultInjector()
         self.io_pool = ThreadPoolExecutor(max(1, config.writer_threads), thread_name_prefix="ckptd-writer")
+        self.writes_running = 0  # write_part calls submitted to io_pool and not finished
         # Commits (manifest, renames, retention) one at a time, in order; everything else about directories
         # (temp dir creation, sweeps, removing trash and aborted temp dirs) beside them, so that a slow
         # rmtree of an old checkpoint never holds up the next save's mkdir.
@@ -311,10 +312,12 @@ class Daemon:
         rate = self.config.max_write_rate
         if not rate.enabled:
             return
+        if interval is None:
+            # The first save of this dir here: no interval to spread it over, and nothing would lift the pace
+            # while its trainer waits for the slab (with one staging slab the next save cannot be handed over).
+            return
         target_end = None
         if rate.auto_fraction is not None:
-            if interval is None:
-                return  # the first save of this dir here: no interval to spread it over yet
             target_end = txn.opened_at + min(rate.auto_fraction * interval, pacing.AUTO_MAX_SPREAD_S)
         txn.pace = pacing.Pace(
             txn.opened_at,
@@ -323,7 +326,7 @@ class Daemon:
             cancelled=txn.aborting,
             bucket=self.bucket,
             target_end=target_end,
-            due_at=txn.opened_at + interval if interval is not None else None,
+            due_at=txn.opened_at + interval,
         )
         if self.stopping_since is not None:
             txn.pace.lift("the daemon is stopping")
@@ -370,7 +373,17 @@ class Daemon:
         try:
             await asyncio.shield(self.prepared[txn.txn])
             if part.segment is not None:
-                await self.run_io(self.io_pool, txn.write_part, part, self.config.direct_io, self.config.drop_cache)
+                self.writes_running += 1
+                if self.writes_running > self.config.writer_threads:
+                    # Every writer thread is taken: paced writers sleeping in them must not hold up this save
+                    # (of any output dir) until its deadline.
+                    for other in self.ledger.live.values():
+                        if other.pace is not None:
+                            other.pace.lift("every writer thread is taken and another save waits for one")
+                try:
+                    await self.run_io(self.io_pool, txn.write_part, part, self.config.direct_io, self.config.drop_cache)
+                finally:
+                    self.writes_running -= 1
             else:
                 part.written = True
             await self.release(txn, part)

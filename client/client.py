@@ -13,6 +13,7 @@ bytes nor commit the save.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import json
@@ -161,6 +162,9 @@ class CheckpointClient:
         self._lease_finalizer: weakref.finalize | None = None
         self._link: DaemonLink | None = None
         self._depth = 0  # nesting of public calls in progress (a signal handler must not re-enter them)
+        # Held by every public call: the copy thread's late hand-off (overlapped staging) takes it too.
+        self._call_lock = threading.RLock()
+        self._at_exit: Callable[[], None] | None = None
         self._preemption: PreemptionSettings | None = None
         self._deferred_signal: int | None = None
         self._signal: int | None = None  # the preemption signal received, if any
@@ -263,6 +267,18 @@ class CheckpointClient:
             # A process that exits without close() (a script's last line, SystemExit) still gives the
             # output dir back; a killed one leaves a lease that the next job takes over as provably dead.
             self._lease_finalizer = weakref.finalize(self, _release_lease, self._lease, self._lease_stop)
+        if self._overlap is not None:
+            # A script whose last line is save_async() exits normally: its save is still handed off (after
+            # the lease finalizer is registered, so that it runs before the lease is given back).
+            ref = weakref.ref(self)
+
+            def hand_off_at_exit() -> None:
+                c = ref()
+                if c is not None:
+                    c._overlap_before_step()
+
+            self._at_exit = hand_off_at_exit
+            atexit.register(hand_off_at_exit)
 
     # -- collective helpers ---------------------------------------------------------------------------
 
@@ -508,6 +524,7 @@ class CheckpointClient:
         ov = self._overlap
         if ov is not None and ov.pending is not None and ov.pending.handle.txn in txns:
             ov.pending.copying.join()  # its slab is destroyed below: the copy thread must be done with it
+            ov.pending.copying.handed.set()
             ov.pending = None
         for txn in txns:
             for slab in [s for s in self._slabs if s.busy_txn == txn]:
@@ -687,7 +704,9 @@ class CheckpointClient:
                 stats, later = staging.copy_into(slab, images, self._side_streams, defer)
                 if later:
                     assert self._overlap is not None
-                    copying = self._overlap.start_copy(later, self._side_streams, slab.pinned)
+                    copying = self._overlap.start_copy(
+                        later, stats.deferred_names, self._side_streams, slab.pinned, None, self._late_hand_off
+                    )
         except (fmt.FormatError, CheckpointError, OSError) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - every rank must reach the collective, or the others hang
@@ -711,7 +730,7 @@ class CheckpointClient:
             problem = self._compare_with_rank0(full_states)
         if problem is not None:
             if copying is not None:
-                copying.join()  # the slab is free again only once the copy thread is done with it
+                copying.stop()  # the slab is free again only once the copy thread is done with it
             raise CheckpointError(f"save of step {step} failed before the hand-off: {problem}; nothing was written")
         txn, deadline = votes[0][2], votes[0][4]
         if self._peer_keys is not None:
@@ -736,6 +755,8 @@ class CheckpointClient:
             assert self._overlap is not None
             handle.overlapped_bytes = copying.nbytes
             self._overlap.pending = overlap.PendingHandOff(handle, req, copying)
+            # Without a step or a client call for long (an evaluation), the copy thread hands it off itself.
+            copying.hand_off_at = deadline - min(overlap.LATE_MARGIN_S, self.timeout_s / 4)
             return handle
         self._hand_off(handle, req)
         if handle.error is not None:
@@ -777,18 +798,54 @@ class CheckpointClient:
         pending = ov.pending
         if not block and not pending.copying.done():
             return
-        ov.pending = None
         t0 = time.perf_counter()
+        # An interruption (Ctrl-C) while waiting leaves the save pending: close() still waits for the copy
+        # thread, and the next call hands it off.
         error = pending.copying.join()
+        ov.pending = None
+        pending.copying.handed.set()
         pending.handle.hook_wait_s += time.perf_counter() - t0
         if pending.handle.txn not in self._inflight:
             return  # settled meanwhile (the client was torn down)
         if error is not None:
-            reason = f"rank {self.rank}: the background copy of the staged state failed: {error}"
-            self._settle(pending.handle.txn, error=reason)
-            self._courtesy_abort(pending.handle.txn, reason)
+            error = f"rank {self.rank}: the background copy of the staged state failed: {error}"
+        written = pending.copying.written_meanwhile() if error is None else []
+        if written:
+            shown = ", ".join(written[:3]) + (f" and {len(written) - 3} more" if len(written) > 3 else "")
+            ov.off_because = f"{shown} written in place before the save of step {pending.handle.step} was handed off"
+            error = (
+                f"rank {self.rank}: {shown} changed in place after save_async() and before the optimizer's next "
+                "step() (overlapped staging copies such tensors after save_async returns, so this copy may hold "
+                "the new values); "
+                "this save is dropped and overlapped staging is now off for this client; let only "
+                "optimizer.step() change parameters and optimizer state, or pass overlap_staging=False"
+            )
+            logger.error("save of step %d: %s", pending.handle.step, error)
+        if error is not None:
+            self._settle(pending.handle.txn, error=error)
+            self._courtesy_abort(pending.handle.txn, error)
             return
         self._hand_off(pending.handle, pending.request)
+
+    def _overlap_before_step(self) -> None:
+        """The optimizers' pre-step hook: the save being copied is handed off before step() can change a byte
+        of it. A public call, so that a preemption signal meanwhile is acted on after the hand-off."""
+        if self._closed:
+            return
+        with self._call():
+            self._finish_overlap(block=True)
+
+    def _late_hand_off(self) -> None:
+        """On the copy thread, near the save's deadline: hand the part off unless the trainer's thread is in a
+        client call (it holds the call lock, and its call hands it off)."""
+        if not self._call_lock.acquire(blocking=False):
+            return
+        try:
+            if not self._closed:
+                logger.info("handing off an overlapped save from the copy thread: no step() or client call since")
+                self._finish_overlap(block=True)
+        finally:
+            self._call_lock.release()
 
     def _before_snapshot(self) -> None:
         """This rank's checks before it stages: the lease (rank 0) and a daemon that answers."""
@@ -1203,14 +1260,15 @@ class CheckpointClient:
     @contextlib.contextmanager
     def _call(self) -> Iterator[None]:
         """Marks a public call in progress: a preemption signal arriving meanwhile is acted on at its end."""
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            signum, self._deferred_signal = self._deferred_signal, None
-            if signum is not None and self._depth == 0:
-                self._finish_preemption(signum, None, None)
+        with self._call_lock:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                signum, self._deferred_signal = self._deferred_signal, None
+                if signum is not None and self._depth == 0:
+                    self._finish_preemption(signum, None, None)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -1245,6 +1303,9 @@ class CheckpointClient:
     def _teardown(self) -> None:
         """Free what this client holds; also after a failed construction."""
         self._closed = True
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
         if self._overlap is not None:
             self._overlap.close()  # no copy thread may still write into a slab unmapped below
         for h in self._inflight.values():

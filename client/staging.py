@@ -679,21 +679,23 @@ def tied_groups(tensors: list[torch.Tensor]) -> dict[int, list[int]]:
     ptrs = [t.data_ptr() for t in tensors]
     if len(set(ptrs)) == len(ptrs):
         return {}  # the common case, decided without a Python step per tensor
-    first: dict[int, int] = {}
-    candidates: dict[int, list[int]] = {}
-    for i, t in enumerate(tensors):
-        j = first.setdefault(t.data_ptr(), i)
-        if j != i:
-            candidates.setdefault(j, []).append(i)
-    groups = {}
-    for j, members in candidates.items():
-        if tensors[j].numel() == 0:
+    by_ptr: dict[int, list[int]] = {}
+    for i, p in enumerate(ptrs):
+        by_ptr.setdefault(p, []).append(i)
+    groups: dict[int, list[int]] = {}
+    for members in by_ptr.values():
+        if len(members) < 2:
             continue
-        key = _tie_key(tensors[j])
-        same = [i for i in members if _tie_key(tensors[i]) == key]
-        if same:
-            groups[j] = same
-    return groups
+        # Tensors that start at one address are ties only among those with the same full key (``a[:2]``
+        # before ``a`` and ``a``: the two ``a`` are tied, the view is not); the first of each key stays.
+        by_key: dict[tuple[Any, ...], list[int]] = {}
+        for i in members:
+            if tensors[i].numel() > 0:
+                by_key.setdefault(_tie_key(tensors[i]), []).append(i)
+        for same in by_key.values():
+            if len(same) > 1:
+                groups[same[0]] = same[1:]
+    return dict(sorted(groups.items()))
 
 
 @dataclass
@@ -799,6 +801,7 @@ class CopyStats:
     bytes: int = 0
     tensors: int = 0
     cuda_bytes: int = 0
+    deferred_names: list[str] = field(default_factory=list)  # component.tensor of each deferred copy
 
 
 def _views(slab: Slab, img: FileImage) -> list[torch.Tensor | None]:
@@ -866,11 +869,13 @@ def copy_into(
         if img.cached is None:
             continue
         views = _views(slab, img)
-        for dst, src, is_big in zip(views, img.srcs, img.cached.big, strict=True):
+        entries = img.cached.table.entries
+        for dst, src, is_big, e in zip(views, img.srcs, img.cached.big, entries, strict=True):
             if dst is None:
                 continue
             if defer is not None and dst.nbytes >= DEFER_MIN and defer(src):
                 later.append((dst, src, is_big))
+                stats.deferred_names.append(f"{img.component}.{e.name}")
             else:
                 now.append((dst, src, is_big))
         stats.tensors += len(img.srcs)
