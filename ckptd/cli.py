@@ -417,6 +417,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     # lstat only (no file is opened): cheap for every checkpoint, and enough to catch a FIFO, a symlink or a
     # size the manifest lies about before it is printed as if it were true.
     problems = {c.step: fmt.disk_problems(c.path, c.manifest) for c in found}
+    try:
+        best_path = fmt.find_best_checkpoint(out)
+        best_problem = None
+    except fmt.FormatError as e:
+        best_path, best_problem = None, str(e)
+    best_step = fmt.parse_checkpoint_dirname(best_path.name) if best_path is not None else None
     if args.json:
         print_json(
             {
@@ -432,9 +438,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
                         "world_size": c.manifest.world_size,
                         "components": list(c.manifest.components),
                         "problems": problems[c.step],
+                        "best": c.step == best_step,
                     }
                     for c in found
                 ],
+                "best_mark_problem": best_problem,
                 "temp": [asdict(e) for e in extras if e.kind == "temp"],
                 "trash": [asdict(e) for e in extras if e.kind == "trash"],
                 "broken": [{"path": str(b.path), "error": b.reason} for b in survey.broken],
@@ -445,7 +453,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if found:
         rows = [
             (
-                c.step,
+                f"{c.step} *" if c.step == best_step else c.step,
                 human_bytes(manifest_data_size(c.manifest)) + (" !" if problems[c.step] else ""),
                 human_age(timestamp_age(c.manifest.timestamp)),
                 ",".join(c.manifest.components),
@@ -461,8 +469,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 )
                 for problem in problems[c.step]:
                     print(f"    {problem}")
+        if best_step is not None:
+            print(f"* checkpoint-{best_step} is the best ('load(\"best\")' restores it; retention keeps it)")
     else:
         print(f"no committed checkpoints in {root}")
+    if best_problem is not None:
+        print(f"! {best_problem}")
     for e in extras:
         if e.kind == "temp":
             print(

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import format as fmt
-from ckptd.format.names import is_lease_temp_name, lease_temp_name
+from ckptd.format.names import is_best_temp_name, is_lease_temp_name, lease_temp_name
 from ckptd.protocol import is_valid_job
 
 logger = logging.getLogger(__name__)
@@ -776,6 +776,13 @@ def judge_entries(
         path = root / name
         if fmt.is_trash_dirname(name):
             out.append(Verdict(path, True, "trash"))
+            continue
+        if is_best_temp_name(name):
+            # Written and renamed within one commit-pool task: one left over is from a killed daemon.
+            mtime = _mtime(path, now)
+            old = now - mtime > unowned_min_age
+            why = f"a best-mark write's leftover temp file, {now - mtime:.0f} s old" if old else "a best-mark write"
+            out.append(Verdict(path, old, why))
             continue
         if is_lease_temp_name(name):
             # A lease write (or a clock probe) lives for milliseconds; one left over is from a killed process.

@@ -106,6 +106,8 @@ class MsgType(str, enum.Enum):
     STATUS_REPORT = "status_report"
     BYE = "bye"
     BYE_OK = "bye_ok"
+    SET_BEST = "set_best"  # mark a committed checkpoint best (answered by BEST_SET or ERROR)
+    BEST_SET = "best_set"
     RELEASED = "released"
     PEER_LISTEN = "peer_listen"
     PEER_ADDRESS = "peer_address"
@@ -185,6 +187,9 @@ class CommitInfo:
     metadata: dict[str, Any]
     pytorch_version: str | None
     save_total_limit: int | None
+    keep_every_n_steps: int | None = None  # retention never removes a step that is a multiple of it
+    best_metric: str | None = None  # the metadata key the best checkpoint is chosen by
+    greater_is_better: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,7 +323,10 @@ def _json_like(v: Any, name: str, depth: int = 0) -> None:
 
 
 def _known(body: dict[str, Any], cls: type, where: str) -> None:
-    allowed = {f.name for f in fields(cls)}
+    _known_names(body, {f.name for f in fields(cls)}, where)
+
+
+def _known_names(body: dict[str, Any], allowed: set[str], where: str) -> None:
     extra = set(body) - allowed
     if extra:
         raise ProtocolError(f"{where}: unexpected field(s) {sorted(map(str, extra))}")
@@ -506,7 +514,22 @@ def parse_commit_info(v: Any) -> CommitInfo:
     if torch_version is not None and not isinstance(torch_version, str):
         raise ProtocolError("field 'commit.pytorch_version' must be a string")
     limit = _opt_int(v, "save_total_limit", 1, 1 << 31)
-    return CommitInfo(comps, v["topology"], v["metadata"], torch_version, limit)
+    every = _opt_int(v, "keep_every_n_steps", 1, 1 << 62)
+    metric = None if v.get("best_metric") is None else _str(v, "best_metric", 256)
+    greater = v.get("greater_is_better", False)
+    if not isinstance(greater, bool):
+        raise ProtocolError("field 'commit.greater_is_better' must be a boolean")
+    return CommitInfo(comps, v["topology"], v["metadata"], torch_version, limit, every, metric, greater)
+
+
+def parse_set_best(body: dict[str, Any]) -> tuple[str, int]:
+    """A SET_BEST request: ``(output_dir, step)``."""
+    _known_names(body, {"output_dir", "step"}, "set_best")
+    output_dir = _str(body, "output_dir")
+    if not output_dir.startswith("/"):
+        raise ProtocolError(f"field 'output_dir' must be an absolute path, got {output_dir!r}")
+    step = _int(body, "step", 0, 1 << 62)
+    return output_dir, step
 
 
 def parse_stage(body: dict[str, Any]) -> StageRequest:

@@ -444,10 +444,16 @@ class Daemon:
         s.last_commit_time = time.time()
         s.last_commit_bytes = txn.bytes_total
         s.last_commit_seconds = elapsed
-        limit = txn.commit_info.save_total_limit if txn.commit_info else None
-        if limit:
+        info = txn.commit_info
+        if info is not None and info.best_metric is not None:
             try:
-                await self.run_io(self.commit_pool, txn.apply_retention, limit)
+                await self.run_io(self.commit_pool, txn.update_best, info.best_metric, info.greater_is_better)
+            except Exception as e:  # nor may the best mark: the old mark stays, retention keeps it
+                txn.warnings.append(f"updating the best-checkpoint mark failed: {tx.describe_error(e)}")
+                logger.warning("updating the best mark after committing %s failed: %s", txn.path, e)
+        if info is not None and info.save_total_limit:
+            try:
+                await self.run_io(self.commit_pool, txn.apply_retention, info.save_total_limit, info.keep_every_n_steps)
             except Exception as e:  # retention must never fail a committed checkpoint
                 txn.warnings.append(f"retention failed: {tx.describe_error(e)}")
                 logger.warning("retention failed after committing %s: %s", txn.path, e)
@@ -962,6 +968,8 @@ class Daemon:
                 self.spawn(self.answering_errors(self.handle_listen, identity, req_id, body))
             elif msg_type == MsgType.PEER_CHECK:
                 self.spawn(self.answering_errors(self.handle_check, identity, req_id, body))
+            elif msg_type == MsgType.SET_BEST:
+                self.spawn(self.answering_errors(self.handle_set_best, identity, req_id, body))
             elif msg_type == MsgType.BYE:
                 self.clients.pop(proto.parse_pid(body), None)
                 await self.send(identity, MsgType.BYE_OK, req_id)
@@ -973,6 +981,12 @@ class Daemon:
         except Exception as e:  # a bug or an OS error on one request must not take the daemon down
             logger.exception("request failed")
             await self.send(identity, MsgType.ERROR, req_id, message=f"daemon error: {type(e).__name__}: {e}")
+
+    async def handle_set_best(self, identity: bytes, req_id: int, body: dict) -> None:
+        output_dir, step = proto.parse_set_best(body)
+        # In the commit pool: after any commit already queued and its retention, never beside them.
+        path = await self.run_io(self.commit_pool, tx.set_best, Path(output_dir), step)
+        await self.send(identity, MsgType.BEST_SET, req_id, path=str(path))
 
     async def answering_errors(self, handler: Any, identity: bytes, req_id: int, body: dict) -> None:
         """Run a request that may take a while as a task (the loop keeps serving); its failure is its reply."""

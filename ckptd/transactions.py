@@ -53,7 +53,8 @@ Once per transaction:
     7. ``commit`` (*I/O*)            remote files' sizes, each shared file checked and hashed, manifest,
                                      fsyncs, the rename (or RENAME_EXCHANGE on a re-save).
     8. ``finish_commit``             -> COMMITTED, or ABORTING if it failed before the rename.
-    9. ``apply_retention``, ``empty_trash`` (*I/O*, COMMITTED only) then the server notifies the ranks.
+    9. ``update_best``, ``apply_retention``, ``empty_trash`` (*I/O*, COMMITTED only) then the server notifies
+       the ranks. The best mark is replaced before retention runs, so retention keeps the new best.
 
 On failure: ``begin_abort`` -> (in-flight I/O drains) ``cleanup`` (*I/O*) -> ``finish_abort``.
 
@@ -849,17 +850,61 @@ class Transaction:
             raise TxnError(f"{self.temp_dir.name} was replaced while it was renamed (a rank's veto); not committed")
         return exchanged
 
-    def apply_retention(self, limit: int) -> list[Path]:
-        """Keep the ``limit`` newest committed checkpoints, always including the one just committed.
+    def update_best(self, metric: str, greater_is_better: bool) -> bool:
+        """Mark this checkpoint best if its metadata's ``metric`` beats the current best's (or there is no
+        best, or the best is gone). Returns whether it did. COMMITTED only; a failure is a warning."""
+        if self.state != TxnState.COMMITTED:
+            raise IllegalTransition(f"best mark after a {self.state.value} transaction {self.txn}")
+        assert self.commit_info is not None
+        value = fmt.metric_value(self.commit_info.metadata, metric)
+        if value is None:
+            return False  # a save without a finite value of the metric is never the best
+        try:
+            current = fmt.read_best_mark(self.output_dir)
+        except fmt.FormatError as e:
+            self.warnings.append(f"the best-checkpoint mark was unreadable and is replaced: {e}")
+            current = None
+        if (
+            current is not None
+            and current.step != self.step
+            and current.value is not None
+            and current.metric == metric
+            and fmt.find_best_checkpoint(self.output_dir) is not None
+            and not fmt.is_better(value, current.value, greater_is_better)
+        ):
+            return False
+        fmt.write_best_mark(self.output_dir, fmt.BestMark(self.step, metric, value, greater_is_better))
+        logger.info("%s is the best checkpoint now (%s=%g)", self.path, metric, value)
+        return True
+
+    def apply_retention(self, limit: int | None, keep_every_n_steps: int | None = None) -> list[Path]:
+        """Keep the ``limit`` newest committed checkpoints (always including the one just committed), plus
+        the best (``marks``) and every step that is a multiple of ``keep_every_n_steps``.
 
         Runs only after a commit that passed ``refusal``; a failure is a warning, never an abort."""
         if self.state != TxnState.COMMITTED:
             raise IllegalTransition(f"retention after a {self.state.value} transaction {self.txn}")
+        if limit is None:
+            return []
         found, _ = fmt.scan_checkpoints(self.output_dir)
+        keep = {self.step}
+        try:
+            mark = fmt.read_best_mark(self.output_dir)
+        except fmt.FormatError as e:
+            # An unreadable mark protects nothing by name, so nothing at all is removed this time.
+            self.warnings.append(f"retention skipped: {e}")
+            logger.warning("retention skipped in %s: %s", self.output_dir, e)
+            return []
+        if mark is not None:
+            keep.add(mark.step)
+        if keep_every_n_steps:
+            keep.update(c.step for c in found if c.step % keep_every_n_steps == 0)
         others = [c for c in found if c.step != self.step]
-        excess = len(others) - (limit - 1)
+        newest = {c.step for c in others[len(others) - (limit - 1) :]} if limit > 1 else set()
         removed = []
-        for info in others[: max(0, excess)]:
+        for info in others:
+            if info.step in keep or info.step in newest:
+                continue
             try:
                 self.faults.hit(FaultPoint.RETENTION)
                 trash = self.root / fmt.trash_dirname(info.step, secrets.token_hex(4))
@@ -871,7 +916,11 @@ class Transaction:
                 self.warnings.append(f"retention could not remove {info.path.name}: {describe_error(e)}")
                 logger.warning("retention could not remove %s: %s", info.path, e)
         if removed:
-            logger.info("retention (save_total_limit=%d) removed %s", limit, ", ".join(p.name for p in removed))
+            logger.info(
+                "retention (save_total_limit=%d, best and milestones kept) removed %s",
+                limit,
+                ", ".join(p.name for p in removed),
+            )
         return removed
 
     def empty_trash(self) -> None:
@@ -1050,3 +1099,17 @@ def describe_error(e: BaseException) -> str:
         where = f" ({e.filename})" if e.filename else ""
         return f"{name}: {text}{where}"
     return str(e) or type(e).__name__
+
+
+def set_best(output_dir: Path, step: int) -> Path:
+    """Mark ``checkpoint-<step>`` of ``output_dir`` best (``client.set_best_checkpoint``). Run in the commit
+    pool, between commits and their retention, never beside them. Raises TxnError if it is not committed."""
+    for info in fmt.scan_checkpoints(output_dir)[0]:
+        if info.step == step:
+            fmt.write_best_mark(output_dir, fmt.BestMark(step))
+            logger.info("%s marked best", info.path)
+            return info.path
+    raise TxnError(
+        f"{fmt.checkpoints_root(output_dir) / fmt.checkpoint_dirname(step)} is not a committed checkpoint, so it "
+        f"cannot be marked best; expected one of {[p.name for p in fmt.list_checkpoints(output_dir)]}"
+    )

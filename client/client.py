@@ -136,10 +136,16 @@ class CheckpointClient:
         read_only: bool = False,
         overlap_staging: bool | None = None,
         optimizers: list[Any] | None = None,
+        best_metric: str | None = None,
+        greater_is_better: bool = False,
+        keep_every_n_steps: int | None = None,
     ) -> None:
         # Absolute but not resolved: paths handed back keep the form (and symlinks) the caller used.
         self.output_dir = Path(os.path.abspath(os.path.expanduser(output_dir)))
         self.save_total_limit = save_total_limit
+        self.best_metric = best_metric
+        self.greater_is_better = bool(greater_is_better)
+        self.keep_every_n_steps = keep_every_n_steps
         self.max_shard_size = int(max_shard_size)
         self.timeout_s = float(timeout_s)
         self.staging_slabs = staging_slabs
@@ -200,6 +206,18 @@ class CheckpointClient:
                 not isinstance(self.save_total_limit, int) or self.save_total_limit < 1
             ):
                 raise ValueError(f"save_total_limit must be a positive integer or None, got {self.save_total_limit!r}")
+            if self.keep_every_n_steps is not None and (
+                isinstance(self.keep_every_n_steps, bool)
+                or not isinstance(self.keep_every_n_steps, int)
+                or self.keep_every_n_steps < 1
+            ):
+                raise ValueError(
+                    f"keep_every_n_steps must be a positive integer or None, got {self.keep_every_n_steps!r}"
+                )
+            if self.best_metric is not None and (not isinstance(self.best_metric, str) or not self.best_metric):
+                raise ValueError(
+                    f"best_metric must be a metadata key (a non-empty string) or None, got {self.best_metric!r}"
+                )
             if self.staging_slabs < 1:
                 raise ValueError("staging_slabs must be at least 1")
             if self.heartbeat_timeout_s <= 0 or self.daemon_start_timeout_s <= 0:
@@ -919,6 +937,9 @@ class CheckpointClient:
                 metadata=dict(metadata or {}),
                 pytorch_version=torch.__version__,
                 save_total_limit=self.save_total_limit,
+                keep_every_n_steps=self.keep_every_n_steps,
+                best_metric=self.best_metric,
+                greater_is_better=self.greater_is_better,
             )
         return proto.StageRequest(
             txn=txn,
@@ -972,6 +993,40 @@ class CheckpointClient:
 
     # -- load -----------------------------------------------------------------------------------------
 
+    def set_best_checkpoint(self, path_or_step: int | str | os.PathLike) -> Path:
+        """Mark a committed checkpoint of this output dir as the best (for ``load("best")`` and
+        ``find_best_checkpoint``); retention keeps it beside the newest ``save_total_limit``. The daemon
+        replaces the mark atomically, between commits. Every rank may call it; rank 0 marks.
+
+        Args:
+            path_or_step: the checkpoint's step, or its directory.
+
+        Example:
+            >>> client.set_best_checkpoint(40)
+            PosixPath('out/checkpoints/checkpoint-40')
+        """
+        with self._call():
+            self._check_open()
+            if isinstance(path_or_step, int) and not isinstance(path_or_step, bool):
+                step = path_or_step
+            else:
+                step = fmt.parse_checkpoint_dirname(Path(path_or_step).name)
+                if step is None or Path(os.path.abspath(path_or_step)).parent != fmt.checkpoints_root(self.output_dir):
+                    raise CheckpointError(
+                        f"{path_or_step}: not a checkpoint-<step> directory of {self.output_dir}; pass a step or "
+                        "one of the paths list_checkpoints() gives"
+                    )
+            path = fmt.checkpoints_root(self.output_dir) / fmt.checkpoint_dirname(step)
+            if self.rank != 0:
+                return path
+            assert self._link is not None
+            ev = self._link.request(
+                MsgType.SET_BEST, self.heartbeat_timeout_s, output_dir=str(self.output_dir), step=step
+            )
+            if ev.type != MsgType.BEST_SET:
+                raise CheckpointError(f"ckptd did not mark {path} best: {ev.body.get('message', ev.body)}")
+            return path
+
     def load(
         self,
         checkpoint: str | os.PathLike | None | bool = "latest",
@@ -982,13 +1037,14 @@ class CheckpointClient:
     ) -> Path | None:
         """Restore every component from a committed checkpoint; returns its path, or None for a fresh start.
 
-        ``checkpoint`` is "latest", a checkpoint path, or None/False. With "latest", a checkpoint that fails
+        ``checkpoint`` is "latest", "best" (see ``set_best_checkpoint``), a checkpoint path, or None/False.
+        With "latest", a checkpoint that fails
         verification is skipped with a warning and the next newest is tried (``fallback``). Sizes are always
         checked; checksums too unless ``verify=False`` (an extra pass over the bytes at ~17 GiB/s).
         Collective: a failure on any rank (including a save in flight that failed) makes every rank raise.
 
         Args:
-            checkpoint: "latest", a checkpoint directory, or None/False for a fresh start.
+            checkpoint: "latest", "best", a checkpoint directory, or None/False for a fresh start.
             strict: a missing required component is an error (else a warning).
             verify: check checksums (default: the client's ``verify_on_load``).
             fallback: with "latest", try older checkpoints past one that fails verification.

@@ -365,6 +365,18 @@ def candidates(output_dir: Path, checkpoint: str | os.PathLike) -> tuple[list[Pa
         for b in survey.broken:
             _warn(f"{b.path} is not a usable checkpoint and is skipped: {b.reason}")
         return [c.path for c in reversed(survey.found)], True
+    if isinstance(checkpoint, str) and checkpoint == "best":
+        try:
+            best = fmt.find_best_checkpoint(output_dir)
+        except fmt.FormatError as e:
+            raise CheckpointError(str(e)) from None
+        if best is None:
+            raise CheckpointError(
+                f"{fmt.checkpoints_root(output_dir)}: no checkpoint is marked best (or the one marked is gone); "
+                "pass best_metric= to CheckpointClient so that saves with that metadata key are ranked, call "
+                "client.set_best_checkpoint(step), or load 'latest'"
+            )
+        return [best], False
     path = Path(checkpoint)
     if not path.is_absolute() and not os.path.lexists(path):
         path = fmt.checkpoints_root(output_dir) / path

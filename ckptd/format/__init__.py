@@ -14,6 +14,7 @@ public name is re-exported here. The submodules, each with one job:
 - ``checksums``: xxh3-128, and the one streaming hash-while-copying helper (``HashingWriter``,
   ``hash_chunks``, ``hash_fd``);
 - ``manifest``: ``checkpoint_manifest.json`` records, parsing and reading;
+- ``marks``: the best-checkpoint mark (read, replaced atomically, resolved to a committed checkpoint);
 - ``safeio``: opening checkpoint files (regular files only, no symlinks, never blocking, bounded reads),
   relative to a checkpoint directory opened once (``CheckpointDir``);
 - ``safejson``: parsing JSON from a checkpoint in bounded memory (``load_json``), quoting hostile values;
@@ -43,6 +44,7 @@ Layout::
       .tmp-checkpoint-<step>-<txn>.owner         who owns that temp dir (host, pid, start time, deadline)
       .trash-checkpoint-<step>-<token>/          being deleted; invisible to readers
       .ckptd-lease.json                          the job that writes this output dir
+      .ckptd-best.json                           which checkpoint is the best (``marks``)
 """
 
 from ckptd.format.checksums import (
@@ -98,6 +100,14 @@ from ckptd.format.manifest import (
     read_manifest,
     read_manifest_bytes,
 )
+from ckptd.format.marks import (
+    BestMark,
+    find_best_checkpoint,
+    is_better,
+    metric_value,
+    read_best_mark,
+    write_best_mark,
+)
 from ckptd.format.model_index import (
     DEFAULT_MAX_SHARD_SIZE,
     MAX_INDEX_BYTES,
@@ -106,6 +116,7 @@ from ckptd.format.model_index import (
     plan_model_shards,
 )
 from ckptd.format.names import (
+    BEST_NAME,
     CHECKPOINTS_DIRNAME,
     FORMAT_VERSION,
     KEY_PATTERN,
@@ -120,6 +131,7 @@ from ckptd.format.names import (
     checkpoint_dirname,
     checkpoints_root,
     component_filename,
+    is_best_temp_name,
     is_trash_dirname,
     is_valid_filename,
     is_valid_key,
@@ -174,6 +186,14 @@ from ckptd.format.tree import (
 )
 
 __all__ = [
+    "BEST_NAME",
+    "BestMark",
+    "find_best_checkpoint",
+    "is_best_temp_name",
+    "is_better",
+    "metric_value",
+    "read_best_mark",
+    "write_best_mark",
     "COVER_PRIME",
     "coverage_fingerprint",
     "coverage_key",

@@ -29,6 +29,9 @@ PLACEMENTS_METADATA_KEY = "ckptd.placements"
 LEASE_NAME = ".ckptd-lease.json"
 LEASE_LOCK_NAME = ".ckptd-lease.lock"
 LEASE_TEMP_NAME = ".ckptd-lease.json.tmp"
+# The best-checkpoint mark (``marks``), replaced by renaming a ``BEST_TEMP_NAME-<token>`` file over it.
+BEST_NAME = ".ckptd-best.json"
+BEST_TEMP_NAME = ".ckptd-best.json.tmp"
 
 KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _KEY_RE = re.compile(KEY_PATTERN + r"\Z")
@@ -37,6 +40,7 @@ _TEMP_RE = re.compile(r"\.tmp-checkpoint-(0|[1-9][0-9]*)-([A-Za-z0-9]+)\Z")
 _TRASH_RE = re.compile(r"\.trash-checkpoint-(0|[1-9][0-9]*)-([A-Za-z0-9]+)\Z")
 _TXN_RE = re.compile(r"[A-Za-z0-9]{1,64}\Z")
 _LEASE_TEMP_RE = re.compile(re.escape(LEASE_TEMP_NAME) + r"(-[A-Za-z0-9]{1,64})?\Z")
+_BEST_TEMP_RE = re.compile(re.escape(BEST_TEMP_NAME) + r"-[A-Za-z0-9]{1,64}\Z")
 _OWNER_SUFFIX = ".owner"
 _VETO_SUFFIX = ".veto"
 _FILE_RES = [
@@ -330,3 +334,18 @@ def is_valid_filename(name: object) -> bool:
         and ".." not in name
         and any(r.match(name) for r in _FILE_RES)
     )
+
+
+def best_temp_name(token: str) -> str:
+    """The temp name a new best-checkpoint mark is written under before it is renamed into place.
+
+    Example:
+        >>> best_temp_name("ab12")
+        '.ckptd-best.json.tmp-ab12'
+    """
+    return f"{BEST_TEMP_NAME}-{token}"
+
+
+def is_best_temp_name(name: str) -> bool:
+    """Whether ``name`` is a best-mark temp file (a leftover of a killed writer when no write is running)."""
+    return bool(_BEST_TEMP_RE.match(name))

@@ -108,7 +108,7 @@ def test_largest_request_id_round_trips():
 def test_message_type_and_txn_state_wire_names_are_stable():
     assert {t.value for t in MsgType} == {
         "hello", "welcome", "stage", "accepted", "query", "abort", "txn_state", "status", "status_report",
-        "bye", "bye_ok", "released", "committed", "aborted", "error",
+        "bye", "bye_ok", "released", "committed", "aborted", "error", "set_best", "best_set",
         "peer_listen", "peer_address", "peer_check", "peer_ok",
         "p_hello", "p_welcome", "p_join", "p_opened", "p_prepared", "p_beat", "p_state", "p_abort",
         "p_committed", "p_aborted",
@@ -485,3 +485,57 @@ def test_parse_stage_keeps_the_slab_job_and_deadline_fields():
     assert req.job == "torchelastic_run-1.a:b@c" and req.deadline == 1_900_000_000.5
     legacy = proto.parse_stage(valid_body())
     assert legacy.job is None and legacy.deadline is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"output_dir": "relative/out", "step": 1},
+        {"output_dir": "/out", "step": -1},
+        {"output_dir": "/out", "step": True},
+        {"output_dir": "/out", "step": "3"},
+        {"output_dir": "/out"},
+        {"output_dir": "/out", "step": 1, "extra": 1},
+        {"output_dir": "", "step": 1},
+    ],
+)
+def test_a_hostile_set_best_request_is_refused_by_name(body):
+    with pytest.raises(proto.ProtocolError):
+        proto.parse_set_best(body)
+
+
+def test_set_best_request_parses_its_two_fields():
+    assert proto.parse_set_best({"output_dir": "/runs/a", "step": 40}) == ("/runs/a", 40)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"keep_every_n_steps": 0}, {"keep_every_n_steps": "5"}, {"best_metric": ""}, {"best_metric": 3},
+     {"greater_is_better": "yes"}, {"best_metric": "x" * 300}],
+)  # fmt: skip
+def test_hostile_retention_and_best_fields_of_a_commit_are_refused(extra):
+    body = {
+        "components": [{"key": "w", "sharing_pattern": "global", "ranks": [0]}],
+        "topology": {},
+        "metadata": {},
+        "pytorch_version": None,
+        "save_total_limit": 2,
+        **extra,
+    }
+    with pytest.raises(proto.ProtocolError):
+        proto.parse_commit_info(body)
+
+
+def test_retention_and_best_fields_of_a_commit_parse():
+    body = {
+        "components": [{"key": "w", "sharing_pattern": "global", "ranks": [0]}],
+        "topology": {},
+        "metadata": {},
+        "pytorch_version": None,
+        "save_total_limit": 2,
+        "keep_every_n_steps": 3,
+        "best_metric": "eval_loss",
+        "greater_is_better": True,
+    }
+    info = proto.parse_commit_info(body)
+    assert (info.keep_every_n_steps, info.best_metric, info.greater_is_better) == (3, "eval_loss", True)
