@@ -594,6 +594,24 @@ def inspect_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
 # --------------------------------------------------------------------------------------------- verify
 
 
+def cmd_drop(args: argparse.Namespace) -> int:
+    path = checkpoint_arg(args.checkpoint)
+    try:
+        removed = fmt.drop_component(path, args.component)
+    except fmt.FormatError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(
+            f"{path}: could not drop {args.component!r}: {e}; the checkpoint is unchanged or holds "
+            "only files its manifest no longer lists"
+        ) from None
+    print(
+        f"dropped component {args.component!r} from {path.name}: removed {', '.join(removed) or 'no file'}; "
+        f"load('latest') resumes from it without {args.component!r}"
+    )
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     path = checkpoint_arg(args.checkpoint)
     try:
@@ -657,6 +675,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from ckptd import ownership
 
     out = output_dir_arg(args.output_dir)
+    if args.save_total_limit is not None:
+        return gc_retention_preview(out, args)
     endpoint = endpoint_arg(args.endpoint)
     # The local daemon's live transactions are kept whatever their records say; every other entry is judged
     # by its owner record (host, pid and start time, deadline), so gc on any node removes only what a
@@ -691,6 +711,34 @@ def cmd_gc(args: argparse.Namespace) -> int:
             continue
         print(f"{verb} {v.path.name}: {v.why}")
     return EXIT_USAGE if failures else EXIT_OK
+
+
+def gc_retention_preview(out: Path, args: argparse.Namespace) -> int:
+    """``gc --dry-run --save-total-limit N``: what the daemon's retention would remove after the next commit."""
+    from ckptd import transactions as tx
+
+    if not args.dry_run:
+        raise CliError(
+            "--save-total-limit previews retention only (with --dry-run): the daemon applies retention itself "
+            "after each commit, in its commit thread; pass save_total_limit= to CheckpointClient to change it"
+        )
+    if args.save_total_limit < 1 or (args.keep_every_n_steps is not None and args.keep_every_n_steps < 1):
+        raise CliError("--save-total-limit and --keep-every-n-steps must be positive integers")
+    found = fmt.survey_checkpoints(out).found
+    if not found:
+        print(f"no committed checkpoints in {fmt.checkpoints_root(out)}")
+        return EXIT_OK
+    try:
+        best = fmt.find_best_checkpoint(out)
+    except fmt.FormatError as e:
+        raise CliError(f"{e}; retention would remove nothing while the mark is unreadable") from None
+    best_step = fmt.parse_checkpoint_dirname(best.name) if best is not None else None
+    steps = [c.step for c in found]
+    for step, kept, why in tx.retention_verdicts(
+        steps, steps[-1], args.save_total_limit, args.keep_every_n_steps, best_step
+    ):
+        print(f"{'would keep  ' if kept else 'would remove'} {fmt.checkpoint_dirname(step)}: {why}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------- status
@@ -1126,6 +1174,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable result")
     s.set_defaults(func=cmd_verify)
 
+    s = sub.add_parser(
+        "drop", help="remove one component from a checkpoint (its files; the manifest is rewritten atomically)"
+    )
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (…/checkpoints/checkpoint-N)")
+    s.add_argument("component", metavar="COMPONENT", help="the component's key, e.g. dataset")
+    s.set_defaults(func=cmd_drop)
+
     s = sub.add_parser("gc", help="remove temp/trash directories that no live transaction owns")
     s.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training output dir (holds checkpoints/)")
     s.add_argument("--endpoint", help=endpoint_help + ", asked which transactions are live")
@@ -1142,6 +1197,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="remove temp dirs without an owner record (an older ckptd's) at any age"
     )
     s.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    s.add_argument(
+        "--save-total-limit",
+        type=int,
+        metavar="N",
+        help="with --dry-run: show which committed checkpoints retention with this limit would remove, and why",
+    )
+    s.add_argument(
+        "--keep-every-n-steps",
+        type=int,
+        metavar="K",
+        help="with --save-total-limit: milestones (multiples of K) are kept too",
+    )
     s.set_defaults(func=cmd_gc)
 
     s = sub.add_parser("status", help="the daemon's saves in flight, bytes, throughput, last commit")

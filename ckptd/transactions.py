@@ -887,7 +887,6 @@ class Transaction:
         if limit is None:
             return []
         found, _ = fmt.scan_checkpoints(self.output_dir)
-        keep = {self.step}
         try:
             mark = fmt.read_best_mark(self.output_dir)
         except fmt.FormatError as e:
@@ -895,15 +894,13 @@ class Transaction:
             self.warnings.append(f"retention skipped: {e}")
             logger.warning("retention skipped in %s: %s", self.output_dir, e)
             return []
-        if mark is not None:
-            keep.add(mark.step)
-        if keep_every_n_steps:
-            keep.update(c.step for c in found if c.step % keep_every_n_steps == 0)
-        others = [c for c in found if c.step != self.step]
-        newest = {c.step for c in others[len(others) - (limit - 1) :]} if limit > 1 else set()
+        verdicts = retention_verdicts(
+            [c.step for c in found], self.step, limit, keep_every_n_steps, mark.step if mark is not None else None
+        )
+        doomed = {step for step, kept, _ in verdicts if not kept}
         removed = []
-        for info in others:
-            if info.step in keep or info.step in newest:
+        for info in found:
+            if info.step not in doomed:
                 continue
             try:
                 self.faults.hit(FaultPoint.RETENTION)
@@ -1113,3 +1110,30 @@ def set_best(output_dir: Path, step: int) -> Path:
         f"{fmt.checkpoints_root(output_dir) / fmt.checkpoint_dirname(step)} is not a committed checkpoint, so it "
         f"cannot be marked best; expected one of {[p.name for p in fmt.list_checkpoints(output_dir)]}"
     )
+
+
+def retention_verdicts(
+    steps: list[int], just_committed: int, limit: int, keep_every_n_steps: int | None, best: int | None
+) -> list[tuple[int, bool, str]]:
+    """What retention does to each committed step (oldest first): ``(step, kept, why)``. The one policy, for
+    the daemon (``apply_retention``) and for ``ckptd gc --dry-run --save-total-limit``.
+
+    Example:
+        >>> retention_verdicts([1, 2, 3], 3, 1, None, 1)
+        [(1, True, 'the best'), (2, False, 'older than the 1 newest'), (3, True, 'just committed')]
+    """
+    others = [s for s in steps if s != just_committed]
+    newest = set(others[max(0, len(others) - (limit - 1)) :]) if limit > 1 else set()
+    out = []
+    for step in steps:
+        if step == just_committed:
+            out.append((step, True, "just committed"))
+        elif step == best:
+            out.append((step, True, "the best"))
+        elif keep_every_n_steps and step % keep_every_n_steps == 0:
+            out.append((step, True, f"a milestone (a multiple of keep_every_n_steps={keep_every_n_steps})"))
+        elif step in newest:
+            out.append((step, True, f"among the {limit} newest"))
+        else:
+            out.append((step, False, f"older than the {limit} newest"))
+    return out

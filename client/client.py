@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1034,6 +1034,7 @@ class CheckpointClient:
         strict: bool = True,
         verify: bool | None = None,
         fallback: bool = True,
+        skip: Iterable[str] = (),
     ) -> Path | None:
         """Restore every component from a committed checkpoint; returns its path, or None for a fresh start.
 
@@ -1048,16 +1049,30 @@ class CheckpointClient:
             strict: a missing required component is an error (else a warning).
             verify: check checksums (default: the client's ``verify_on_load``).
             fallback: with "latest", try older checkpoints past one that fails verification.
+            skip: keys of components to leave out on purpose (not read, not verified, not restored), e.g.
+                ``skip=["dataset"]`` to restart the data order.
 
         Example:
             >>> client.load("latest")
             PosixPath('out/checkpoints/checkpoint-100')
         """
         with self._call():
-            return self._load(checkpoint, strict=strict, verify=verify, fallback=fallback)
+            skipped = frozenset([skip] if isinstance(skip, str) else skip)
+            unknown = sorted(skipped - {p.key for p in self.plans})
+            if unknown:
+                raise ValueError(
+                    f"skip={unknown}: no such component; expected keys among {[p.key for p in self.plans]}"
+                )
+            return self._load(checkpoint, strict=strict, verify=verify, fallback=fallback, skip=skipped)
 
     def _load(
-        self, checkpoint: str | os.PathLike | None | bool, *, strict: bool, verify: bool | None, fallback: bool
+        self,
+        checkpoint: str | os.PathLike | None | bool,
+        *,
+        strict: bool,
+        verify: bool | None,
+        fallback: bool,
+        skip: frozenset[str] = frozenset(),
     ) -> Path | None:
         if checkpoint is None or checkpoint is False:
             self._check_open()
@@ -1095,7 +1110,7 @@ class CheckpointClient:
             verdict: tuple[str, str] | None = None
             result = None
             try:
-                result = loader.read_share(ckpt, self.plans, self.topology, strict, verify)
+                result = loader.read_share(ckpt, self.plans, self.topology, strict, verify, skip)
             except loader.VerificationFailed as e:
                 verdict = ("verify", str(e))
             except CheckpointError as e:

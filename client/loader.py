@@ -293,7 +293,14 @@ def _index_order(weight_map: dict[str, str], tied: list[list[str]]) -> list[str]
     return names
 
 
-def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: bool, verify: bool) -> ReadResult:
+def read_share(
+    ckpt: Path,
+    plans: list[ComponentPlan],
+    topo: Topology,
+    strict: bool,
+    verify: bool,
+    skip: frozenset[str] = frozenset(),
+) -> ReadResult:
     """Read (and verify) everything this rank needs from ``ckpt``; applies nothing.
 
     Raises VerificationFailed when the checkpoint is damaged (the caller may fall back to an older one):
@@ -308,11 +315,21 @@ def read_share(ckpt: Path, plans: list[ComponentPlan], topo: Topology, strict: b
     except (fmt.FormatError, OSError) as e:
         raise _damaged(ckpt, e) from None
     with d:
-        return _read_share(d, plans, topo, strict, verify)
+        return _read_share(d, plans, topo, strict, verify, skip)
+
+
+def _missing_files(d: fmt.CheckpointDir, comp: fmt.ComponentRecord) -> list[str]:
+    """The files of ``comp`` that are not in the checkpoint directory at all (deleted by hand)."""
+    return [name for name in comp.files if not os.path.lexists(d.path / name)]
 
 
 def _read_share(
-    d: fmt.CheckpointDir, plans: list[ComponentPlan], topo: Topology, strict: bool, verify: bool
+    d: fmt.CheckpointDir,
+    plans: list[ComponentPlan],
+    topo: Topology,
+    strict: bool,
+    verify: bool,
+    skip: frozenset[str] = frozenset(),
 ) -> ReadResult:
     ckpt = d.path
     try:
@@ -321,12 +338,27 @@ def _read_share(
         raise _damaged(ckpt / fmt.MANIFEST_NAME, e) from None
     # Every SHARDED component's live state first, on every rank alike, before anything can fail on one rank
     # only (a damaged file): a state_dict() that runs collectives must not leave the others waiting.
-    targets = {p.key: live_state(p) for p in plans if p.pattern == SharingPattern.SHARDED}
+    targets = {p.key: live_state(p) for p in plans if p.pattern == SharingPattern.SHARDED and p.key not in skip}
     states: dict[str, Any] = {}
     skipped: list[str] = []
     total = 0
     for p in plans:
+        if p.key in skip:
+            logger.info("%s: component %r left out (skip=)", ckpt, p.key)
+            skipped.append(p.key)
+            continue
         comp = manifest.components.get(p.key)
+        missing = _missing_files(d, comp) if comp is not None and not p.component.required else []
+        if missing:
+            # The seed's way to leave a component out (delete its file): this checkpoint still serves, without
+            # it. A file that is there but damaged is not this case: it fails verification below.
+            _warn(
+                f"{ckpt}: {', '.join(missing)} of optional component {p.key!r} is missing (deleted by hand?); "
+                f"{p.key!r} is not restored, everything else is from this checkpoint "
+                f"(load(skip=[{p.key!r}]) leaves it out on purpose, without this warning)"
+            )
+            skipped.append(p.key)
+            continue
         if comp is None:
             problem = f"component {p.key!r} is not in this checkpoint (expected {p.filename})"
             advice = "resume from a checkpoint that has it, mark it required=False, or load with strict=False"

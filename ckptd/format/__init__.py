@@ -94,6 +94,7 @@ from ckptd.format.manifest import (
     ComponentRecord,
     FileRecord,
     Manifest,
+    drop_component,
     manifest_problems,
     now_timestamp,
     parse_manifest,
@@ -186,6 +187,7 @@ from ckptd.format.tree import (
 )
 
 __all__ = [
+    "drop_component",
     "BEST_NAME",
     "BestMark",
     "find_best_checkpoint",

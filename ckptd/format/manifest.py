@@ -9,9 +9,11 @@ its type (a manifest that parses is safe to print, sum and compare), and every f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -331,3 +333,63 @@ def manifest_problems(manifest: Manifest) -> list[str]:
                 f"its files' records sum to {total} bytes)"
             )
     return problems
+
+
+def drop_component(checkpoint_dir: str | os.PathLike, key: str) -> list[str]:
+    """Leave component ``key`` out of a committed checkpoint: the manifest is rewritten without it (temp
+    file, fsync, rename over the old one, fsync the directory), then its files are removed. A crash in
+    between leaves files no manifest lists, which no reader opens. Returns the files removed.
+
+    Args:
+        checkpoint_dir: ``…/checkpoints/checkpoint-<step>``.
+        key: the component's key (``"dataset"``).
+
+    Raises:
+        FormatError: no such component, the last component, or a manifest that cannot be read.
+
+    Example:
+        >>> drop_component("/runs/exp1/checkpoints/checkpoint-1000", "dataset")  # doctest: +SKIP
+        ['dataset_state.safetensors']
+    """
+    path = Path(checkpoint_dir)
+    manifest = read_manifest(path)
+    if key not in manifest.components:
+        raise FormatError(
+            f"{path}: no component {key!r} in {MANIFEST_NAME}; expected one of {sorted(manifest.components)}"
+        )
+    if len(manifest.components) == 1:
+        raise FormatError(
+            f"{path}: {key!r} is its only component; a checkpoint of nothing would still count as the latest. "
+            "Remove the whole checkpoint instead"
+        )
+    comp = manifest.components.pop(key)
+    others = {f for c in manifest.components.values() for f in c.files}
+    gone = [f for f in comp.files if f not in others]
+    for f in gone:
+        manifest.files.pop(f, None)
+    tmp = path / f".{MANIFEST_NAME}.tmp-{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            data = memoryview(manifest.to_json())
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path / MANIFEST_NAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    removed = []
+    for f in gone:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / f)
+            removed.append(f)
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return removed

@@ -99,6 +99,15 @@ def test_load_best_without_a_best_says_how_to_get_one(endpoint, output_dir):
             client.load("best")
 
 
+def test_a_limit_above_the_number_of_checkpoints_removes_none(endpoint, output_dir):
+    """A limit of 5 with 4 checkpoints keeps all 4 (a slice from a negative start once kept only the last)."""
+    comps = [StateComponent("weights", Weights(), SharingPattern.GLOBAL)]
+    with CheckpointClient(output_dir, comps, save_total_limit=5) as client:
+        for step in range(1, 8):
+            client.save_async(step).wait(60)
+            assert steps_on_disk(output_dir) == list(range(max(1, step - 4), step + 1)), step
+
+
 def test_keep_every_n_steps_milestones_survive_retention(endpoint, output_dir):
     comps = [StateComponent("weights", Weights(), SharingPattern.GLOBAL)]
     with CheckpointClient(output_dir, comps, save_total_limit=1, keep_every_n_steps=3) as client:
@@ -136,3 +145,30 @@ def test_kill_9_during_retention_never_loses_the_best_or_the_newest(endpoint, ou
         st.w = torch.zeros(1024)
         client.load("best")
     assert torch.equal(st.w, torch.full((1024,), 2.0))
+
+
+def test_gc_dry_run_shows_what_the_retention_policies_would_remove_and_why(endpoint, output_dir):
+    import subprocess
+    import sys
+
+    comps = [StateComponent("weights", Weights(), SharingPattern.GLOBAL)]
+    with CheckpointClient(output_dir, comps, best_metric="eval_loss") as client:
+        for step, loss in LOSSES.items():
+            client.save_async(step, metadata={"eval_loss": loss}).wait(60)
+
+    def gc(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "ckptd", "gc", str(output_dir), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    r = gc("--dry-run", "--save-total-limit", "2", "--keep-every-n-steps", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "would keep   checkpoint-2: the best" in lines
+    assert any(line.startswith("would keep   checkpoint-3: a milestone") for line in lines)
+    assert "would keep   checkpoint-5: among the 2 newest" in lines
+    assert "would keep   checkpoint-6: just committed" in lines
+    assert "would remove checkpoint-1: older than the 2 newest" in lines
+    assert "would remove checkpoint-4: older than the 2 newest" in lines
+    assert steps_on_disk(output_dir) == [1, 2, 3, 4, 5, 6]  # a preview removes nothing
+    r = gc("--save-total-limit", "2")
+    assert r.returncode == 2 and "previews retention only" in r.stderr
