@@ -597,7 +597,7 @@ def inspect_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
 def cmd_drop(args: argparse.Namespace) -> int:
     path = checkpoint_arg(args.checkpoint)
     try:
-        removed = fmt.drop_component(path, args.component)
+        removed = fmt.drop_component(path, args.component, force=args.force)
     except fmt.FormatError as e:
         raise CliError(str(e)) from None
     except OSError as e:
@@ -605,9 +605,10 @@ def cmd_drop(args: argparse.Namespace) -> int:
             f"{path}: could not drop {args.component!r}: {e}; the checkpoint is unchanged or holds "
             "only files its manifest no longer lists"
         ) from None
+    how = f"load(..., skip=[{args.component!r}])" if args.force else "load('latest')"
     print(
         f"dropped component {args.component!r} from {path.name}: removed {', '.join(removed) or 'no file'}; "
-        f"load('latest') resumes from it without {args.component!r}"
+        f"{how} resumes from it without {args.component!r}"
     )
     return EXIT_OK
 
@@ -677,6 +678,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     out = output_dir_arg(args.output_dir)
     if args.save_total_limit is not None:
         return gc_retention_preview(out, args)
+    if args.keep_every_n_steps is not None:
+        raise CliError("--keep-every-n-steps goes with --dry-run --save-total-limit N (a retention preview)")
     endpoint = endpoint_arg(args.endpoint)
     # The local daemon's live transactions are kept whatever their records say; every other entry is judged
     # by its owner record (host, pid and start time, deadline), so gc on any node removes only what a
@@ -1179,6 +1182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint directory (…/checkpoints/checkpoint-N)")
     s.add_argument("component", metavar="COMPONENT", help="the component's key, e.g. dataset")
+    s.add_argument("--force", action="store_true", help="drop a component saved as required too")
     s.set_defaults(func=cmd_drop)
 
     s = sub.add_parser("gc", help="remove temp/trash directories that no live transaction owns")

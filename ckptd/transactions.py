@@ -851,30 +851,30 @@ class Transaction:
         return exchanged
 
     def update_best(self, metric: str, greater_is_better: bool) -> bool:
-        """Mark this checkpoint best if its metadata's ``metric`` beats the current best's (or there is no
-        best, or the best is gone). Returns whether it did. COMMITTED only; a failure is a warning."""
+        """Mark best the committed checkpoint whose metadata holds the best finite value of ``metric`` (ties:
+        the earliest step), ranking every checkpoint of the output dir, not only this one: a re-saved step, a
+        daemon killed between a rename and its mark, or a damaged mark cannot lose the best. Returns whether
+        the mark changed. COMMITTED only; a failure is a warning."""
         if self.state != TxnState.COMMITTED:
             raise IllegalTransition(f"best mark after a {self.state.value} transaction {self.txn}")
-        assert self.commit_info is not None
-        value = fmt.metric_value(self.commit_info.metadata, metric)
-        if value is None:
-            return False  # a save without a finite value of the metric is never the best
+        found, _ = fmt.scan_checkpoints(self.output_dir)
+        ranked = [(v, c.step) for c in found if (v := fmt.metric_value(c.manifest.metadata, metric)) is not None]
+        if not ranked:
+            return False  # no checkpoint carries a finite value of the metric: the mark stays as it is
+        if greater_is_better:
+            value, step = max(ranked, key=lambda vs: (vs[0], -vs[1]))
+        else:
+            value, step = min(ranked)
         try:
             current = fmt.read_best_mark(self.output_dir)
         except fmt.FormatError as e:
             self.warnings.append(f"the best-checkpoint mark was unreadable and is replaced: {e}")
             current = None
-        if (
-            current is not None
-            and current.step != self.step
-            and current.value is not None
-            and current.metric == metric
-            and fmt.find_best_checkpoint(self.output_dir) is not None
-            and not fmt.is_better(value, current.value, greater_is_better)
-        ):
+        mark = fmt.BestMark(step, metric, value, greater_is_better)
+        if current == mark:
             return False
-        fmt.write_best_mark(self.output_dir, fmt.BestMark(self.step, metric, value, greater_is_better))
-        logger.info("%s is the best checkpoint now (%s=%g)", self.path, metric, value)
+        fmt.write_best_mark(self.output_dir, mark)
+        logger.info("checkpoint-%d is the best checkpoint now (%s=%g)", step, metric, value)
         return True
 
     def apply_retention(self, limit: int | None, keep_every_n_steps: int | None = None) -> list[Path]:
@@ -1121,9 +1121,12 @@ def retention_verdicts(
     Example:
         >>> retention_verdicts([1, 2, 3], 3, 1, None, 1)
         [(1, True, 'the best'), (2, False, 'older than the 1 newest'), (3, True, 'just committed')]
+        >>> retention_verdicts([5, 10], 5, 1, None, None)  # an older step re-saved: the newest stays
+        [(5, True, 'just committed'), (10, True, 'among the 1 newest')]
     """
-    others = [s for s in steps if s != just_committed]
-    newest = set(others[max(0, len(others) - (limit - 1)) :]) if limit > 1 else set()
+    # The N newest of all committed steps; the one just committed is kept besides (a re-saved older step
+    # must never cost the newer checkpoints their place).
+    newest = set(sorted(steps)[-limit:])
     out = []
     for step in steps:
         if step == just_committed:

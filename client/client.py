@@ -996,7 +996,9 @@ class CheckpointClient:
     def set_best_checkpoint(self, path_or_step: int | str | os.PathLike) -> Path:
         """Mark a committed checkpoint of this output dir as the best (for ``load("best")`` and
         ``find_best_checkpoint``); retention keeps it beside the newest ``save_total_limit``. The daemon
-        replaces the mark atomically, between commits. Every rank may call it; rank 0 marks.
+        replaces the mark atomically, between commits. Collective: call it on every rank; rank 0 marks, and
+        every rank returns once the mark is on disk. With ``best_metric`` set, the next commit ranks every
+        checkpoint by its metadata again and may move the mark.
 
         Args:
             path_or_step: the checkpoint's step, or its directory.
@@ -1007,6 +1009,11 @@ class CheckpointClient:
         """
         with self._call():
             self._check_open()
+            if self.read_only:
+                raise CheckpointError(
+                    "this CheckpointClient was opened with read_only=True; it only loads (marking a best "
+                    "checkpoint writes to the output dir): open one without read_only to mark it"
+                )
             if isinstance(path_or_step, int) and not isinstance(path_or_step, bool):
                 step = path_or_step
             else:
@@ -1017,14 +1024,18 @@ class CheckpointClient:
                         "one of the paths list_checkpoints() gives"
                     )
             path = fmt.checkpoints_root(self.output_dir) / fmt.checkpoint_dirname(step)
-            if self.rank != 0:
-                return path
-            assert self._link is not None
-            ev = self._link.request(
-                MsgType.SET_BEST, self.heartbeat_timeout_s, output_dir=str(self.output_dir), step=step
-            )
-            if ev.type != MsgType.BEST_SET:
-                raise CheckpointError(f"ckptd did not mark {path} best: {ev.body.get('message', ev.body)}")
+
+            def mark() -> None:
+                if self.rank != 0:
+                    return
+                assert self._link is not None
+                # Queued behind the commits in the daemon's commit thread: as long as a save may take.
+                ev = self._link.request(MsgType.SET_BEST, self.timeout_s, output_dir=str(self.output_dir), step=step)
+                if ev.type != MsgType.BEST_SET:
+                    raise CheckpointError(f"ckptd did not mark {path} best: {ev.body.get('message', ev.body)}")
+
+            # Collective: every rank returns (or raises) together, after the mark is on disk.
+            self._agree_on(f"set_best_checkpoint({step})", mark)
             return path
 
     def load(

@@ -335,7 +335,7 @@ def manifest_problems(manifest: Manifest) -> list[str]:
     return problems
 
 
-def drop_component(checkpoint_dir: str | os.PathLike, key: str) -> list[str]:
+def drop_component(checkpoint_dir: str | os.PathLike, key: str, force: bool = False) -> list[str]:
     """Leave component ``key`` out of a committed checkpoint: the manifest is rewritten without it (temp
     file, fsync, rename over the old one, fsync the directory), then its files are removed. A crash in
     between leaves files no manifest lists, which no reader opens. Returns the files removed.
@@ -343,6 +343,7 @@ def drop_component(checkpoint_dir: str | os.PathLike, key: str) -> list[str]:
     Args:
         checkpoint_dir: ``…/checkpoints/checkpoint-<step>``.
         key: the component's key (``"dataset"``).
+        force: drop a component saved as required too (loads then need ``skip=[key]``).
 
     Raises:
         FormatError: no such component, the last component, or a manifest that cannot be read.
@@ -361,6 +362,12 @@ def drop_component(checkpoint_dir: str | os.PathLike, key: str) -> list[str]:
         raise FormatError(
             f"{path}: {key!r} is its only component; a checkpoint of nothing would still count as the latest. "
             "Remove the whole checkpoint instead"
+        )
+    if manifest.components[key].required and not force:
+        raise FormatError(
+            f"{path}: component {key!r} was saved as required, so load('latest') of this checkpoint would fail "
+            f"without it (it does not fall back); pass --force to drop it anyway and then load with "
+            f"skip=[{key!r}], or mark it required=False in the training script and save again"
         )
     comp = manifest.components.pop(key)
     others = {f for c in manifest.components.values() for f in c.files}

@@ -16,12 +16,12 @@ import json
 import math
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.format.errors import FormatError
 from ckptd.format.names import BEST_NAME, best_temp_name, checkpoint_dirname, checkpoints_root, is_best_temp_name
-from ckptd.format.safejson import load_json
 
 MAX_MARK_BYTES = 64 * 1024
 
@@ -92,16 +92,22 @@ def read_best_mark(output_dir: str | os.PathLike) -> BestMark | None:
         raise FormatError(f"{path}: cannot open the best-checkpoint mark ({e}); remove it and mark one again") from e
     try:
         st = os.fstat(fd)
-        if not os.path.stat.S_ISREG(st.st_mode) or st.st_size > MAX_MARK_BYTES:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MARK_BYTES:
+            found = f"a file of {st.st_size} bytes" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
             raise FormatError(
-                f"{path}: expected a small regular file (the best-checkpoint mark), found "
-                f"{'a file of ' + str(st.st_size) + ' bytes' if os.path.stat.S_ISREG(st.st_mode) else 'no file'}; "
-                "remove it and mark the best again (client.set_best_checkpoint)"
+                f"{path}: expected a small regular file (the best-checkpoint mark), found {found}; the "
+                "checkpoints are not affected: remove it and mark the best again (client.set_best_checkpoint)"
             )
         data = os.read(fd, MAX_MARK_BYTES + 1)
     finally:
         os.close(fd)
-    doc = load_json(data, str(path), "best-checkpoint mark")
+    try:
+        doc = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(
+            f"{path}: the best-checkpoint mark is not valid JSON ({e}); the checkpoints are not affected: remove "
+            "it and mark the best again (client.set_best_checkpoint), or let the next save with best_metric do it"
+        ) from None
     step = doc.get("step") if isinstance(doc, dict) else None
     metric = doc.get("metric") if isinstance(doc, dict) else None
     value = doc.get("value") if isinstance(doc, dict) else None
@@ -112,6 +118,7 @@ def read_best_mark(output_dir: str | os.PathLike) -> BestMark | None:
         or step < 0
         or (metric is not None and not isinstance(metric, str))
         or (value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))))
+        or (value is not None and not math.isfinite(value))
         or not isinstance(greater, bool)
     ):
         raise FormatError(
@@ -119,6 +126,23 @@ def read_best_mark(output_dir: str | os.PathLike) -> BestMark | None:
             f"'greater_is_better': bool}}, got {data[:200]!r}; remove it and mark the best again"
         )
     return BestMark(step, metric, None if value is None else float(value), greater)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number the daemon writes")
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "something that is not a regular file"
 
 
 def write_best_mark(output_dir: str | os.PathLike, mark: BestMark) -> None:

@@ -9,6 +9,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import stop_daemon
 
 from client import (
     CheckpointClient,
@@ -127,6 +128,8 @@ def test_kill_9_during_retention_never_loses_the_best_or_the_newest(endpoint, ou
             st.w = torch.full((1024,), float(step))
             client.save_async(step, metadata={"eval_loss": loss}).wait(60)
     # The next daemon removes 7 - 1 - 1 = 5 old checkpoints when step 7 commits, and dies at removal ``at``.
+    # (The embedded daemon outlives its client for a while: stopped first, so that a new one reads the fault.)
+    stop_daemon(endpoint)
     monkeypatch.setenv("CKPTD_TEST_FAULTS", f"retention=crash@{at}")
     st.w = torch.full((1024,), 7.0)
     client = CheckpointClient(output_dir, comps, save_total_limit=1, best_metric="eval_loss")
@@ -140,6 +143,8 @@ def test_kill_9_during_retention_never_loses_the_best_or_the_newest(endpoint, ou
     monkeypatch.delenv("CKPTD_TEST_FAULTS")
     on_disk = steps_on_disk(output_dir)
     assert 7 in on_disk and 2 in on_disk, on_disk  # committed before retention ran, and the best
+    assert len(on_disk) > 2, f"retention ran to the end: the daemon was not killed during it ({on_disk})"
+    stop_daemon(endpoint)
     with CheckpointClient(output_dir, comps, best_metric="eval_loss") as client:
         assert find_best_checkpoint(output_dir).name == "checkpoint-2"
         st.w = torch.zeros(1024)

@@ -174,6 +174,10 @@ def test_ctrl_c_while_the_veto_waits_still_settles_every_handle(endpoint, output
     veto lock, which another process holds) propagates as KeyboardInterrupt, as it must; but the handle is
     settled on the way out, so the next ``handle.wait()`` raises CheckpointError saying that the veto was
     interrupted (and the save may still commit) instead of spinning, and ``client.wait()`` reports it."""
+    # Ctrl-C must be deliverable whatever an earlier test of this worker process left behind (a handler, an
+    # ignored or blocked SIGINT): in fresh-clone CI runs the signal was sent and never raised.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     daemon = start_daemon(endpoint, tmp_path / "daemon.log")
     root = fmt.checkpoints_root(output_dir)
     state = StepState(BIG_MB)
@@ -211,6 +215,7 @@ def test_ctrl_c_while_the_veto_waits_still_settles_every_handle(endpoint, output
             holder.wait(10)
         _stop_quietly(daemon)
         client.close(wait=False)
+        signal.signal(signal.SIGINT, previous_sigint)
 
 
 # ---------------------------------------------------------------------------------------------- leases

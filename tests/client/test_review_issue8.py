@@ -246,6 +246,10 @@ import os, signal, sys, threading, time
 import torch
 from client import CheckpointClient, SharingPattern, StateComponent
 
+# Ctrl-C must be deliverable whatever the launching process left (an ignored or blocked SIGINT is inherited).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
 class Holder:
     def __init__(self, t): self.t = t
     # A transposed view of the parameter (shares its storage, so it is deferred): a slow, strided copy.
