@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -984,6 +985,21 @@ def export_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
 # --------------------------------------------------------------------------------------------- serve
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """``ckptd import``: the reading and the save run in ``python -m client.importing`` (the rank side: the
+    node side never imports the client)."""
+    cmd = [sys.executable, "-m", "client.importing", args.src, args.output_dir]
+    if args.trust_weights_only_pickle:
+        cmd.append("--trust-weights-only-pickle")
+    for key in args.skip:
+        cmd += ["--skip", key]
+    if args.step is not None:
+        cmd += ["--step", str(args.step)]
+    if args.endpoint:
+        cmd += ["--endpoint", args.endpoint]
+    return subprocess.call(cmd)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ckptd import demo
 
@@ -1184,6 +1200,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("component", metavar="COMPONENT", help="the component's key, e.g. dataset")
     s.add_argument("--force", action="store_true", help="drop a component saved as required too")
     s.set_defaults(func=cmd_drop)
+
+    s = sub.add_parser(
+        "import",
+        help="an HF Trainer, Forgather or DCP checkpoint as a pickle-free ckptd checkpoint",
+        description="Read SRC (an HF Trainer checkpoint-N/, a Forgather checkpoint or a DCP checkpoint) and save it "
+        "through the daemon as OUTPUT_DIR/checkpoints/checkpoint-N, which load('latest') resumes with components of "
+        "the same keys (model, optimizer, scheduler, rng, trainer_state, ...).",
+    )
+    s.add_argument("src", metavar="SRC", help="the checkpoint directory to import")
+    s.add_argument("output_dir", metavar="OUTPUT_DIR", help="the ckptd output dir to save it into")
+    s.add_argument(
+        "--trust-weights-only-pickle",
+        action="store_true",
+        help="read SRC's pickled files (.pt, .pth, .bin, DCP's .metadata) with torch.load(weights_only=True), which "
+        "builds tensors, numbers, strings and containers only (DCP's metadata: its own records only); without it "
+        "they are refused, so only safetensors and JSON are read",
+    )
+    s.add_argument("--skip", action="append", default=[], metavar="KEY", help="leave component KEY out (repeatable)")
+    s.add_argument("--step", type=int, help="save as this step (default: the step SRC records, or ends its name with)")
+    s.add_argument("--endpoint", help=endpoint_help)
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("gc", help="remove temp/trash directories that no live transaction owns")
     s.add_argument("output_dir", metavar="OUTPUT_DIR", help="the training output dir (holds checkpoints/)")

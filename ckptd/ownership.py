@@ -912,6 +912,7 @@ def veto_commit(
     deadline: float | None,
     owner: ProcessIdentity | None = None,
     timeout_s: float = LOCK_TIMEOUT_S,
+    final: Path | None = None,
 ) -> bool:
     """Make transaction ``txn`` impossible to commit, or find out that it already has.
 
@@ -933,6 +934,7 @@ def veto_commit(
             ``SWEEP_MARGIN_S`` after it.
         owner: who vetoes (default: this process), recorded in the tombstone.
         timeout_s: how long to wait for the save's veto lock (another rank vetoing it) before giving up.
+        final: where its commit renames the temp dir (default ``checkpoint-<step>``; a ``save_model`` dir).
 
     Returns:
         True if ``txn`` can never commit; False if it had already committed (``checkpoint-<step>`` is it).
@@ -975,7 +977,7 @@ def veto_commit(
             earlier = None
         if earlier is not None and earlier.outcome is not None:
             return earlier.outcome == "vetoed"
-        vetoed = _veto_locked(root, step, txn, deadline, owner)
+        vetoed = _veto_locked(root, step, txn, deadline, owner, final or root / fmt.checkpoint_dirname(step))
         rec = OwnerRecord(owner, step, txn, None, deadline, "veto", time.time(), "vetoed" if vetoed else "committed")
         os.ftruncate(fd, 0)
         os.pwrite(fd, rec.to_bytes(), 0)
@@ -984,9 +986,8 @@ def veto_commit(
         os.close(fd)
 
 
-def _veto_locked(root: Path, step: int, txn: str, deadline: float | None, owner: ProcessIdentity) -> bool:
+def _veto_locked(root: Path, step: int, txn: str, deadline: float | None, owner: ProcessIdentity, final: Path) -> bool:
     temp = root / fmt.temp_dirname(step, txn)
-    final = root / fmt.checkpoint_dirname(step)
     tomb = OwnerRecord(owner, step, txn, None, deadline, "tombstone", time.time())
     last_error: OSError | None = None
     for _ in range(_VETO_ATTEMPTS):

@@ -11,7 +11,7 @@ Rank -> daemon requests, each answered by exactly one reply carrying the request
     stage    {txn, output_dir, step, rank, world_size,        -> accepted {txn} | error
               expected_ranks, timeout_s, pid, segment,
               segment_fd, segment_ino, segment_size,
-              files[], commit?, job?, deadline?}
+              files[], commit?, job?, deadline?, export_to?}
     query    {txn}                                            -> txn_state {txn, state, path, reason}
     abort    {txn, reason}                                    -> txn_state
     status   {}                                               -> status_report {...}
@@ -58,6 +58,11 @@ daemon opens it as ``/proc/<pid>/fd/<segment_fd>`` while the rank waits for ``ac
 the inode ``segment_ino``, owned by this user and sealed against shrinking (so no read of it can ever
 SIGBUS), and keeps its own mapping. ``segment`` is the memfd's name, for logs only. A memfd has no name in
 /dev/shm, so a crash of either process can never leak it.
+
+``export_to`` (``client.save_model``, the same on every part) is an absolute directory outside
+``output_dir/checkpoints``: the transaction is staged, written and checked like a checkpoint, in its temp
+dir under ``output_dir/checkpoints``, and its commit renames that dir to ``export_to`` instead of
+``checkpoint-<step>`` (no best mark, no retention).
 
 ``job`` names the job that owns ``output_dir`` (see ``ckptd.ownership``); ``deadline`` is the Unix time
 after which the save may no longer commit: a hand-off that reaches the daemon later is refused.
@@ -231,6 +236,7 @@ class StageRequest:
     job: str | None = None
     deadline: float | None = None
     peer: PeerInfo | None = None
+    export_to: str | None = None  # client.save_model: the directory the commit renames the temp dir to
 
 
 def pack(msg_type: MsgType, req_id: int = 0, **body: Any) -> bytes:
@@ -581,6 +587,7 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
     ):
         raise ProtocolError(f"field 'deadline' must be a Unix time, got {deadline!r}")
     peer = None if body.get("peer") is None else parse_peer_info(body["peer"], world_size)
+    export_to = None if body.get("export_to") is None else parse_export_to(body, output_dir)
     return StageRequest(
         txn=txn,
         output_dir=output_dir,
@@ -599,7 +606,26 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
         job=job,
         deadline=None if deadline is None else float(deadline),
         peer=peer,
+        export_to=export_to,
     )
+
+
+def parse_export_to(body: dict[str, Any], output_dir: str) -> str:
+    """A stage request's ``export_to``: an absolute, normalised directory path outside the checkpoints
+    directory of ``output_dir`` (where it would be taken for a checkpoint, or replace one)."""
+    dest = _str(body, "export_to")
+    if not dest.startswith("/") or os.path.normpath(dest) != dest or dest == "/":
+        raise ProtocolError(
+            f"field 'export_to' must be an absolute, normalised directory path (no '..', no trailing '/'), got {dest!r}"
+        )
+    root = str(fmt.checkpoints_root(output_dir))
+    if dest == root or dest.startswith(root + "/") or dest == output_dir or output_dir.startswith(dest + "/"):
+        raise ProtocolError(
+            f"field 'export_to' {dest!r} is {output_dir}, above it, or inside its checkpoints directory; a model "
+            "saved there would be taken for a checkpoint or replace one: choose a directory beside them, e.g. "
+            f"{output_dir}/model"
+        )
+    return dest
 
 
 # --------------------------------------------------------------------------------------------- multi-node

@@ -444,7 +444,8 @@ class Daemon:
         s.last_commit_time = time.time()
         s.last_commit_bytes = txn.bytes_total
         s.last_commit_seconds = elapsed
-        info = txn.commit_info
+        # A model save (client.save_model) is no checkpoint: it neither ranks for best nor counts for retention.
+        info = txn.commit_info if txn.export_to is None else None
         if info is not None and info.best_metric is not None:
             try:
                 await self.run_io(self.commit_pool, txn.update_best, info.best_metric, info.greater_is_better)
@@ -726,7 +727,14 @@ class Daemon:
         self.vetoing.add(txn.txn)
         try:
             vetoed = await self.run_io(
-                self.io_pool, ownership.veto_commit, txn.output_dir, txn.step, txn.txn, txn.deadline_unix, self.identity
+                self.io_pool,
+                ownership.veto_commit,
+                txn.output_dir,
+                txn.step,
+                txn.txn,
+                txn.deadline_unix,
+                self.identity,
+                final=txn.final_dir,
             )
         except Exception as e:  # the outcome stays open: retried at the next housekeeping tick
             logger.warning("txn %s: giving up (%s), but vetoing it failed: %s; retrying", txn.txn, reason, e)

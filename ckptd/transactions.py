@@ -98,6 +98,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import json
 import logging
 import os
 import secrets
@@ -215,6 +216,7 @@ class Transaction:
     last_heard_leader: float = field(default_factory=time.monotonic)  # follower: the leader's last word
     reason_from_leader: bool = False  # follower: aborted on the leader's word (so it need not be told back)
     pace: pacing.Pace | None = None  # when its chunks may be written (the server sets it; None: full speed)
+    export_to: Path | None = None  # client.save_model: the commit renames the temp dir here, not checkpoint-<step>
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -243,6 +245,7 @@ class Transaction:
             job=req.job,
             faults=faults or FaultInjector(),
             peer=req.peer,
+            export_to=None if req.export_to is None else Path(req.export_to),
         )
 
     @property
@@ -263,6 +266,8 @@ class Transaction:
 
     @property
     def final_dir(self) -> Path:
+        if self.export_to is not None:
+            return self.export_to
         return self.root / fmt.checkpoint_dirname(self.step)
 
     @property
@@ -312,6 +317,8 @@ class Transaction:
             mismatch.append(f"job {req.job!r} vs {self.job!r}")
         if req.peer != self.peer:
             mismatch.append("its multi-node peer information differs (node, node count, leader or keys)")
+        if (None if req.export_to is None else Path(req.export_to)) != self.export_to:
+            mismatch.append(f"export_to {req.export_to} vs {self.export_to}")
         if mismatch:
             raise TxnError(f"rank {req.rank} disagrees with transaction {self.txn}: {'; '.join(mismatch)}")
         if req.rank in self.parts:
@@ -703,6 +710,9 @@ class Transaction:
         try:
             self.check_remote_files()  # cheap, before the shared files are hashed
             manifest = self.build_manifest()
+            if self.export_to is not None:
+                self.check_export_target()
+                self.write_hf_config(manifest)
             self.faults.hit(FaultPoint.BEFORE_MANIFEST)
             writer.write_small_file(self.temp_dir / fmt.MANIFEST_NAME, manifest.to_json())
             self.faults.hit(FaultPoint.AFTER_MANIFEST)
@@ -741,6 +751,55 @@ class Transaction:
         for w in warnings:
             logger.warning("committed %s, but %s", self.final_dir, w)
         return CommitOutcome(renamed=True, path=self.final_dir, warnings=tuple(warnings))
+
+    def check_export_target(self) -> None:
+        """*I/O*, a model save only (``export_to``): its directory may be created, or replace an empty
+        directory or a model an earlier ``save_model`` wrote (its manifest says so); anything else is not ours
+        to replace. Its parent must exist, outside every checkpoints directory, on this file system."""
+        dest = self.final_dir
+        parent = Path(os.path.realpath(dest.parent))
+        for a in (parent, *parent.parents):
+            if a.name == fmt.CHECKPOINTS_DIRNAME and a.parent == Path(os.path.realpath(self.output_dir)):
+                raise TxnError(f"{dest} resolves into {a}, the checkpoints directory; a model may not be saved there")
+        try:
+            st = os.stat(parent)
+        except FileNotFoundError:
+            raise TxnError(f"the parent directory of {dest} does not exist (it was removed during the save)") from None
+        if st.st_dev != os.stat(self.root).st_dev:
+            raise TxnError(
+                f"{dest} is on another file system than {self.root}; a model save commits by renaming its temp "
+                "dir, so save it beside the output dir"
+            )
+        if not os.path.lexists(dest):
+            return
+        if os.path.islink(dest) or not os.path.isdir(dest):
+            raise TxnError(f"{dest} exists and is not a directory; it is left as it is")
+        if not any(os.scandir(dest)):
+            return
+        try:
+            old = fmt.read_manifest(dest)
+        except (fmt.FormatError, OSError) as e:
+            raise TxnError(
+                f"{dest} exists, is not empty and is not a model saved by save_model ({e}); it is left as it is: "
+                "remove it or choose another directory"
+            ) from None
+        if fmt.EXPORT_METADATA_KEY not in old.metadata:
+            raise TxnError(
+                f"{dest} holds a checkpoint, not a model saved by save_model; it is left as it is: choose another "
+                "directory"
+            )
+
+    def write_hf_config(self, manifest: fmt.Manifest) -> None:
+        """*I/O*, a model save only: ``config.json`` beside the shards, from the Hugging Face config the
+        client put in the model component's metadata (none: no file)."""
+        model = manifest.components.get(fmt.MODEL_KEY)
+        config = None if model is None else model.metadata.get(fmt.HF_CONFIG_METADATA_KEY)
+        if config is None:
+            return
+        if not isinstance(config, dict):
+            raise TxnError(f"the model's {fmt.HF_CONFIG_METADATA_KEY!r} metadata is not a JSON object")
+        data = json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
+        writer.write_small_file(self.temp_dir / fmt.HF_CONFIG_NAME, data)
 
     def check_remote_files(self) -> None:
         """Every file a follower reported is in the temp dir, a regular file of the size it reported (for its

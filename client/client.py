@@ -37,7 +37,7 @@ from ckptd import ownership, security
 from ckptd import protocol as proto
 from ckptd.protocol import MsgType, TxnState
 from client import loader, overlap, planning, sharding, staging
-from client.components import CheckpointError, SharingPattern, StateComponent, ValidationLevel
+from client.components import CheckpointError, SharingPattern, StateComponent, ValidationLevel, hf_config
 from client.transport import DAEMON_START_TIMEOUT_S, DaemonLink, DaemonUnavailable
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class SaveHandle:
     last_beat: float = field(default_factory=time.monotonic, repr=False)
     query_id: int | None = field(default=None, repr=False)  # the heartbeat QUERY awaiting its reply, if any
     query_sent: float = field(default=0.0, repr=False)
+    dest: Path | None = None  # save_model: the model directory it commits to (else checkpoint-<step>)
 
     def done(self) -> bool:
         """True once the save has committed or failed; never blocks (a heartbeat query to the daemon is sent
@@ -499,6 +500,9 @@ class CheckpointClient:
         h.query_id = None
 
     def _committed(self, h: SaveHandle, path: Path) -> None:
+        if h.dest is not None:
+            h.path = h.dest  # a follower node's daemon knows only its own node's side of it
+            return
         h.path = path
         if self._last_committed is None or h.step >= self._last_committed:
             self._last_committed = h.step
@@ -519,7 +523,10 @@ class CheckpointClient:
         if path is not None:
             self._committed(h, path)
             logger.info(
-                "step %d committed: %s (%.3f s after save_async)", h.step, path, time.monotonic() - h.started_at
+                "step %d committed: %s (%.3f s after the hand-off began)",
+                h.step,
+                h.path,
+                time.monotonic() - h.started_at,
             )
         else:
             self._failed_with(
@@ -573,7 +580,7 @@ class CheckpointClient:
     def _veto(self, h: SaveHandle, reason: str) -> None:
         """Make ``h``'s save impossible to commit (or learn that it committed) and settle ``h`` by it."""
         try:
-            vetoed = ownership.veto_commit(self.output_dir, h.step, h.txn, h.deadline)
+            vetoed = ownership.veto_commit(self.output_dir, h.step, h.txn, h.deadline, final=h.dest)
         except Exception as e:  # noqa: BLE001 - whatever the veto raises, the handle must be settled
             what = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
             if not isinstance(e, OSError):
@@ -656,6 +663,62 @@ class CheckpointClient:
         with self._call():
             return self._save_async(step, metadata)
 
+    def save_model(
+        self, dest: str | os.PathLike, *, step: int | None = None, metadata: dict[str, Any] | None = None
+    ) -> SaveHandle:
+        """Save the ``model`` component alone as a Hugging Face directory at ``dest``, asynchronously.
+
+        Staged like ``save_async`` (same stall, one collective), then written by the daemon into a temp dir
+        under ``output_dir/checkpoints`` and committed by one rename to ``dest``: shards,
+        ``model.safetensors.index.json``, ``config.json`` when the model has a Hugging Face ``config``, and a
+        ``checkpoint_manifest.json`` (``ckptd verify DEST`` checks it). ``dest`` appears whole or not at all;
+        an earlier ``save_model`` directory there is replaced atomically, anything else is refused. It is no
+        checkpoint: ``load("latest")``, the best mark and retention never see it.
+
+        Args:
+            dest: the model directory; on the file system of ``output_dir``, outside its ``checkpoints/``.
+                A relative path is resolved by rank 0.
+            step: recorded in its manifest (default: the newest step this client committed, else 0).
+            metadata: a JSON-able dict kept in its manifest.
+
+        Returns:
+            A SaveHandle; ``wait()`` gives ``dest``. Collective: call it on every rank with the same ``dest``.
+
+        Example:
+            >>> client.save_model("out/final-model").wait()
+            PosixPath('/abs/out/final-model')
+            >>> huggingface_hub.load_torch_model(model, "out/final-model")  # doctest: +SKIP
+        """
+        with self._call():
+            if step is None:
+                step = self._last_committed or 0
+            return self._save_async(step, metadata, export=dest)
+
+    def _model_save_plan(self, export: Any) -> tuple[list[planning.ComponentPlan], Path]:
+        """The plan and directory of a ``save_model``; raises CheckpointError (or ValueError) saying why not.
+        Only rank 0 looks at the file system (its answer is everyone's, by the save's vote)."""
+        try:
+            dest = Path(os.path.abspath(os.path.expanduser(os.fspath(export))))
+        except TypeError:
+            raise ValueError(f"save_model: dest must be a path, got {export!r}") from None
+        model = [p for p in self.plans if p.key == fmt.MODEL_KEY]
+        if not model:
+            raise CheckpointError(
+                f"save_model saves the component with key {fmt.MODEL_KEY!r}, and this client has none (its "
+                f"components: {', '.join(p.key for p in self.plans)}); declare the model as "
+                f"StateComponent({fmt.MODEL_KEY!r}, model, SharingPattern.GLOBAL, REPLICATED or SHARDED)"
+            )
+        if model[0].pattern not in (SharingPattern.GLOBAL, SharingPattern.REPLICATED, SharingPattern.SHARDED):
+            raise CheckpointError(
+                f"save_model: the {fmt.MODEL_KEY!r} component is {model[0].pattern.value.upper()}, and only a "
+                "GLOBAL, REPLICATED or SHARDED model is one whole model that a Hugging Face directory can hold"
+            )
+        if self.rank == 0:
+            problem = _model_dest_problem(dest, self.output_dir)
+            if problem is not None:
+                raise CheckpointError(f"save_model to {dest}: {problem}")
+        return model, dest
+
     def _check_save_allowed(self, step: Any, metadata: dict[str, Any] | None) -> str | None:
         """Why this rank cannot save now (None if it can); a bad argument raises ValueError."""
         if self._closed:
@@ -673,15 +736,21 @@ class CheckpointClient:
                 raise ValueError(f"metadata must be a JSON-able dict ({e})") from None
         return None
 
-    def _save_async(self, step: int, metadata: dict[str, Any] | None) -> SaveHandle:
+    def _save_async(self, step: int, metadata: dict[str, Any] | None, export: Any = None) -> SaveHandle:
+        """``save_async``; with ``export`` (a path), ``save_model``'s save of the model alone to there."""
         self._finish_overlap()  # the previous save's hand-off, if its copy was still running
         t0 = time.perf_counter()
+        plans, dest = self.plans, None
         try:
             error = self._check_save_allowed(step, metadata)
+            if error is None and export is not None:
+                plans, dest = self._model_save_plan(export)
         except ValueError as e:
             if self._group is None:
                 raise
             error = f"{type(e).__name__}: {e}"
+        except CheckpointError as e:
+            error = str(e)
         slab: staging.Slab | None = None
         images: list[staging.FileImage] = []
         shared: dict[str, staging.SharedLayout] = {}  # this rank's word on every SHARDED file
@@ -695,7 +764,7 @@ class CheckpointClient:
         try:
             if error is None:
                 self._before_snapshot()
-                for p in self.plans:
+                for p in plans:
                     level = p.component.effective_validation
                     if not p.writes and level == ValidationLevel.NONE:
                         continue
@@ -710,6 +779,11 @@ class CheckpointClient:
                         digests[p.key] = staging.replication_digest(state, p.key, level, sharded)
                     if level == ValidationLevel.FULL:
                         full_states[p.key] = state
+                    if dest is not None and not staging.is_flat_tensor_dict(state):
+                        raise CheckpointError(
+                            f"save_model: the {fmt.MODEL_KEY!r} component's state_dict() is not a flat "
+                            "{name: tensor} dict, so it cannot be written as a Hugging Face directory"
+                        )
                     if sharded:
                         mine, layouts = staging.sharded_images(p, state, self.max_shard_size, self._layouts, self.rank)
                         images += mine
@@ -718,7 +792,8 @@ class CheckpointClient:
                         images += staging.component_images(p, state, self.max_shard_size, self._layouts)
                 need = staging.layout(images)
                 slab = self._acquire_slab(need)
-                defer = self._overlap.deferrable() if self._overlap is not None else None
+                # A model save copies synchronously: it is rare, and its slab must not wait on optimizer steps.
+                defer = self._overlap.deferrable() if self._overlap is not None and dest is None else None
                 stats, later = staging.copy_into(slab, images, self._side_streams, defer)
                 if later:
                     assert self._overlap is not None
@@ -737,20 +812,31 @@ class CheckpointClient:
         # The one collective of the save path: every rank learns that every rank staged, agrees on the
         # step, the transaction id and its deadline, and compares replication digests.
         leader = self._leader_address if self.rank == 0 else None
-        vote = (error, step, secrets.token_hex(8), digests, time.time() + self.timeout_s, leader, _vote_shared(shared))
+        vote = (
+            error,
+            step,
+            secrets.token_hex(8),
+            digests,
+            time.time() + self.timeout_s,
+            leader,
+            _vote_shared(shared),
+            None if dest is None else str(dest),
+        )
         votes = self._all_gather(vote)
         collective_s = time.perf_counter() - t_staged
-        problem = _agree(votes, self.plans)
+        problem = _agree(votes, plans)
         if problem is None:
             owners = _contested_owners(votes)
             problem = _agree_shared(votes, owners)
-        if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in self.plans):
+        if problem is None and any(p.component.effective_validation == ValidationLevel.FULL for p in plans):
             problem = self._compare_with_rank0(full_states)
         if problem is not None:
             if copying is not None:
                 copying.stop()  # the slab is free again only once the copy thread is done with it
-            raise CheckpointError(f"save of step {step} failed before the hand-off: {problem}; nothing was written")
+            what = f"save_model to {export}" if export is not None else f"save of step {step}"
+            raise CheckpointError(f"{what} failed before the hand-off: {problem}; nothing was written")
         txn, deadline = votes[0][2], votes[0][4]
+        export_to = None if votes[0][7] is None else Path(votes[0][7])  # rank 0's, wherever ranks' cwds are
         if self._peer_keys is not None:
             self._leader_address = votes[0][5]
         # Every rank places its pieces after rank 0's header; the commit names who wrote each SHARDED component.
@@ -761,9 +847,9 @@ class CheckpointClient:
         sharded_writers = _sharded_writers(votes, owners)
         assert slab is not None and self._link is not None
         slab.busy_txn = txn
-        handle = SaveHandle(step=step, txn=txn, client=self, deadline=deadline)
+        handle = SaveHandle(step=step, txn=txn, client=self, deadline=deadline, dest=export_to)
         self._inflight[txn] = handle
-        req = self._stage_request(step, txn, deadline, slab, images, metadata, sharded_writers)
+        req = self._stage_request(step, txn, deadline, slab, images, metadata, sharded_writers, plans, export_to)
         handle.staged_s = t_staged - t0
         handle.collective_s = collective_s
         handle.bytes_staged = stats.bytes
@@ -919,6 +1005,8 @@ class CheckpointClient:
         images: list[staging.FileImage],
         metadata: dict[str, Any] | None,
         sharded_writers: dict[str, list[int]],
+        plans: list[planning.ComponentPlan],
+        export_to: Path | None,
     ) -> proto.StageRequest:
         topo = self.topology
         node_ranks = topo.node_ranks(topo.node)
@@ -931,14 +1019,24 @@ class CheckpointClient:
             )
         # The commit information goes to the daemon that decides: rank 0's (the leader on multi-node).
         if self.rank == 0:
+            specs = [planning.component_spec(p, topo, sharded_writers.get(p.key)) for p in plans]
+            for spec, p in zip(specs, plans, strict=True):
+                # The model's Hugging Face config rides in the manifest: save_model (and export) write config.json.
+                config = hf_config(p.component.stateful) if p.key == fmt.MODEL_KEY else None
+                if config is not None:
+                    spec.metadata[fmt.HF_CONFIG_METADATA_KEY] = config
+            meta = dict(metadata or {})
+            if export_to is not None:
+                meta[fmt.EXPORT_METADATA_KEY] = {"output_dir": str(self.output_dir), "step": step}
+            is_checkpoint = export_to is None
             commit = proto.CommitInfo(
-                components=[planning.component_spec(p, topo, sharded_writers.get(p.key)) for p in self.plans],
+                components=specs,
                 topology=topo.describe(),
-                metadata=dict(metadata or {}),
+                metadata=meta,
                 pytorch_version=torch.__version__,
-                save_total_limit=self.save_total_limit,
-                keep_every_n_steps=self.keep_every_n_steps,
-                best_metric=self.best_metric,
+                save_total_limit=self.save_total_limit if is_checkpoint else None,
+                keep_every_n_steps=self.keep_every_n_steps if is_checkpoint else None,
+                best_metric=self.best_metric if is_checkpoint else None,
                 greater_is_better=self.greater_is_better,
             )
         return proto.StageRequest(
@@ -959,6 +1057,7 @@ class CheckpointClient:
             job=self.job,
             deadline=deadline,
             peer=peer,
+            export_to=None if export_to is None else str(export_to),
         )
 
     def wait(self, timeout: float | None = None) -> list[Path]:
@@ -1104,10 +1203,17 @@ class CheckpointClient:
             local_error = str(e)
         except Exception as e:  # noqa: BLE001 - reported to every rank so none is left waiting
             local_error = f"{type(e).__name__}: {e}"
-        votes = self._all_gather((local_error, [str(c) for c in cands]))
-        for r, (err, _) in enumerate(votes):
+        votes = self._all_gather((local_error, [str(c) for c in cands], sorted(skip)))
+        for r, (err, _, _) in enumerate(votes):
             if err:
                 raise CheckpointError(f"rank {r}: {err}")
+        differ = [r for r, v in enumerate(votes) if v[2] != votes[0][2]]
+        if differ:
+            # A component read by some ranks only would leave the others outside its collectives.
+            raise CheckpointError(
+                f"ranks {differ} passed skip={votes[differ[0]][2]}, rank 0 skip={votes[0][2]}; load() is collective: "
+                "pass the same skip= on every rank"
+            )
         if any(v[1] != votes[0][1] for v in votes):
             raise CheckpointError(
                 f"ranks see different checkpoints under {self.output_dir}; output_dir must be shared by every rank"
@@ -1417,6 +1523,46 @@ class CheckpointClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _model_dest_problem(dest: Path, output_dir: Path) -> str | None:
+    """Why ``dest`` cannot receive a ``save_model`` of the client of ``output_dir`` (None: it can; its parent
+    directories are created here). The daemon checks the same again before its rename."""
+    root = fmt.checkpoints_root(output_dir)
+    real, real_out = Path(os.path.realpath(dest)), Path(os.path.realpath(output_dir))
+    real_root = real_out / fmt.CHECKPOINTS_DIRNAME
+    if real in (real_out, real_root) or real in real_out.parents or real_root in real.parents:
+        return (
+            f"it is (or resolves to) the output dir, a directory above it or one inside {root}; a model saved "
+            f"there would be taken for a checkpoint or replace them: choose e.g. {output_dir / 'model'}"
+        )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        same_fs = os.stat(dest.parent).st_dev == os.stat(root).st_dev
+    except OSError as e:
+        return f"cannot create {dest.parent} ({e.strerror or e}); choose a writable directory"
+    if not same_fs:
+        return (
+            f"{dest.parent} is on another file system than {root}; the daemon commits a model by renaming its "
+            f"temp dir, so save it beside the output dir (e.g. {output_dir / 'model'}) and copy it afterwards"
+        )
+    if not os.path.lexists(dest):
+        return None
+    if dest.is_symlink() or not dest.is_dir():
+        return "it exists and is not a directory; choose another path or remove it"
+    if not any(dest.iterdir()):
+        return None
+    try:
+        old = fmt.read_manifest(dest)
+    except (fmt.FormatError, OSError):
+        old = None
+    if old is None or fmt.EXPORT_METADATA_KEY not in old.metadata:
+        return (
+            "it exists and holds files that no earlier save_model wrote; nothing was replaced: choose another "
+            "directory or remove it"
+        )
+    return None
 
 
 def _release_lease(lease: ownership.Lease, stop: threading.Event) -> None:

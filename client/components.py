@@ -161,3 +161,43 @@ class RNGState:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def hf_config(stateful: Any) -> dict[str, Any] | None:
+    """The Hugging Face config of a model (``model.config``, also through a DDP ``.module``) as the JSON object
+    ``config.json`` holds, with ``architectures`` filled in as ``save_pretrained`` does; None for a model
+    without one. The model's own config object is never changed.
+
+    Args:
+        stateful: the model component's stateful (any object).
+
+    Example:
+        >>> hf_config(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    model = stateful
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "module"):
+        model = model.module
+        config = getattr(model, "config", None)
+    to_json = getattr(config, "to_json_string", None)
+    if not callable(to_json):
+        return None
+    import json
+
+    try:
+        out = json.loads(to_json(use_diff=False))
+    except Exception as e:  # noqa: BLE001 - a config that cannot be serialised is left out, the weights are not
+        logger.warning(
+            "the model's config could not be serialised (%s: %s); no config.json is written", type(e).__name__, e
+        )
+        return None
+    if not isinstance(out, dict):
+        return None
+    if not out.get("architectures"):
+        cls = type(model)
+        # FSDP2's fully_shard swaps the module's class for a subclass named FSDP<Name>.
+        if cls.__name__.startswith("FSDP") and len(cls.__mro__) > 1 and cls.__mro__[1].__name__ == cls.__name__[4:]:
+            cls = cls.__mro__[1]
+        out["architectures"] = [cls.__name__]
+    return out

@@ -32,6 +32,12 @@ LEASE_TEMP_NAME = ".ckptd-lease.json.tmp"
 # The best-checkpoint mark (``marks``), replaced by renaming a ``BEST_TEMP_NAME-<token>`` file over it.
 BEST_NAME = ".ckptd-best.json"
 BEST_TEMP_NAME = ".ckptd-best.json.tmp"
+# client.save_model: the manifest metadata key that marks a directory as a saved model (so a later
+# save_model may replace it, and nothing else), the model component's metadata key holding its Hugging Face
+# config, and the file that config is written to beside the shards (what from_pretrained reads).
+EXPORT_METADATA_KEY = "ckptd.export"
+HF_CONFIG_METADATA_KEY = "hf_config"
+HF_CONFIG_NAME = "config.json"
 
 KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _KEY_RE = re.compile(KEY_PATTERN + r"\Z")

@@ -376,6 +376,9 @@ def run_collective(rank: int, out: Path) -> dict[str, Any]:
         writer.save_async(7).wait(60)
     with CheckpointClient(out / "load", [StateComponent("trainer", trainer, SharingPattern.GLOBAL)]) as reader:
         cases["load"] = _timed(lambda: reader.load("latest"))
+    # 4. load with skip= on rank 1 only: refused on both ranks before any component is read.
+    with CheckpointClient(out / "load", [StateComponent("trainer", DictState({"step": 0}), "global")]) as reader:
+        cases["skip"] = _timed(lambda: reader.load("latest", skip=["trainer"] if rank == 1 else ()))
     return {"cases": cases}
 
 

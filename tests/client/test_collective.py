@@ -68,3 +68,6 @@ def test_a_failure_on_one_rank_makes_every_rank_raise_together_within_seconds(en
 
     err = both_raise_the_same(res, "load")
     assert "rank 1" in err and "load_state_dict failed" in err and "does not match" in err, err
+
+    err = both_raise_the_same(res, "skip")
+    assert "pass the same skip= on every rank" in err and "['trainer']" in err, err

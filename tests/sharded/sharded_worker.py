@@ -187,6 +187,8 @@ def main() -> None:
             report["path"] = str(h.wait(60))
             report["bytes_staged"] = h.bytes_staged
             report["staged_s"] = h.staged_s
+            # The model alone, as a Hugging Face directory beside the output dir (every rank's shards).
+            report["model_dir"] = str(client.save_model(out.parent / "model", step=SAVE_STEP).wait(60))
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 

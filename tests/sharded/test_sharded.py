@@ -182,6 +182,18 @@ def test_huggingface_hub_reads_the_sharded_model_from_the_checkpoint_directory(f
     assert_same({k: v.detach() for k, v in model.state_dict().items()}, reference["model"])
 
 
+def test_save_model_of_an_fsdp2_model_is_a_directory_huggingface_hub_reads(fsdp_saved) -> None:
+    from huggingface_hub import load_torch_model
+
+    base, reports, _ = fsdp_saved
+    assert {r["model_dir"] for r in reports.values()} == {str((base / "model").resolve())}
+    reference = torch.load(base / "results" / "reference.pt", weights_only=True)
+    model = MLP(tp=False)
+    load_torch_model(model, base / "model", strict=True)
+    assert_same({k: v.detach() for k, v in model.state_dict().items()}, reference["model"])
+    assert verify_checkpoint(base / "model")
+
+
 def test_ckptd_export_of_a_sharded_checkpoint_is_a_plain_hf_directory(fsdp_saved, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
