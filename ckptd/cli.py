@@ -604,7 +604,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(
             f"{path}: could not drop {args.component!r}: {e}; the checkpoint is unchanged or holds "
-            "only files its manifest no longer lists"
+            "only files its manifest no longer lists: run the same command again to remove them"
         ) from None
     how = f"load(..., skip=[{args.component!r}])" if args.force else "load('latest')"
     print(

@@ -13,14 +13,16 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckptd.format.errors import FormatError
-from ckptd.format.names import FORMAT_VERSION, MANIFEST_NAME, is_valid_filename
+from ckptd.format.names import FORMAT_VERSION, MANIFEST_NAME, MODEL_INDEX_NAME, MODEL_KEY, is_valid_filename
 from ckptd.format.safeio import CheckpointDir, read_bounded
 from ckptd.format.safejson import brief, load_json
 
@@ -335,6 +337,28 @@ def manifest_problems(manifest: Manifest) -> list[str]:
     return problems
 
 
+STALE_TEMP_S = 60.0  # a manifest temp file this old belongs to no drop still running
+
+
+def _remove_stale_manifest_temps(path: Path) -> None:
+    """The temp manifests of drops killed before their rename (younger ones may be another drop's)."""
+    now = time.time()
+    for name in os.listdir(path):
+        if name.startswith(f".{MANIFEST_NAME}.tmp-"):
+            with contextlib.suppress(OSError):
+                if now - os.lstat(path / name).st_mtime > STALE_TEMP_S:
+                    os.unlink(path / name)
+
+
+def _names_component(name: str, key: str) -> bool:
+    """Whether ``name`` is one of the file names component ``key`` is written to."""
+    if key == MODEL_KEY and (
+        name == MODEL_INDEX_NAME or re.match(r"model-[0-9]{5,}-of-[0-9]{5,}\.safetensors\Z", name)
+    ):
+        return True
+    return name.startswith(f"{key}_state") and name.endswith(".safetensors")
+
+
 def drop_component(checkpoint_dir: str | os.PathLike, key: str, force: bool = False) -> list[str]:
     """Leave component ``key`` out of a committed checkpoint: the manifest is rewritten without it (temp
     file, fsync, rename over the old one, fsync the directory), then its files are removed. A crash in
@@ -354,7 +378,17 @@ def drop_component(checkpoint_dir: str | os.PathLike, key: str, force: bool = Fa
     """
     path = Path(checkpoint_dir)
     manifest = read_manifest(path)
+    _remove_stale_manifest_temps(path)
     if key not in manifest.components:
+        # A drop killed after its rename left the component's files behind, listed nowhere: finish it.
+        leftovers = sorted(
+            n for n in os.listdir(path) if is_valid_filename(n) and n not in manifest.files and _names_component(n, key)
+        )
+        if leftovers:
+            for f in leftovers:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path / f)
+            return leftovers
         raise FormatError(
             f"{path}: no component {key!r} in {MANIFEST_NAME}; expected one of {sorted(manifest.components)}"
         )

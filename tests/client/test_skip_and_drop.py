@@ -108,3 +108,25 @@ def test_ckptd_drop_removes_the_component_and_rewrites_the_manifest(endpoint, ou
     r = ckptd("drop", str(ckpt), "model_state")
     assert r.returncode == 2 and "only component" in r.stderr, r.stderr
     assert verify_checkpoint(ckpt)
+
+
+def test_a_drop_killed_after_its_rename_is_finished_by_running_it_again(endpoint, output_dir):
+    """Kill -9 between the manifest's rename and the unlinks leaves the component's files listed nowhere (and
+    one killed before the rename, a temp manifest): running the same drop again removes them."""
+    import os
+    import shutil
+    import time
+
+    ckpt = two_saves(output_dir, endpoint)
+    kept = output_dir / "dataset.copy"
+    shutil.copy(ckpt / "dataset_state.safetensors", kept)
+    assert ckptd("drop", str(ckpt), "dataset").returncode == 0
+    shutil.copy(kept, ckpt / "dataset_state.safetensors")  # as the killed drop left it
+    stale = ckpt / ".checkpoint_manifest.json.tmp-0123456789abcdef"
+    stale.write_text("{}")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    r = ckptd("drop", str(ckpt), "dataset")
+    assert r.returncode == 0, r.stderr
+    assert not (ckpt / "dataset_state.safetensors").exists() and not stale.exists()
+    assert verify_checkpoint(ckpt)
