@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ckptd
 from ckptd import format as fmt
 from ckptd import protocol as proto
 from ckptd import security
@@ -1003,6 +1004,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ckptd import demo
 
+    if args.output_dir and os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        raise CliError(
+            f"--output-dir {args.output_dir} is not empty; the demo crashes and resumes a fresh run there and would "
+            "resume whatever it finds: pass a new or empty directory, or leave --output-dir out for a temp dir"
+        )
     cfg = demo.DemoConfig(
         output_dir=Path(args.output_dir) if args.output_dir else None,
         steps=args.steps,
@@ -1089,6 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 a check failed (verify, export), 2 usage or environment error.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"ckptd {ckptd.__version__} (format {fmt.FORMAT_VERSION})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     endpoint_help = f"daemon endpoint (default ${proto.ENDPOINT_ENV} or {proto.default_endpoint()})"
 
@@ -1271,10 +1278,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_keygen)
 
     s = sub.add_parser("demo", help="a small training run with async checkpoints, a crash and a resume")
-    s.add_argument("--output-dir", help="where to put the run (default: a new temp dir)")
-    s.add_argument("--steps", type=int, default=30)
-    s.add_argument("--save-every", type=int, default=5)
-    s.add_argument("--crash-at", type=int, default=20, help="step whose save the trainer is killed in")
+    s.add_argument("--output-dir", help="where to put the run: a new or empty directory (default: a new temp dir)")
+    s.add_argument("--steps", type=int, default=30, help="training steps of each run (default 30)")
+    s.add_argument("--save-every", type=int, default=5, help="save a checkpoint every N steps (default 5)")
+    s.add_argument("--crash-at", type=int, default=20, help="the step whose save the trainer is killed in (default 20)")
     s.set_defaults(func=cmd_demo)
 
     return p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import ckptd
 from ckptd import format as fmt
 
 
@@ -48,3 +49,21 @@ def test_demo_rejects_a_crash_step_that_is_not_a_save_step(tmp_path):
     )
     assert proc.returncode == 2
     assert "crash_at a multiple of save_every" in proc.stdout
+
+
+def test_demo_refuses_a_non_empty_output_dir_up_front_and_leaves_it_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptd", "demo", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "is not empty" in proc.stderr and "new or empty directory" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_version_names_the_package_and_format_versions():
+    proc = subprocess.run([sys.executable, "-m", "ckptd", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"ckptd {ckptd.__version__} (format {fmt.FORMAT_VERSION})"
