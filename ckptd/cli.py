@@ -959,6 +959,14 @@ def export_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
         # The index last, as in the checkpoint: without it no loader picks up a partial export.
         copy_verified(index_path, dest / fmt.MODEL_INDEX_NAME, index_rec, progress, at=d)
         written.append(dest / fmt.MODEL_INDEX_NAME)
+        config = model.metadata.get(fmt.HF_CONFIG_METADATA_KEY)
+        if isinstance(config, dict):
+            # The model's Hugging Face config, kept in the manifest by the save: what from_pretrained needs.
+            tmp = dest / f".{fmt.HF_CONFIG_NAME}.tmp"
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            written.append(tmp)
+            os.replace(tmp, dest / fmt.HF_CONFIG_NAME)
+            written.append(dest / fmt.HF_CONFIG_NAME)
     except BaseException as e:
         if progress.shown and progress.tty:
             sys.stderr.write("\n")
@@ -977,7 +985,8 @@ def export_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
     for group in tied:
         print(f"  tied weights stored once as {group[0]}: {', '.join(group[1:])} (re-tie them after loading)")
     if not created:
-        others = sorted(p.name for p in dest.iterdir() if p.name not in set(shards) | {fmt.MODEL_INDEX_NAME})
+        mine = set(shards) | {fmt.MODEL_INDEX_NAME, fmt.HF_CONFIG_NAME}
+        others = sorted(p.name for p in dest.iterdir() if p.name not in mine)
         if others:
             print(f"note: {dest} also holds {', '.join(others)}, which this export did not write", file=sys.stderr)
     return EXIT_OK

@@ -159,3 +159,19 @@ def test_kill_9_of_the_daemon_before_the_rename_leaves_no_model_dir_and_nothing_
     root = output_dir / "checkpoints"
     left = [n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-")) and (root / n).is_dir()]
     assert left == [], left
+
+
+def test_ckptd_export_of_a_checkpoint_with_a_config_is_loaded_by_from_pretrained(endpoint, output_dir, tmp_path):
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with CheckpointClient(output_dir, components(model, opt)) as client:
+        train_step(model, opt, 0)
+        expected = snapshot(model)
+        ckpt = client.save_async(1).wait(60)
+    dest = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "ckptd", "export", str(ckpt), str(dest)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dest)
+    for k, v in expected.items():
+        assert torch.equal(hf.state_dict()[k], v), k
+    assert not [n for n in os.listdir(dest) if n.startswith(".")]
