@@ -28,6 +28,7 @@ import ckptd
 from ckptd import format as fmt
 from ckptd import protocol as proto
 from ckptd import security
+from ckptd.metrics import MetricsUnavailable
 from ckptd.security import SecurityError
 
 logger = logging.getLogger(__name__)
@@ -1062,9 +1063,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             peer_host=args.peer_host,
             peer_ports=args.peer_ports,
             drop_cache=args.drop_cache,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             **placement,  # type: ignore[arg-type]
         )
         return server.serve(config)
+    except MetricsUnavailable as e:
+        print(f"ckptd serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except server.EndpointBusy as e:
         print(f"ckptd serve: {e}; use that daemon, or pass another --endpoint", file=sys.stderr)
         return EXIT_USAGE
@@ -1109,6 +1115,12 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint_help = f"daemon endpoint (default ${proto.ENDPOINT_ENV} or {proto.default_endpoint()})"
 
     s = sub.add_parser("serve", help="run the node daemon")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; see docs/operations.md)",
+    )
+    s.add_argument("--metrics-host", default="127.0.0.1", help="interface of the metrics endpoint (default 127.0.0.1)")
     s.add_argument("--endpoint", help=f"ZeroMQ endpoint (default ${proto.ENDPOINT_ENV} or {proto.default_endpoint()})")
     s.add_argument(
         "--idle-exit",

@@ -11,7 +11,8 @@ Rank -> daemon requests, each answered by exactly one reply carrying the request
     stage    {txn, output_dir, step, rank, world_size,        -> accepted {txn} | error
               expected_ranks, timeout_s, pid, segment,
               segment_fd, segment_ino, segment_size,
-              files[], commit?, job?, deadline?, export_to?}
+              files[], commit?, job?, deadline?, export_to?,
+              stall_s?}
     query    {txn}                                            -> txn_state {txn, state, path, reason}
     abort    {txn, reason}                                    -> txn_state
     status   {}                                               -> status_report {...}
@@ -237,6 +238,7 @@ class StageRequest:
     deadline: float | None = None
     peer: PeerInfo | None = None
     export_to: str | None = None  # client.save_model: the directory the commit renames the temp dir to
+    stall_s: float | None = None  # this rank's save_async stall (staging and collective), for the metrics
 
 
 def pack(msg_type: MsgType, req_id: int = 0, **body: Any) -> bytes:
@@ -588,6 +590,11 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
         raise ProtocolError(f"field 'deadline' must be a Unix time, got {deadline!r}")
     peer = None if body.get("peer") is None else parse_peer_info(body["peer"], world_size)
     export_to = None if body.get("export_to") is None else parse_export_to(body, output_dir)
+    stall = body.get("stall_s")
+    if stall is not None and (
+        not isinstance(stall, (int, float)) or isinstance(stall, bool) or not 0 <= stall <= MAX_TIMEOUT_S
+    ):
+        raise ProtocolError(f"field 'stall_s' must be a number of seconds in [0, {MAX_TIMEOUT_S}], got {stall!r}")
     return StageRequest(
         txn=txn,
         output_dir=output_dir,
@@ -607,6 +614,7 @@ def parse_stage(body: dict[str, Any]) -> StageRequest:
         deadline=None if deadline is None else float(deadline),
         peer=peer,
         export_to=export_to,
+        stall_s=None if stall is None else float(stall),
     )
 
 

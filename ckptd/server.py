@@ -37,7 +37,7 @@ import zmq
 import zmq.asyncio
 
 import ckptd
-from ckptd import ownership, pacing, peers, security, writer
+from ckptd import metrics, ownership, pacing, peers, security, writer
 from ckptd import protocol as proto
 from ckptd import transactions as tx
 from ckptd.faults import FaultInjector
@@ -78,6 +78,8 @@ class DaemonConfig:
     cpu_affinity: set[int] | None = None  # CPUs every daemon thread may run on; None: inherited
     ionice: pacing.IoPriority | None = None  # I/O class of every daemon thread; None: inherited
     drop_cache: bool = True  # POSIX_FADV_DONTNEED each written file after its fsync
+    metrics_port: int | None = None  # serve Prometheus metrics here (ckptd.metrics); 0: any free port
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -160,6 +162,8 @@ class Daemon:
         self.prepared: dict[str, asyncio.Future] = {}  # txn -> its temp dir exists
         self.identity = ownership.ProcessIdentity.current()
         self.stats = Stats()
+        self.written = metrics.ByteCounter()  # bytes written to checkpoint files, chunk by chunk
+        self.metrics: metrics.DaemonMetrics | None = None
         self.last_activity = time.monotonic()
         self.last_sweep = time.monotonic()
         self.stopping_since: float | None = None
@@ -252,6 +256,7 @@ class Daemon:
             owner = ownership.ProcessIdentity.of_pid(req.pid)
         if txn is None:
             txn = tx.Transaction.open(req, self.faults)
+            txn.written = self.written
             link = self.link_for(req.peer) if txn.role == tx.Role.FOLLOWER else None
             if txn.role == tx.Role.LEADER and (txn.job is None or txn.peer.server_public not in self.listeners):
                 raise tx.TxnError(
@@ -293,6 +298,8 @@ class Daemon:
         part.segment = segment
         part.owner = owner
         self.stats.bytes_staged += sum(f.length for f in req.files)
+        if self.metrics is not None and req.stall_s is not None:
+            self.metrics.stall.observe(req.stall_s)
         await self.send(identity, MsgType.ACCEPTED, req_id, txn=req.txn, rank=req.rank)
         self.spawn(self.run_part(txn, part))
 
@@ -444,6 +451,8 @@ class Daemon:
         s.last_commit_time = time.time()
         s.last_commit_bytes = txn.bytes_total
         s.last_commit_seconds = elapsed
+        if self.metrics is not None:
+            self.metrics.observe_commit(elapsed)
         # A model save (client.save_model) is no checkpoint: it neither ranks for best nor counts for retention.
         info = txn.commit_info if txn.export_to is None else None
         if info is not None and info.best_metric is not None:
@@ -480,6 +489,8 @@ class Daemon:
     async def after_abort(self, txn: tx.Transaction) -> None:
         """ABORTING: wait for in-flight writes to let go, remove the temp dir, then tell the ranks."""
         self.stats.aborts += 1
+        if self.metrics is not None:
+            self.metrics.observe_abort(txn.reason)
         prepared = self.prepared.get(txn.txn)
         if prepared is not None and not prepared.done() and not isinstance(prepared, asyncio.Task):
             # A follower's wait for the leader's temp dir: it will never come now; its writers must let go.
@@ -896,6 +907,21 @@ class Daemon:
 
     # -- requests -------------------------------------------------------------------------------------
 
+    def metrics_state(self) -> metrics.LiveState:
+        """For a metrics scrape, on the HTTP thread: list() snapshots each dict at once (under the GIL)."""
+        states: dict[str, int] = {}
+        for t in list(self.ledger.live.values()):
+            states[t.state.value] = states.get(t.state.value, 0) + 1
+        s = self.stats
+        seconds = s.last_commit_seconds
+        return metrics.LiveState(
+            bytes_staged=s.bytes_staged,
+            bytes_written=self.written.value,
+            in_flight=states,
+            slab_bytes=sum(seg.size for seg in list(self.segments.values())),
+            last_commit_throughput=s.last_commit_bytes / seconds if seconds else None,
+        )
+
     def status_body(self) -> dict[str, object]:
         s = self.stats
         now = time.monotonic()
@@ -938,6 +964,9 @@ class Daemon:
             "output_dirs": sorted(str(p) for p in self.dirs_seen),
             "leading": sorted({f"{lst.job} {lst.address}" for lst in self.listeners.values()}),
             "max_write_rate": self.config.max_write_rate.describe(),
+            "metrics": (
+                f"http://{self.config.metrics_host}:{self.metrics.port}/metrics" if self.metrics is not None else None
+            ),
             "following": sorted({link.leader for link in self.links.values()}),
         }
 
@@ -1144,6 +1173,18 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
     finally:
         os.umask(old_umask)
     d = Daemon(config, sock, FaultInjector.from_env())
+    if config.metrics_port is not None:
+        d.metrics = metrics.DaemonMetrics(d.metrics_state)
+        try:
+            d.metrics.serve(config.metrics_port, config.metrics_host)
+        except OSError as e:
+            sock.close(linger=0)
+            ctx.term()
+            lock.release()
+            raise metrics.MetricsUnavailable(
+                f"--metrics-port {config.metrics_port}: cannot listen on {config.metrics_host} ({e.strerror or e}); "
+                "pass a free port, or 0 for any"
+            ) from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -1169,6 +1210,8 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
         for txn in list(d.ledger.live.values()):
             await d.abort(txn, "daemon shutting down")
         d.close()
+        if d.metrics is not None:
+            d.metrics.close()
         sock.close(linger=500)
         if guard is not None:
             guard.stop()  # before term(): its ZAP and monitor sockets live on this context

@@ -105,9 +105,10 @@ import secrets
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ckptd
 from ckptd import format as fmt
@@ -217,6 +218,7 @@ class Transaction:
     reason_from_leader: bool = False  # follower: aborted on the leader's word (so it need not be told back)
     pace: pacing.Pace | None = None  # when its chunks may be written (the server sets it; None: full speed)
     export_to: Path | None = None  # client.save_model: the commit renames the temp dir here, not checkpoint-<step>
+    written: Any = None  # a metrics.ByteCounter the writers add each chunk to (the server sets it)
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -564,6 +566,8 @@ class Transaction:
         for spec in part.request.files:
             writer.validate_file_bytes(part.segment, spec)
         pace = self.pace.wait if self.pace is not None else None
+        if self.written is not None:
+            pace = _counting(pace, self.written.add)
         for spec in part.request.files:
             if self.aborting():
                 raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}")
@@ -1139,6 +1143,17 @@ def _inode(path: Path) -> int | None:
         return os.lstat(path).st_ino
     except OSError:
         return None
+
+
+def _counting(pace: Callable[[int], None] | None, add: Callable[[int], None]) -> Callable[[int], None]:
+    """A writer's per-chunk callback that paces (if ``pace``) and then counts the chunk."""
+
+    def on_chunk(n: int) -> None:
+        if pace is not None:
+            pace(n)
+        add(n)
+
+    return on_chunk
 
 
 def _close_quietly(fd: int) -> None:

@@ -852,6 +852,7 @@ class CheckpointClient:
         req = self._stage_request(step, txn, deadline, slab, images, metadata, sharded_writers, plans, export_to)
         handle.staged_s = t_staged - t0
         handle.collective_s = collective_s
+        req.stall_s = handle.staged_s + collective_s
         handle.bytes_staged = stats.bytes
         if copying is not None:
             # Overlapped staging: the hand-off waits for the copy thread, at the optimizer's next step() (its
