@@ -763,28 +763,72 @@ def _node_summary(t: dict) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     endpoint = endpoint_arg(args.endpoint)
+    if args.watch is not None:
+        return watch_status(endpoint, args)
     report = request_status(endpoint, args.timeout)
     if report is None:
         raise CliError(f"no daemon answered at {endpoint} within {args.timeout:g} s; {no_daemon_hint(endpoint)}")
     if args.json:
         print_json(report)
         return EXIT_OK
+    print("\n".join(render_status(report, endpoint, args.endpoint is None)))
+    return EXIT_OK
+
+
+def watch_status(endpoint: str, args: argparse.Namespace) -> int:
+    """``status --watch S``: the report redrawn every S seconds until Ctrl-C (a lost daemon is shown, and
+    watched for)."""
+    interval = max(0.2, args.watch)
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            report = request_status(endpoint, args.timeout)
+            if args.json:
+                lines = [json.dumps(report, sort_keys=True)]
+            elif report is None:
+                lines = [f"no daemon answers at {endpoint} (watching; Ctrl-C to stop)"]
+            else:
+                lines = render_status(report, endpoint, args.endpoint is None)
+                lines.append(f"(every {interval:g} s; Ctrl-C to stop)")
+            if tty and not args.json:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: redraw in place
+            print("\n".join(lines), flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def render_status(report: dict, endpoint: str, default_endpoint: bool) -> list[str]:
+    """The lines of ``ckptd status`` for one report of the daemon."""
+    out: list[str] = []
     in_flight = [t for t in report.get("in_flight", []) if isinstance(t, dict)]
     clients = report.get("clients") or []
-    print(
+    out.append(
         f"daemon       pid {report.get('pid')}, ckptd {report.get('version')}, up {human_age(report.get('uptime_s'))}"
     )
-    print(f"endpoint     {report.get('endpoint', endpoint)}")
-    print(f"clients      {len(clients)}" + (f" (pids {', '.join(map(str, clients))})" if clients else ""))
-    print(f"in flight    {len(in_flight)} save(s)")
+    shown = report.get("endpoint", endpoint)
+    out.append(f"endpoint     {shown}")
+    if default_endpoint and not os.environ.get(proto.ENDPOINT_ENV):
+        out.append(
+            "             (the default endpoint: every job of this user on this node shares it unless it sets "
+            f"${proto.ENDPOINT_ENV}; the jobs below are what this daemon serves)"
+        )
+    jobs = report.get("jobs") if isinstance(report.get("jobs"), dict) else {}
+    dirs = report.get("output_dirs") or []
+    out.append(f"serves       {len(dirs)} output dir(s)")
+    for d in dirs:
+        job = jobs.get(d)
+        out.append(f"  {d}" + (f"  (job {job})" if job else ""))
+    out.append(f"clients      {len(clients)}" + (f" (pids {', '.join(map(str, clients))})" if clients else ""))
+    out.append(f"in flight    {len(in_flight)} save(s)")
     for t in in_flight:
-        print(
+        out.append(
             f"  step {t.get('step')}  txn {t.get('txn')}  {t.get('state')}  "
             f"ranks {len(t.get('ranks_in') or [])}/{len(t.get('ranks_expected') or [])}  "
             f"staged {human_bytes(t.get('bytes_staged'))}  written {human_bytes(t.get('bytes_written'))}  "
-            f"age {human_age(t.get('age_s'))}  {t.get('output_dir')}" + _node_summary(t)
+            f"age {human_age(t.get('age_s'))}  {t.get('output_dir')}  job {t.get('job')}" + _node_summary(t)
         )
-    print(
+    out.append(
         f"totals       staged {human_bytes(report.get('bytes_staged'))}, "
         f"written {human_bytes(report.get('bytes_written'))}, "
         f"commits {report.get('commits')}, aborts {report.get('aborts')}"
@@ -796,16 +840,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         nbytes, secs = report.get("last_commit_bytes") or 0, report.get("last_commit_seconds")
         rate = f", {human_bytes(nbytes / secs)}/s" if isinstance(secs, (int, float)) and secs > 0 else ""
         took = f" in {secs:.3f} s" if isinstance(secs, (int, float)) else ""
-        print(f"last commit  {last}, {human_age(age)} ago, {human_bytes(nbytes)}{took}{rate}")
+        out.append(f"last commit  {last}, {human_age(age)} ago, {human_bytes(nbytes)}{took}{rate}")
     else:
-        print("last commit  none since the daemon started")
+        out.append("last commit  none since the daemon started")
+    if report.get("metrics"):
+        out.append(f"metrics      {report.get('metrics')}")
     if report.get("stopping"):
-        print("stopping     yes: takes no new saves, finishing the ones in flight")
+        out.append("stopping     yes: takes no new saves, finishing the ones in flight")
     # Failures after a commit's point of no return: the checkpoint is committed, but something after it
     # (retention, an fsync of the parent) did not happen and may need a look.
     for w in report.get("warnings") or []:
-        print(f"warning      {w}")
-    return EXIT_OK
+        out.append(f"warning      {w}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -1284,6 +1330,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", help=endpoint_help)
     s.add_argument("--timeout", type=float, default=DAEMON_TIMEOUT_S, metavar="S", help="daemon answer timeout")
     s.add_argument("--json", action="store_true", help="print the daemon's raw status report")
+    s.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="S",
+        help="redraw the status every S seconds (default 1) until Ctrl-C; with --json, one report per line",
+    )
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("export", help="copy the model out as a plain Hugging Face safetensors directory")

@@ -159,6 +159,7 @@ class Daemon:
         self.clients: dict[int, ownership.ProcessIdentity | None] = {}
         self.swept: set[Path] = set()
         self.dirs_seen: set[Path] = set()
+        self.jobs_seen: dict[str, str] = {}  # output dir -> the job of its latest save (for status)
         self.prepared: dict[str, asyncio.Future] = {}  # txn -> its temp dir exists
         self.identity = ownership.ProcessIdentity.current()
         self.stats = Stats()
@@ -266,6 +267,7 @@ class Daemon:
             self.release_dead_conflicts(txn)
             self.ledger.admit(txn)
             self.dirs_seen.add(txn.output_dir)
+            self.jobs_seen[str(txn.output_dir)] = txn.job or ""
             self.plan_pace(txn)
             if link is not None:
                 # A follower never creates the shared temp dir: it waits for the leader's word that it exists.
@@ -962,6 +964,7 @@ class Daemon:
             "warnings": list(s.warnings),
             "clients": sorted(self.clients),
             "output_dirs": sorted(str(p) for p in self.dirs_seen),
+            "jobs": dict(sorted(self.jobs_seen.items())),
             "leading": sorted({f"{lst.job} {lst.address}" for lst in self.listeners.values()}),
             "max_write_rate": self.config.max_write_rate.describe(),
             "metrics": (

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -326,6 +327,19 @@ def test_status_and_gc_with_a_live_transaction(saved: Saved, tmp_path: Path) -> 
         assert f"step 7  txn {txn}  open  ranks 1/2" in r.stdout
         assert "commits 3" in r.stdout
         assert "last commit  " + str(fmt.checkpoints_root(saved.generic_out)) in r.stdout
+        assert "serves       " in r.stdout and f"  {out.resolve()}" in r.stdout, r.stdout
+        # --watch redraws until Ctrl-C, which ends it with exit 0.
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "ckptd", "status", "--endpoint", saved.endpoint, "--watch", "0.2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2.0)
+        watch.send_signal(signal.SIGINT)
+        shown, err = watch.communicate(timeout=20)
+        assert watch.returncode == 0, err
+        assert shown.count("in flight    1 save(s)") >= 2, shown
         r = ckptd("status", "--endpoint", saved.endpoint, "--json")
         report = json.loads(r.stdout)
         assert [t["txn"] for t in report["in_flight"]] == [txn] and report["commits"] == 3
@@ -339,6 +353,18 @@ def test_status_and_gc_with_a_live_transaction(saved: Saved, tmp_path: Path) -> 
         request(proto.MsgType.ABORT, 2, txn=txn, reason="test done")
         sock.close(linger=0)
         ctx.term()
+
+
+def test_status_on_the_default_endpoint_says_it_is_shared_and_names_the_jobs(monkeypatch) -> None:
+    from ckptd import cli
+
+    monkeypatch.delenv(proto.ENDPOINT_ENV, raising=False)
+    report = {"pid": 1, "output_dirs": ["/runs/a", "/runs/b"], "jobs": {"/runs/a": "job-a"}, "in_flight": []}
+    lines = cli.render_status(report, proto.default_endpoint(), default_endpoint=True)
+    text = "\n".join(lines)
+    assert "the default endpoint: every job of this user on this node shares it" in text
+    assert "  /runs/a  (job job-a)" in text and "  /runs/b" in text
+    assert "default endpoint" not in "\n".join(cli.render_status(report, "ipc:///x", default_endpoint=False))
 
 
 def test_status_without_daemon_exits_2(endpoint: str) -> None:

@@ -1,7 +1,7 @@
 """Worker for test_groups.py, run by torchrun with 4 ranks: 2 replicas x 2 tensor-parallel shards.
 
-TP groups [0,1] and [2,3]; DP groups [0,2] and [1,3] (the DP x TP example of the seed's documents, with its groups corrected). A model
-shard is identical inside each DP group (PER_GROUP over "dp"); a data position is shared by a whole replica
+TP groups [0,1] and [2,3]; DP groups [0,2] and [1,3] (the seed documents' DP x TP example, groups corrected).
+A model shard is identical inside each DP group (PER_GROUP over "dp"); a data position is shared by a whole replica
 (PER_GROUP over "tp"); a node cache is PER_NODE. Each rank records what it loaded in <results>/rank<r>.json.
 """
 
