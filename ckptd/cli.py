@@ -892,24 +892,6 @@ def copy_verified(
         tmp.unlink(missing_ok=True)
 
 
-def _is_checkpoints_tree(directory: Path) -> bool:
-    """True for a directory named ``checkpoints`` that holds anything ckptd puts there (a checkpoint, a temp
-    or trash dir, the lease): the ``checkpoints/`` of some output dir, not a user's folder of that name."""
-    if directory.name != fmt.CHECKPOINTS_DIRNAME:
-        return False
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return False
-    return any(
-        fmt.parse_checkpoint_dirname(n) is not None
-        or fmt.parse_temp_dirname(n) is not None
-        or fmt.is_trash_dirname(n)
-        or n == fmt.LEASE_NAME
-        for n in names
-    )
-
-
 def export_dest_problem(dest: Path, source: Path) -> str | None:
     """Why ``dest`` must not receive an export of the checkpoint ``source``, or None.
 
@@ -929,7 +911,7 @@ def export_dest_problem(dest: Path, source: Path) -> str | None:
                 f"{dest} resolves to {target}, inside the checkpoint being exported ({source}); writing there "
                 f"would replace its committed files: {advice}"
             )
-        if a == src.parent or _is_checkpoints_tree(a):
+        if a == src.parent or fmt.is_checkpoints_tree(a):
             return (
                 f"{dest} resolves to {target}, inside {a}, the checkpoints directory of a ckptd output dir; "
                 f"files written there would replace a committed checkpoint's own or be taken for one: {advice}"

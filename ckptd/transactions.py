@@ -750,6 +750,8 @@ class Transaction:
         try:
             self.faults.hit(FaultPoint.AFTER_RENAME)
             writer.fsync_dir(self.root)
+            if self.export_to is not None:
+                writer.fsync_dir(self.final_dir.parent)  # where the model save's new entry is
         except OSError as e:
             warnings.append(f"fsync of {self.root} after the rename failed: {describe_error(e)}")
         for w in warnings:
@@ -765,6 +767,12 @@ class Transaction:
         for a in (parent, *parent.parents):
             if a.name == fmt.CHECKPOINTS_DIRNAME and a.parent == Path(os.path.realpath(self.output_dir)):
                 raise TxnError(f"{dest} resolves into {a}, the checkpoints directory; a model may not be saved there")
+        tree = fmt.checkpoints_tree_of(dest)
+        if tree is not None:
+            raise TxnError(
+                f"{dest} resolves into {tree}, the checkpoints directory of an output dir; a model saved there "
+                "would be taken for a checkpoint or replace one"
+            )
         try:
             st = os.stat(parent)
         except FileNotFoundError:
@@ -780,17 +788,10 @@ class Transaction:
             raise TxnError(f"{dest} exists and is not a directory; it is left as it is")
         if not any(os.scandir(dest)):
             return
-        try:
-            old = fmt.read_manifest(dest)
-        except (fmt.FormatError, OSError) as e:
+        if not _is_model_save(dest, self.output_dir):
             raise TxnError(
-                f"{dest} exists, is not empty and is not a model saved by save_model ({e}); it is left as it is: "
-                "remove it or choose another directory"
-            ) from None
-        if fmt.EXPORT_METADATA_KEY not in old.metadata:
-            raise TxnError(
-                f"{dest} holds a checkpoint, not a model saved by save_model; it is left as it is: choose another "
-                "directory"
+                f"{dest} exists, is not empty and holds no model that save_model of {self.output_dir} wrote; it is "
+                "left as it is: remove it or choose another directory"
             )
 
     def write_hf_config(self, manifest: fmt.Manifest) -> None:
@@ -902,6 +903,14 @@ class Transaction:
             logger.info("replacing existing %s", self.final_dir)
             writer.rename_exchange(self.temp_dir, self.final_dir)
             exchanged = True
+            if self.export_to is not None and not _is_model_save(self.temp_dir, self.output_dir):
+                # Something other than an earlier model save appeared at dest after check_export_target:
+                # never ours to replace (the trash would remove it). Swap it back; not committed.
+                writer.rename_exchange(self.temp_dir, self.final_dir)
+                raise TxnError(
+                    f"{self.final_dir} was created by someone else during the save (after it was checked); it is "
+                    "left as it is and the model was not saved there"
+                ) from None
         # The check above and the rename are two steps: something that replaced the temp dir in between
         # (a rank's tombstone) has just been moved into place instead. Put it back out of sight; not committed.
         if os.lstat(self.final_dir).st_ino != self.temp_ino:
@@ -1154,6 +1163,18 @@ def _counting(pace: Callable[[int], None] | None, add: Callable[[int], None]) ->
         add(n)
 
     return on_chunk
+
+
+def _is_model_save(directory: Path, output_dir: Path | None = None) -> bool:
+    """Whether ``directory`` holds a manifest a ``save_model`` wrote (its metadata says so), of the job of
+    ``output_dir`` when given (another output dir's saved model is that job's, not ours to replace)."""
+    try:
+        mark = fmt.read_manifest(directory).metadata.get(fmt.EXPORT_METADATA_KEY)
+    except (fmt.FormatError, OSError):
+        return False
+    if not isinstance(mark, dict):
+        return False
+    return output_dir is None or mark.get("output_dir") == str(output_dir)
 
 
 def _close_quietly(fd: int) -> None:

@@ -1168,13 +1168,22 @@ class CheckpointClient:
             PosixPath('out/checkpoints/checkpoint-100')
         """
         with self._call():
-            skipped = frozenset([skip] if isinstance(skip, str) else skip)
-            unknown = sorted(skipped - {p.key for p in self.plans})
-            if unknown:
-                raise ValueError(
-                    f"skip={unknown}: no such component; expected keys among {[p.key for p in self.plans]}"
-                )
-            return self._load(checkpoint, strict=strict, verify=verify, fallback=fallback, skip=skipped)
+            skip_error = None
+            try:
+                skipped = frozenset([skip] if isinstance(skip, str) else skip)
+                unknown = sorted(skipped - {p.key for p in self.plans})
+                if unknown:
+                    raise ValueError(
+                        f"skip={unknown}: no such component; expected keys among {[p.key for p in self.plans]}"
+                    )
+            except (TypeError, ValueError) as e:
+                if self._group is None:
+                    raise ValueError(str(e)) from None
+                # Carried into the load's first collective, so that every rank raises it, none waits.
+                skipped, skip_error = frozenset(), f"{type(e).__name__}: {e}"
+            return self._load(
+                checkpoint, strict=strict, verify=verify, fallback=fallback, skip=skipped, skip_error=skip_error
+            )
 
     def _load(
         self,
@@ -1184,6 +1193,7 @@ class CheckpointClient:
         verify: bool | None,
         fallback: bool,
         skip: frozenset[str] = frozenset(),
+        skip_error: str | None = None,
     ) -> Path | None:
         if checkpoint is None or checkpoint is False:
             self._check_open()
@@ -1196,6 +1206,8 @@ class CheckpointClient:
         may_fall_back = False
         try:
             self._check_open()
+            if skip_error is not None:
+                raise CheckpointError(skip_error)
             failed = self._wait_in_flight()[1] if self._inflight else []
             if failed:
                 raise CheckpointError("; ".join(failed))
@@ -1537,6 +1549,12 @@ def _model_dest_problem(dest: Path, output_dir: Path) -> str | None:
             f"it is (or resolves to) the output dir, a directory above it or one inside {root}; a model saved "
             f"there would be taken for a checkpoint or replace them: choose e.g. {output_dir / 'model'}"
         )
+    tree = fmt.checkpoints_tree_of(dest)
+    if tree is not None:
+        return (
+            f"it is (or resolves to) a place inside {tree}, the checkpoints directory of an output dir; a model "
+            f"saved there would be taken for a checkpoint or replace one: choose e.g. {output_dir / 'model'}"
+        )
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         root.mkdir(parents=True, exist_ok=True)
@@ -1558,10 +1576,16 @@ def _model_dest_problem(dest: Path, output_dir: Path) -> str | None:
         old = fmt.read_manifest(dest)
     except (fmt.FormatError, OSError):
         old = None
-    if old is None or fmt.EXPORT_METADATA_KEY not in old.metadata:
+    mark = None if old is None else old.metadata.get(fmt.EXPORT_METADATA_KEY)
+    if not isinstance(mark, dict):
         return (
             "it exists and holds files that no earlier save_model wrote; nothing was replaced: choose another "
             "directory or remove it"
+        )
+    if mark.get("output_dir") != str(output_dir):
+        return (
+            f"it holds a model that save_model of another output dir ({mark.get('output_dir')}) wrote; that job's, "
+            "not this one's to replace: choose another directory or remove it"
         )
     return None
 

@@ -34,11 +34,15 @@ from ckptd.format.header import HEADER_LENGTH_BYTES, SafetensorsLayout, header_s
 from ckptd.format.manifest import FileRecord, Manifest, manifest_problems, read_manifest
 from ckptd.format.model_index import MAX_INDEX_BYTES, parse_model_index
 from ckptd.format.names import (
+    CHECKPOINTS_DIRNAME,
+    LEASE_NAME,
     MANIFEST_NAME,
     MODEL_INDEX_NAME,
     checkpoints_root,
+    is_trash_dirname,
     is_valid_filename,
     parse_checkpoint_dirname,
+    parse_temp_dirname,
 )
 from ckptd.format.safeio import CheckpointDir, entry_problem, open_regular, pread_exact, size_mismatch
 from ckptd.format.safejson import brief, brief_text
@@ -117,6 +121,44 @@ def survey_checkpoints(output_dir: str | os.PathLike) -> CheckpointSurvey:
     survey.found.sort(key=lambda c: c.step)
     survey.broken.sort(key=lambda b: b.path.name)
     return survey
+
+
+def is_checkpoints_tree(directory: Path) -> bool:
+    """True for a directory named ``checkpoints`` that holds anything ckptd puts there (a checkpoint, a temp
+    or trash dir, the lease): the ``checkpoints/`` of some output dir, not a user's folder of that name.
+
+    Example:
+        >>> is_checkpoints_tree(Path("runs/exp1/checkpoints"))  # doctest: +SKIP
+        True
+    """
+    if directory.name != CHECKPOINTS_DIRNAME:
+        return False
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    return any(
+        parse_checkpoint_dirname(n) is not None
+        or parse_temp_dirname(n) is not None
+        or is_trash_dirname(n)
+        or n == LEASE_NAME
+        for n in names
+    )
+
+
+def checkpoints_tree_of(path: Path) -> Path | None:
+    """The ``checkpoints/`` directory of an output dir that ``path`` (resolved) is, or is inside; else None.
+    A model save or an export must never land there: it would be taken for a checkpoint or replace one.
+
+    Example:
+        >>> checkpoints_tree_of(Path("runs/exp1/checkpoints/checkpoint-7"))  # doctest: +SKIP
+        PosixPath('/abs/runs/exp1/checkpoints')
+    """
+    target = Path(os.path.realpath(path))
+    for a in (target, *target.parents):
+        if is_checkpoints_tree(a):
+            return a
+    return None
 
 
 def scan_checkpoints(output_dir: str | os.PathLike) -> tuple[list[CheckpointInfo], list[Path]]:

@@ -379,6 +379,8 @@ def run_collective(rank: int, out: Path) -> dict[str, Any]:
     # 4. load with skip= on rank 1 only: refused on both ranks before any component is read.
     with CheckpointClient(out / "load", [StateComponent("trainer", DictState({"step": 0}), "global")]) as reader:
         cases["skip"] = _timed(lambda: reader.load("latest", skip=["trainer"] if rank == 1 else ()))
+        # ... and a key no component has (a typo) on rank 1 only: also raised on both, not left in a collective.
+        cases["skip_unknown"] = _timed(lambda: reader.load("latest", skip=["trainr"] if rank == 1 else ()))
     return {"cases": cases}
 
 

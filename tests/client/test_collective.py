@@ -71,3 +71,6 @@ def test_a_failure_on_one_rank_makes_every_rank_raise_together_within_seconds(en
 
     err = both_raise_the_same(res, "skip")
     assert "pass the same skip= on every rank" in err and "['trainer']" in err, err
+
+    err = both_raise_the_same(res, "skip_unknown")
+    assert "rank 1" in err and "no such component" in err and "trainr" in err, err
