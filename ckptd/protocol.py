@@ -330,6 +330,21 @@ def _json_like(v: Any, name: str, depth: int = 0) -> None:
     raise ProtocolError(f"field {name!r} holds {type(v).__name__}, which is not JSON")
 
 
+def json_problem(v: Any, name: str) -> str | None:
+    """Why ``v`` cannot travel as a JSON-like field (a non-finite float, nesting deeper than 32, a non-string
+    key, a non-JSON type), or None: what a sender checks before it puts a value in a message.
+
+    Example:
+        >>> json_problem({"x": float("inf")}, "hf_config")
+        "field 'hf_config' holds a non-finite float, which JSON cannot store"
+    """
+    try:
+        _json_like(v, name)
+    except ProtocolError as e:
+        return str(e)
+    return None
+
+
 def _known(body: dict[str, Any], cls: type, where: str) -> None:
     _known_names(body, {f.name for f in fields(cls)}, where)
 

@@ -194,6 +194,10 @@ def hf_config(stateful: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(out, dict):
         return None
+    problem = checked_config(out)
+    if problem is not None:
+        logger.warning("the model's config is left out of the checkpoint (no config.json is written): %s", problem)
+        return None
     if not out.get("architectures"):
         cls = type(model)
         # FSDP2's fully_shard swaps the module's class for a subclass named FSDP<Name>.
@@ -201,3 +205,26 @@ def hf_config(stateful: Any) -> dict[str, Any] | None:
             cls = cls.__mro__[1]
         out["architectures"] = [cls.__name__]
     return out
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config rides in every save's manifest: a few KB usually, never megabytes
+
+
+def checked_config(config: Any) -> str | None:
+    """Why a Hugging Face config (as parsed JSON) cannot ride in a manifest, or None.
+
+    Example:
+        >>> checked_config({"model_type": "llama"}) is None
+        True
+    """
+    import json
+
+    from ckptd import protocol as proto
+
+    problem = proto.json_problem(config, fmt.HF_CONFIG_METADATA_KEY)
+    if problem is not None:
+        return problem
+    size = len(json.dumps(config))
+    if size > MAX_CONFIG_BYTES:
+        return f"it is {size} bytes of JSON, more than the {MAX_CONFIG_BYTES} a manifest carries"
+    return None

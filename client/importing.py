@@ -36,6 +36,7 @@ import logging
 import os
 import pickle
 import re
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 
 from ckptd import format as fmt
-from client.components import CheckpointError, SharingPattern, StateComponent
+from client.components import CheckpointError, SharingPattern, StateComponent, checked_config
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +116,7 @@ def detect(src: Path) -> SourceKind:
     if ".metadata" in names:
         return SourceKind.DCP
     if fmt.MANIFEST_NAME in names:
-        try:
-            raw = json.loads((src / fmt.MANIFEST_NAME).read_bytes())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{src / fmt.MANIFEST_NAME}: unreadable ({e})") from None
+        raw = _read_json(src / fmt.MANIFEST_NAME, None)
         if isinstance(raw, dict) and raw.get("format") == fmt.FORMAT_VERSION:
             raise CheckpointError(f"{src} is already a ckptd checkpoint; copy it, or load it with client.load()")
         return SourceKind.FORGATHER
@@ -154,7 +152,7 @@ class PickleReader:
         assert self.trusted
         try:
             with torch.serialization.safe_globals(list(extra_globals)):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(_regular(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"{path}: refused by torch's weights-only unpickler ({str(e).splitlines()[0]}); it holds objects "
@@ -178,18 +176,40 @@ def _numpy_rng_globals() -> list[Any]:
     return out
 
 
-def _read_json(path: Path) -> Any:
+MAX_JSON_BYTES = 64 << 20  # trainer_state.json with a long log_history is megabytes; never gigabytes
+
+
+def _regular(path: Path) -> Path:
+    """``path`` itself, if it is a regular file (a symlink could point anywhere, a FIFO would block)."""
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+        st = os.lstat(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a symlink, FIFO or directory); nothing is read through it")
+    return path
+
+
+def _read_json(path: Path, kind: type | None = dict) -> Any:
+    """A JSON file of the source (at most ``MAX_JSON_BYTES``), which must hold a ``kind`` if given."""
+    try:
+        with open(_regular(path), "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: more than {MAX_JSON_BYTES} bytes of JSON; not a checkpoint file")
+        value = json.loads(data)
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+    if kind is not None and not isinstance(value, kind):
+        raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        return load_file(str(_regular(path)), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -199,10 +219,10 @@ def _hf_model_files(src: Path) -> tuple[list[str], bool]:
     for index, pickled in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
         if (src / index).is_file():
             weight_map = _read_json(src / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{src / index}: no 'weight_map' object")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{src / index}: no 'weight_map' object of tensor names to shard file names")
             shards = sorted(set(weight_map.values()))
-            bad = [s for s in shards if not isinstance(s, str) or "/" in s or s.startswith(".")]
+            bad = [s for s in shards if "/" in s or s.startswith(".") or "\0" in s]
             if bad:
                 raise CheckpointError(f"{src / index}: shard names {bad[:3]} are not file names in {src}")
             return shards, pickled
@@ -269,11 +289,19 @@ def read_hf_trainer(src: Path, reader: PickleReader, skip: set[str]) -> ImportPl
         if key == fmt.MODEL_KEY:
             state: Any = _read_hf_model(src, files, pickled, reader)
             if "config.json" in names:
-                metadata[fmt.HF_CONFIG_METADATA_KEY] = _read_json(src / "config.json")
+                try:
+                    config = _read_json(src / "config.json")
+                    problem = checked_config(config)
+                except CheckpointError as e:
+                    problem = str(e)
+                if problem is None:
+                    metadata[fmt.HF_CONFIG_METADATA_KEY] = config
+                else:
+                    left_out.append(f"config.json ({problem})")
         elif key == "rng":
             state = _hf_rng_to_rngstate(reader.load(src / files[0], _numpy_rng_globals()), src / files[0])
         elif key == "trainer_state":
-            state = _read_json(src / files[0])
+            state = _read_json(src / files[0])  # HF's TrainerState, as an object
         else:
             state = reader.load(src / files[0])
         pattern = SharingPattern.PER_RANK if key == "rng" else SharingPattern.GLOBAL
@@ -301,6 +329,11 @@ def read_forgather(src: Path, reader: PickleReader, skip: set[str]) -> ImportPla
         pattern = _PATTERNS.get(str(rec.get("sharing_pattern", "global")).lower())
         if pattern is None:
             raise CheckpointError(f"component {key!r}: unknown sharing_pattern {rec.get('sharing_pattern')!r}")
+        if pattern in (SharingPattern.PER_GROUP, SharingPattern.PER_NODE):
+            raise CheckpointError(
+                f"component {key!r} was saved {pattern.value.upper()}; an import runs as one process, without the "
+                f"job's process groups or nodes, and cannot stage it: pass --skip {key}"
+            )
         required = bool(rec.get("required", True))
         if key == fmt.MODEL_KEY and (model := _hf_model_files(src))[0]:
             wanted.append((key, SharingPattern.GLOBAL, model[0], model[1], required))
@@ -387,6 +420,41 @@ def _restore_optimizer_keys(tree: Any) -> Any:
     return tree
 
 
+MAX_DCP_ENTRIES = 10_000_000
+
+
+def _read_dcp_metadata(src: Path) -> Any:
+    """DCP's ``.metadata`` through the restricted unpickler, checked before any of it is used: the records'
+    types, ``planner_data`` paths (non-empty tuples of keys and bounded list indices) and storage paths (file
+    names inside SRC, no '/' or '..')."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    where = src / ".metadata"
+    try:
+        with open(_regular(where), "rb") as f:
+            md = _DCPMetadataUnpickler(f.read()).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: refused ({e}); only DCP's metadata records are built") from None
+    except (OSError, EOFError, AttributeError, TypeError, ValueError, IndexError, RecursionError) as e:
+        raise CheckpointError(f"{where}: not a readable DCP metadata file ({type(e).__name__}: {e})") from None
+    entries = getattr(md, "state_dict_metadata", None)
+    if not isinstance(md, Metadata) or not isinstance(entries, dict) or len(entries) > MAX_DCP_ENTRIES:
+        raise CheckpointError(f"{where}: not DCP metadata (no state_dict_metadata map of bounded size)")
+    mappings = getattr(md, "planner_data", None)
+    for fqn, path in mappings.items() if isinstance(mappings, dict) else ():
+        ok = isinstance(path, tuple) and path and isinstance(path[0], str)
+        ok = ok and all(isinstance(p, str) or (type(p) is int and 0 <= p <= len(entries)) for p in path)
+        if not ok:
+            raise CheckpointError(f"{where}: the planner path of {fqn!r} is {path!r}, not a tuple of keys and indices")
+    storage = getattr(md, "storage_data", None)
+    for info in storage.values() if isinstance(storage, dict) else ():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or "/" in rel or rel.startswith(".") or "\0" in rel:
+            raise CheckpointError(f"{where}: names a storage file {rel!r} that is not a file name inside {src}")
+        _regular(src / rel)
+    return md
+
+
 def read_dcp(src: Path, reader: PickleReader, skip: set[str]) -> ImportPlan:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -394,12 +462,7 @@ def read_dcp(src: Path, reader: PickleReader, skip: set[str]) -> ImportPlan:
 
     # The .metadata and every non-tensor value are pickles: the flag is needed for any DCP checkpoint.
     reader.check(src, [".metadata", *sorted(n for n in os.listdir(src) if n.endswith(".distcp"))])
-    try:
-        md = _DCPMetadataUnpickler((src / ".metadata").read_bytes()).load()
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{src / '.metadata'}: refused ({e}); only DCP's metadata records are built") from None
-    except (OSError, EOFError, AttributeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{src / '.metadata'}: not a readable DCP metadata file ({e})") from None
+    md = _read_dcp_metadata(src)
     mappings = md.planner_data if isinstance(getattr(md, "planner_data", None), dict) else {}
     flat: dict[str, Any] = {}
     for fqn, item in md.state_dict_metadata.items():
@@ -531,10 +594,13 @@ def import_checkpoint(
     final = fmt.checkpoints_root(Path(output_dir)) / fmt.checkpoint_dirname(step)
     if final.exists():
         raise CheckpointError(f"{final} already exists; import into another output dir, or pass --step N")
-    comps = [
-        StateComponent(c.key, _Frozen(c.state), c.pattern, required=c.required, metadata=dict(c.metadata))
-        for c in plan.components
-    ]
+    try:
+        comps = [
+            StateComponent(c.key, _Frozen(c.state), c.pattern, required=c.required, metadata=dict(c.metadata))
+            for c in plan.components
+        ]
+    except ValueError as e:
+        raise CheckpointError(f"{src}: {e}") from None
     meta = {
         IMPORT_METADATA_KEY: {
             "source": str(src.resolve()),
