@@ -46,6 +46,10 @@ class StallProbe(transformers.TrainerCallback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.t0 = 0.0
+        self.start: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = state.global_step  # after a resume: the restored step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.t0 = time.perf_counter()
@@ -75,7 +79,9 @@ def main() -> None:
     trainer.save_model(str(out / "final-model"))
     trainer.ckptd.close()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(results / f"{mode}.safetensors"))
-    (results / f"{mode}.json").write_text(json.dumps({"stalls": probe.seconds, "step": trainer.state.global_step}))
+    (results / f"{mode}.json").write_text(
+        json.dumps({"stalls": probe.seconds, "step": trainer.state.global_step, "start": probe.start})
+    )
 
 
 if __name__ == "__main__":

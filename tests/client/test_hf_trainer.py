@@ -42,6 +42,7 @@ def test_a_kill_9_after_a_save_resumes_bit_exactly_and_the_saved_model_loads(end
     assert "checkpoint-4" in [p.name for p in list_checkpoints(tmp_path / "run")]
     resumed = run("resume", tmp_path / "run", results)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads((results / "resume.json").read_text())["start"] == 4  # resumed, not started over
     a, b = load_file(str(results / "reference.safetensors")), load_file(str(results / "resume.safetensors"))
     assert set(a) == set(b)
     for k in a:
