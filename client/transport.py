@@ -355,7 +355,7 @@ def start_embedded_daemon(endpoint: str, output_dir: Path | None = None) -> subp
     logger.info("starting embedded ckptd: %s (log %s)", " ".join(cmd), log)
     rotate_log(log)
     with open(log, "ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -364,3 +364,15 @@ def start_embedded_daemon(endpoint: str, output_dir: Path | None = None) -> subp
             close_fds=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    # The daemon outlives this client by design (it finishes what it was handed): a thread of our own waits
+    # for it, so that it never lingers as a zombie and its Popen is never collected while it runs (which
+    # Python reports as "ResourceWarning: subprocess N is still running").
+    threading.Thread(target=_reap, args=(proc,), name="ckptd-reaper", daemon=True).start()
+    return proc
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait()
+    except Exception:  # noqa: BLE001 - another waiter (a test's waitpid) reaped it first: nothing to do
+        logger.debug("the embedded daemon %d was reaped elsewhere", proc.pid)
