@@ -334,6 +334,9 @@ def test_status_and_gc_with_a_live_transaction(saved: Saved, tmp_path: Path) -> 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # pytest-xdist workers ignore SIGINT, and an ignored signal stays ignored across exec: give the
+            # child the default, as a terminal's Ctrl-C would find it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(2.0)
         watch.send_signal(signal.SIGINT)
