@@ -119,39 +119,33 @@ def print_json(obj: Any) -> None:
 
 
 class Progress:
-    """``done / total`` bytes on stderr: redrawn in place on a TTY, a line a second otherwise."""
+    """``done / total`` bytes on stderr, drawn by tqdm: redrawn in place on a TTY, a line a second otherwise."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
-        self.done_bytes = 0
+        from tqdm import tqdm
+
         self.tty = sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-        self.shown = False
+        self.shown = enabled
+        self.bar = tqdm(
+            total=total,
+            desc=label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            disable=not enabled,
+            mininterval=0.1 if self.tty else 1.0,
+            # Off a terminal, one line per update (a log file gets no carriage returns).
+            ascii=not self.tty,
+            dynamic_ncols=self.tty,
+            bar_format=None if self.tty else "{desc}: {n_fmt}B / {total_fmt}B ({percentage:.0f}%, {rate_fmt})\n",
+        )
 
     def __call__(self, n: int) -> None:
-        self.done_bytes += n
-        now = time.monotonic()
-        if self.enabled and now - self.last >= (0.1 if self.tty else 1.0):
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        pct = 100.0 * self.done_bytes / self.total if self.total else 100.0
-        rate = self.done_bytes / max(now - self.start, 1e-9)
-        text = (
-            f"{self.label}: {human_bytes(self.done_bytes)} / {human_bytes(self.total)} "
-            f"({pct:.0f}%, {human_bytes(rate)}/s)"
-        )
-        sys.stderr.write(("\r" + text + "\x1b[K") if self.tty else text + "\n")
-        sys.stderr.flush()
-        self.shown = True
+        self.bar.update(n)
 
     def finish(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            if self.tty:
-                sys.stderr.write("\n")
-                sys.stderr.flush()
+        self.bar.close()
 
 
 def want_progress(args: argparse.Namespace) -> bool:
@@ -997,8 +991,7 @@ def export_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
             os.replace(tmp, dest / fmt.HF_CONFIG_NAME)
             written.append(dest / fmt.HF_CONFIG_NAME)
     except BaseException as e:
-        if progress.shown and progress.tty:
-            sys.stderr.write("\n")
+        progress.finish()
         for p in written:
             p.unlink(missing_ok=True)
         if created:
