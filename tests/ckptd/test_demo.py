@@ -67,3 +67,16 @@ def test_demo_refuses_a_non_empty_output_dir_up_front_and_leaves_it_alone(tmp_pa
 def test_version_names_the_package_and_format_versions():
     proc = subprocess.run([sys.executable, "-m", "ckptd", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"ckptd {ckptd.__version__} (format {fmt.FORMAT_VERSION})"
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from ckptd.cli import build_parser
+
+    missing = []
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += [f"{name} {a.option_strings or a.dest}" for a in sub._actions if a.help is None]
+    assert missing == []
