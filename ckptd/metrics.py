@@ -191,6 +191,13 @@ class DaemonMetrics:
         logger.info("metrics at http://%s:%d/metrics", host, self.port)
         return self.port
 
+    def url(self, host: str) -> str:
+        """Where a scraper reaches it (an IPv6 host in brackets; a wildcard host as the loopback)."""
+        shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"http://{shown}:{self.port}/metrics"
+
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()

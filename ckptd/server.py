@@ -967,9 +967,7 @@ class Daemon:
             "jobs": dict(sorted(self.jobs_seen.items())),
             "leading": sorted({f"{lst.job} {lst.address}" for lst in self.listeners.values()}),
             "max_write_rate": self.config.max_write_rate.describe(),
-            "metrics": (
-                f"http://{self.config.metrics_host}:{self.metrics.port}/metrics" if self.metrics is not None else None
-            ),
+            "metrics": self.metrics.url(self.config.metrics_host) if self.metrics is not None else None,
             "following": sorted({link.leader for link in self.links.values()}),
         }
 
@@ -1153,6 +1151,15 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
     # Before anything binds: a tcp:// endpoint without CURVE keys is refused, never served in the clear.
     keys = security.keys_for_endpoint(config.endpoint, config.keys_dir)
     lock = EndpointLock(config.endpoint)
+    # The metrics endpoint before the socket: a daemon that cannot serve it exits before any client sees it.
+    served: dict[str, Daemon] = {}
+    exporter = None
+    if config.metrics_port is not None:
+        try:
+            exporter = _start_metrics(config, served)
+        except BaseException:
+            lock.release()
+            raise
     # Before any thread starts (ZeroMQ's I/O thread, the worker pools): they inherit what is set here.
     if config.nice > 0:
         os.nice(config.nice)
@@ -1176,18 +1183,9 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
     finally:
         os.umask(old_umask)
     d = Daemon(config, sock, FaultInjector.from_env())
-    if config.metrics_port is not None:
-        d.metrics = metrics.DaemonMetrics(d.metrics_state)
-        try:
-            d.metrics.serve(config.metrics_port, config.metrics_host)
-        except OSError as e:
-            sock.close(linger=0)
-            ctx.term()
-            lock.release()
-            raise metrics.MetricsUnavailable(
-                f"--metrics-port {config.metrics_port}: cannot listen on {config.metrics_host} ({e.strerror or e}); "
-                "pass a free port, or 0 for any"
-            ) from None
+    if exporter is not None:
+        d.metrics = exporter
+        served["daemon"] = d
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -1225,6 +1223,28 @@ async def serve_async(config: DaemonConfig, ready: asyncio.Event | None = None) 
         lock.release()
     logger.info("ckptd exiting")
     return 0
+
+
+def _start_metrics(config: DaemonConfig, served: dict[str, Daemon]) -> metrics.DaemonMetrics:
+    """The Prometheus endpoint; it reads ``served["daemon"]`` once the daemon exists (zeros before)."""
+    port = config.metrics_port
+    assert port is not None
+    if not 0 <= port <= 65535:
+        raise metrics.MetricsUnavailable(f"--metrics-port {port}: expected a TCP port, 0 to 65535 (0: any free one)")
+
+    def live() -> metrics.LiveState:
+        d = served.get("daemon")
+        return d.metrics_state() if d is not None else metrics.LiveState(0, 0, {}, 0, None)
+
+    exporter = metrics.DaemonMetrics(live)
+    try:
+        exporter.serve(port, config.metrics_host)
+    except (OSError, OverflowError) as e:
+        raise metrics.MetricsUnavailable(
+            f"--metrics-port {port}: cannot listen on {config.metrics_host} ({getattr(e, 'strerror', None) or e}); "
+            "pass a free port, or 0 for any"
+        ) from None
+    return exporter
 
 
 def serve(config: DaemonConfig) -> int:

@@ -105,7 +105,7 @@ import secrets
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +218,7 @@ class Transaction:
     reason_from_leader: bool = False  # follower: aborted on the leader's word (so it need not be told back)
     pace: pacing.Pace | None = None  # when its chunks may be written (the server sets it; None: full speed)
     export_to: Path | None = None  # client.save_model: the commit renames the temp dir here, not checkpoint-<step>
-    written: Any = None  # a metrics.ByteCounter the writers add each chunk to (the server sets it)
+    written: Any = None  # a metrics.ByteCounter the writers add each write's bytes to (the server sets it)
 
     def __post_init__(self) -> None:
         self.io_idle.set()
@@ -566,8 +566,7 @@ class Transaction:
         for spec in part.request.files:
             writer.validate_file_bytes(part.segment, spec)
         pace = self.pace.wait if self.pace is not None else None
-        if self.written is not None:
-            pace = _counting(pace, self.written.add)
+        counted = self.written.add if self.written is not None else None
         for spec in part.request.files:
             if self.aborting():
                 raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}")
@@ -584,9 +583,10 @@ class Transaction:
                         fmt.coverage_key(self.txn),
                         pace,
                         drop_cache=drop_cache and self.role == Role.FOLLOWER,
+                        written=counted,
                     )
                 else:
-                    f = writer.write_range(part.segment, spec, self.temp_dir, direct, pace)
+                    f = writer.write_range(part.segment, spec, self.temp_dir, direct, pace, written=counted)
                     f.drop_cache = drop_cache
             except pacing.Aborted:
                 raise TxnError(f"transaction {self.txn} aborted while writing: {self.reason}") from None
@@ -1152,17 +1152,6 @@ def _inode(path: Path) -> int | None:
         return os.lstat(path).st_ino
     except OSError:
         return None
-
-
-def _counting(pace: Callable[[int], None] | None, add: Callable[[int], None]) -> Callable[[int], None]:
-    """A writer's per-chunk callback that paces (if ``pace``) and then counts the chunk."""
-
-    def on_chunk(n: int) -> None:
-        if pace is not None:
-            pace(n)
-        add(n)
-
-    return on_chunk
 
 
 def _is_model_save(directory: Path, output_dir: Path | None = None) -> bool:

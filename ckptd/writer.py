@@ -201,7 +201,12 @@ def _set_direct(fd: int, on: bool) -> None:
 
 
 def write_range(
-    seg: Segment, spec: FileSpec, directory: Path, direct: bool = False, pace: Pace | None = None
+    seg: Segment,
+    spec: FileSpec,
+    directory: Path,
+    direct: bool = False,
+    pace: Pace | None = None,
+    written: Pace | None = None,
 ) -> OpenFile:
     """Write one file's range into ``directory`` (must not exist yet); returns it still open for fsync.
 
@@ -209,7 +214,7 @@ def write_range(
     page cache, no writeback work: less CPU taken from training); the unaligned tail, and any file system
     that refuses O_DIRECT, fall back to ordinary writes. Each chunk is hashed and then written from the
     same slab view: one pass over the bytes, no second read. ``pace`` (``pacing.Pace.wait``) is called
-    before each chunk.
+    before each chunk, ``written`` after each write with the bytes it wrote (the daemon's byte counter).
     """
     path = directory / spec.path
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -236,7 +241,10 @@ def write_range(
             done = 0
             while done < len(chunk):
                 try:
-                    done += os.write(fd, chunk[done:])
+                    n = os.write(fd, chunk[done:])
+                    done += n
+                    if written is not None:
+                        written(n)
                 except OSError as e:
                     if pos >= direct_end or e.errno != errno.EINVAL:
                         raise
@@ -259,7 +267,13 @@ _REGION_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_N
 
 
 def write_regions(
-    seg: Segment, spec: FileSpec, directory: Path, key: int, pace: Pace | None = None, drop_cache: bool = True
+    seg: Segment,
+    spec: FileSpec,
+    directory: Path,
+    key: int,
+    pace: Pace | None = None,
+    drop_cache: bool = True,
+    written: Pace | None = None,
 ) -> OpenFile:
     """Write one part's regions of a shared file into ``directory``; returns it still open for fsync.
 
@@ -277,6 +291,7 @@ def write_regions(
         pace: called with each chunk's length before it is written (``pacing.Pace.wait``).
         drop_cache: whether ``fsync_and_close`` drops the file's cached pages (False where this node hashes
             the whole file at commit and would read them back).
+        written: called after each ``pwrite`` with the bytes it wrote.
 
     Returns:
         The open file; ``size`` is the bytes this part contributed, ``checksum`` is empty (the whole file is
@@ -311,10 +326,10 @@ def write_regions(
             os.ftruncate(fd, spec.file_size)
         for file_offset, slab_offset, run_len, count, stride in spec.runs:
             if count == 1 or stride == run_len:  # one contiguous piece: write it in large chunks
-                _pwrite_all(fd, view, slab_offset, count * run_len, file_offset, pace)
+                _pwrite_all(fd, view, slab_offset, count * run_len, file_offset, pace, written)
             else:
                 for i in range(count):
-                    _pwrite_all(fd, view, slab_offset + i * run_len, run_len, file_offset + i * stride, pace)
+                    _pwrite_all(fd, view, slab_offset + i * run_len, run_len, file_offset + i * stride, pace, written)
             contributed += count * run_len
     except BaseException:
         os.close(fd)
@@ -325,7 +340,15 @@ def write_regions(
     return OpenFile(path, fd, contributed, coverage, drop_cache=drop_cache)
 
 
-def _pwrite_all(fd: int, view: memoryview, start: int, n: int, file_offset: int, pace: Pace | None = None) -> None:
+def _pwrite_all(
+    fd: int,
+    view: memoryview,
+    start: int,
+    n: int,
+    file_offset: int,
+    pace: Pace | None = None,
+    written: Pace | None = None,
+) -> None:
     """Write ``n`` bytes of ``view`` from ``start`` at ``file_offset``, chunk by chunk, retrying short writes."""
     done = 0
     while done < n:
@@ -336,6 +359,8 @@ def _pwrite_all(fd: int, view: memoryview, start: int, n: int, file_offset: int,
         if wrote <= 0:
             raise OSError(errno.EIO, f"pwrite wrote nothing at offset {file_offset + done}")
         done += wrote
+        if written is not None:
+            written(wrote)
 
 
 def fsync_and_close(f: OpenFile) -> None:

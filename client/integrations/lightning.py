@@ -80,6 +80,8 @@ class CkptdCheckpointIO(CheckpointIO):
         self._model, self._rest = _Part(), _Part()
         self._client: CheckpointClient | None = None
         self._handles: dict[int, Any] = {}  # global step -> the save handle (the newest per step)
+        self._pointers: dict[Path, Path] = {}  # every pointer this plugin wrote -> the checkpoint it names
+        self._previous: dict[Path, Path | None] = {}  # a pointer whose save is in flight -> what it named before
 
     @property
     def client(self) -> CheckpointClient:
@@ -94,10 +96,37 @@ class CkptdCheckpointIO(CheckpointIO):
     def _final(self, step: int) -> Path:
         return fmt.checkpoints_root(self.output_dir) / fmt.checkpoint_dirname(step)
 
+    def _settle_pointers(self) -> None:
+        """Pointers whose save has since failed name what they named before (or go): a ``last.ckpt`` never
+        names a save that aborted. (After a crash, ``load_checkpoint`` falls back instead.)"""
+        for path, before in list(self._previous.items()):
+            target = self._pointers.get(path)
+            step = fmt.parse_checkpoint_dirname(target.name) if target is not None else None
+            handle = self._handles.get(step) if step is not None else None
+            if handle is None or not handle.done():
+                continue
+            del self._previous[path]
+            if handle.error is None:
+                continue
+            logger.warning("the save behind %s failed (%s); it names %s again", path, handle.error, before)
+            self._handles.pop(step, None)  # a later save at that step is retried
+            if before is None:
+                path.unlink(missing_ok=True)
+                self._pointers.pop(path, None)
+            else:
+                _write_pointer(path, before)
+                self._pointers[path] = before
+
+    def _owned(self, target: Path) -> bool:
+        """Whether ``target`` is a checkpoint of this plugin's output dir (the only ones it may remove)."""
+        root = Path(os.path.realpath(fmt.checkpoints_root(self.output_dir)))
+        return Path(os.path.realpath(target.parent)) == root and fmt.parse_checkpoint_dirname(target.name) is not None
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         """Hand the checkpoint to the daemon (returns once it is staged) and write the pointer at ``path``."""
         if storage_options is not None:
             raise TypeError(f"CkptdCheckpointIO takes no storage_options, got {storage_options!r}")
+        self._settle_pointers()
         step = int(checkpoint.get("global_step", 0))
         if step not in self._handles:
             self._model.state = checkpoint.get("state_dict", {})
@@ -106,15 +135,35 @@ class CkptdCheckpointIO(CheckpointIO):
                 self._handles[step] = self.client.save_async(step, metadata={"lightning_path": str(path)})
             finally:
                 self._model.state = self._rest.state = None  # the slab holds the snapshot now
-        _write_pointer(Path(path), self._final(step))
+        # Written now, so that a crash right after the hand-off still leaves it (load falls back if that save
+        # never committed); if the save fails while this process lives, it names its old target again.
+        path = Path(path)
+        try:
+            before: Path | None = _read_pointer(path) if path.exists() else None
+        except CheckpointError:
+            before = None
+        _write_pointer(path, self._final(step))
+        self._pointers[path] = self._final(step)
+        self._previous.setdefault(path, before)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint dict of the ckptd checkpoint the pointer at ``path`` names (its save committed)."""
+        self._settle_pointers()
         target = _read_pointer(Path(path))
         step = fmt.parse_checkpoint_dirname(target.name)
         handle = self._handles.get(step) if step is not None else None
         if handle is not None:
             handle.wait()
+        if not target.is_dir() and step is not None:
+            # Its save never committed (the process died right after the hand-off, or it aborted): the newest
+            # committed checkpoint before it, with a warning, as load("latest") falls back.
+            older = [
+                c for c in fmt.list_checkpoints(target.parent.parent) if fmt.parse_checkpoint_dirname(c.name) <= step
+            ]
+            if not older:
+                raise CheckpointError(f"{path} names {target}, which was never committed, and no earlier one exists")
+            logger.warning("%s names %s, which was never committed; loading %s instead", path, target, older[-1])
+            target = older[-1]
         model, rest = _Part(), _Part()
         reader = CheckpointClient(
             target.parent.parent,
@@ -129,28 +178,40 @@ class CkptdCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the pointer at ``path`` and, once nothing else points at it, its committed checkpoint."""
+        self._settle_pointers()
         path = Path(path)
         try:
             target = _read_pointer(path)
         except CheckpointError:
             target = None
         path.unlink(missing_ok=True)
-        if target is None:
-            return
-        others = [p for p in path.parent.glob("*") if p.is_file() and _points_at(p, target)]
-        if others:
+        self._pointers.pop(path, None)
+        self._previous.pop(path, None)
+        if target is None or not self._owned(target):
+            return  # only a checkpoint of this output dir is ever removed
+        if any(t == target for t in self._pointers.values()):
+            return  # another pointer (of any ModelCheckpoint) still names it
+        if any(p.is_file() and _points_at(p, target) for p in path.parent.glob("*")):
             return
         step = fmt.parse_checkpoint_dirname(target.name)
+        try:
+            mark = fmt.read_best_mark(self.output_dir)
+        except fmt.FormatError:
+            return  # an unreadable mark protects nothing by name: remove nothing
+        if mark is not None and mark.step == step:
+            return  # the best checkpoint stays, as with ckptd's own retention
         handle = self._handles.pop(step, None) if step is not None else None
         if handle is not None:
             try:
                 handle.wait()
             except CheckpointError:
                 return  # never committed: nothing to remove
-        if target.is_dir() and fmt.parse_checkpoint_dirname(target.name) is not None:
-            trash = target.parent / fmt.trash_dirname(step or 0, secrets.token_hex(4))
+        trash = target.parent / fmt.trash_dirname(step or 0, secrets.token_hex(4))
+        try:
             os.rename(target, trash)  # out of sight at once; a crash leaves trash that sweeps remove
-            shutil.rmtree(trash, ignore_errors=True)
+        except FileNotFoundError:
+            return  # gone already (the daemon's retention)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def teardown(self) -> None:
         """Every save committed (or raises CheckpointError), then the client closed."""
@@ -158,6 +219,7 @@ class CkptdCheckpointIO(CheckpointIO):
             try:
                 self._client.wait()
             finally:
+                self._settle_pointers()
                 self._client.close()
                 self._client = None
 
