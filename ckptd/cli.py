@@ -851,6 +851,28 @@ def render_status(report: dict, endpoint: str, default_endpoint: bool) -> list[s
 # --------------------------------------------------------------------------------------------- export
 
 
+def write_new_file(directory: Path, name: str, data: bytes) -> None:
+    """``directory/name`` holds ``data``: written to a temp name created ``O_EXCL | O_NOFOLLOW`` (never through
+    a symlink planted there), fsynced, then renamed over ``name``."""
+    tmp = directory / f".{name}.ckptd-export-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of ours, or something planted: unlinking never follows a link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, directory / name)  # replaces a symlink at ``name`` itself, never its target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def copy_verified(
     src: Path, dst: Path, record: fmt.FileRecord, progress: Progress, at: fmt.CheckpointDir | None = None
 ) -> fmt.reading.Structure:
@@ -979,17 +1001,14 @@ def export_checkpoint(args: argparse.Namespace, d: fmt.CheckpointDir) -> int:
             problems = fmt.index_problems(path, manifest, weight_map, tied, {shard: names})
             if problems:
                 raise CliError(f"{problems[0]} (nothing was exported)", EXIT_CHECK_FAILED)
-        # The index last, as in the checkpoint: without it no loader picks up a partial export.
-        copy_verified(index_path, dest / fmt.MODEL_INDEX_NAME, index_rec, progress, at=d)
-        written.append(dest / fmt.MODEL_INDEX_NAME)
         config = model.metadata.get(fmt.HF_CONFIG_METADATA_KEY)
         if isinstance(config, dict):
             # The model's Hugging Face config, kept in the manifest by the save: what from_pretrained needs.
-            tmp = dest / f".{fmt.HF_CONFIG_NAME}.tmp"
-            tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            written.append(tmp)
-            os.replace(tmp, dest / fmt.HF_CONFIG_NAME)
+            write_new_file(dest, fmt.HF_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
             written.append(dest / fmt.HF_CONFIG_NAME)
+        # The index last, as in the checkpoint: without it no loader picks up a partial export.
+        copy_verified(index_path, dest / fmt.MODEL_INDEX_NAME, index_rec, progress, at=d)
+        written.append(dest / fmt.MODEL_INDEX_NAME)
     except BaseException as e:
         progress.finish()
         for p in written:

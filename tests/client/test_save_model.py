@@ -175,3 +175,23 @@ def test_ckptd_export_of_a_checkpoint_with_a_config_is_loaded_by_from_pretrained
     for k, v in expected.items():
         assert torch.equal(hf.state_dict()[k], v), k
     assert not [n for n in os.listdir(dest) if n.startswith(".")]
+
+
+def test_export_never_writes_config_json_through_a_planted_symlink(endpoint, output_dir, tmp_path):
+    """(From the issue-10 review: config.json was written through a symlink planted in DEST.)"""
+    model = tiny_llama()
+    with CheckpointClient(output_dir, [StateComponent("model", model, SharingPattern.GLOBAL)]) as client:
+        ckpt = client.save_async(1).wait(60)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    dest = tmp_path / "export"
+    dest.mkdir()
+    os.symlink(victim, dest / "config.json")
+    os.symlink(victim, dest / ".config.json.tmp")  # the temp name export used to write through
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptd", "export", str(ckpt), str(dest), "--force"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "precious\n"
+    assert not (dest / "config.json").is_symlink()
+    assert json.loads((dest / "config.json").read_text())["model_type"] == "llama"
