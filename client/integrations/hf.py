@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +158,39 @@ class CkptdTrainer(transformers.Trainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """The Trainer's synchronous checkpoint, as one ``save_async``: returns once the state is staged."""
         self.store_flos()
+        # As the Trainer does before writing trainer_state.json: the exportable callbacks' state (early
+        # stopping's patience, TrainerControl) is the one of now, so that a resume restores it.
+        from transformers.trainer_callback import ExportableState
+
+        for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+            name = cb.__class__.__name__
+            if isinstance(self.state.stateful_callbacks.get(name), list):
+                self.state.stateful_callbacks[name].append(cb.state())
+            else:
+                self.state.stateful_callbacks[name] = cb.state()
         metrics = {}
         for entry in reversed(self.state.log_history):
             if any(k.startswith("eval_") for k in entry):
                 metrics = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k.startswith("eval_")}
                 break
         self.ckptd.save_async(self.state.global_step, metadata=metrics)
+        if self.state.best_global_step:
+            # What the Trainer records for load_best_model_at_end (committed by the time it is loaded).
+            best = fmt.checkpoints_root(self.ckptd_output_dir) / fmt.checkpoint_dirname(self.state.best_global_step)
+            self.state.best_model_checkpoint = str(best)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the model (only) of the best checkpoint, once every save has committed."""
+        assert self.state.best_model_checkpoint is not None
+        self.ckptd.wait()
+        reader = CheckpointClient(
+            self.ckptd_output_dir,
+            [StateComponent("model", _TrainerAttr(self, "model"), SharingPattern.REPLICATED)],
+            read_only=True,
+            **{k: v for k, v in self.ckptd_options.items() if k == "endpoint"},
+        )
+        with reader:
+            logger.info("loading the best model from %s", reader.load(self.state.best_model_checkpoint))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The model alone as a Hugging Face directory (``client.save_model``), committed before it returns."""
@@ -176,7 +204,7 @@ class CkptdTrainer(transformers.Trainer):
         committed checkpoint if there is one, a path from that checkpoint."""
         path = None
         if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
-            path = fmt.find_latest_checkpoint(self.ckptd_output_dir)
+            path = self._newest_intact()
             if path is None:
                 logger.info("no ckptd checkpoint in %s: starting fresh", self.ckptd_output_dir)
         elif resume_from_checkpoint:
@@ -194,6 +222,21 @@ class CkptdTrainer(transformers.Trainer):
         finally:
             shutil.rmtree(self._shim, ignore_errors=True)
             self._shim = None
+
+    def _newest_intact(self) -> Path | None:
+        """The newest committed checkpoint whose files all verify, as ``load("latest")`` falls back: the trainer
+        state handed to the Trainer and the model and optimizer loaded later then come from the same one."""
+        for path in reversed(fmt.list_checkpoints(self.ckptd_output_dir)):
+            result = fmt.verify_checkpoint(path)
+            if result:
+                return path
+            warnings.warn(
+                f"{path} failed verification ({'; '.join(result.problems[:2])}); falling back to the next newest "
+                "checkpoint",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
 
     def _train_and_wait(self, resume: str | None, kwargs: dict) -> Any:
         out = super().train(resume_from_checkpoint=resume, **kwargs)
