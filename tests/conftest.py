@@ -90,3 +90,30 @@ def harness(endpoint: str, tmp_path: Path) -> Iterator[Harness]:
 @pytest.fixture
 def daemon(harness: Harness) -> Daemon:
     return harness.start()
+
+
+@pytest.fixture(autouse=True)
+def _close_pipes_of_finished_children(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close the pipes of every child process a test started and that has exited by its end: a test that
+    reads a trainer's stdout until it kills it otherwise leaves the pipe to the garbage collector (a
+    ResourceWarning). Pipes of children still running are left alone (a later test may read them)."""
+    import subprocess
+
+    made: list[subprocess.Popen] = []
+    real_init = subprocess.Popen.__init__
+
+    def init(self: subprocess.Popen, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", init)
+    yield
+    for proc in made:
+        if proc.poll() is None:
+            continue
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass

@@ -243,10 +243,12 @@ def test_load_keys_partial_directories_load_and_say_what_they_lack(key_dir: Path
     os.unlink(key_dir / "client.key")
     os.unlink(key_dir / "client.key_secret")
     ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
     try:
         with pytest.raises(SecurityError, match="has no client key pair"):
-            sec.secure_client_socket(ctx.socket(zmq.DEALER), sec.load_keys(key_dir))
+            sec.secure_client_socket(dealer, sec.load_keys(key_dir))
     finally:
+        dealer.close(linger=0)
         ctx.destroy(linger=0)
 
 
@@ -597,28 +599,34 @@ def _send_one(endpoint: str, keys: Keys, msg: object) -> None:
 def test_misuse_is_refused_with_clear_errors(key_dir: Path) -> None:
     keys = sec.load_keys(key_dir)
     ctx = zmq.Context()
+    made: list[zmq.Socket] = []
+
+    def new_socket(kind: int) -> zmq.Socket:
+        made.append(ctx.socket(kind))  # kept: a temporary collected unclosed is a ResourceWarning
+        return made[-1]
+
     try:
-        sock = ctx.socket(zmq.ROUTER)
+        sock = new_socket(zmq.ROUTER)
         with pytest.raises(SecurityError, match="needs a running asyncio loop"):
             sec.secure_server_socket(ctx, sock, keys)
-        dealer = ctx.socket(zmq.DEALER)
+        dealer = new_socket(zmq.DEALER)
         dealer.connect("tcp://127.0.0.1:9")
         with pytest.raises(SecurityError, match="already bound or connected.*before connect"):
             sec.secure_client_socket(dealer, keys)
         with pytest.raises(SecurityError, match="not a CURVE public key"):
-            sec.secure_client_socket(ctx.socket(zmq.DEALER), keys, server_key=b"short")
+            sec.secure_client_socket(new_socket(zmq.DEALER), keys, server_key=b"short")
 
         async def main() -> None:
-            bound = ctx.socket(zmq.ROUTER)
+            bound = new_socket(zmq.ROUTER)
             bound.bind("tcp://127.0.0.1:*")
             with pytest.raises(SecurityError, match="already bound or connected.*before bind"):
                 sec.secure_server_socket(ctx, bound, keys)
             with pytest.raises(SecurityError, match="has no server.key_secret"):
-                sec.secure_server_socket(ctx, ctx.socket(zmq.ROUTER), replace(keys, server_secret=None))
+                sec.secure_server_socket(ctx, new_socket(zmq.ROUTER), replace(keys, server_secret=None))
             with pytest.raises(SecurityError, match="authorizes no client key"):
-                sec.secure_server_socket(ctx, ctx.socket(zmq.ROUTER), replace(keys, authorized=()))
+                sec.secure_server_socket(ctx, new_socket(zmq.ROUTER), replace(keys, authorized=()))
             # A failed attempt leaves no handler behind: securing a fresh socket still works.
-            fresh = ctx.socket(zmq.ROUTER)
+            fresh = new_socket(zmq.ROUTER)
             security = sec.secure_server_socket(ctx, fresh, keys)
             fresh.close(linger=0)
             security.stop()
@@ -626,6 +634,8 @@ def test_misuse_is_refused_with_clear_errors(key_dir: Path) -> None:
 
         asyncio.run(main())
     finally:
+        for sock in made:
+            sock.close(linger=0)
         ctx.destroy(linger=0)
 
 
