@@ -441,14 +441,15 @@ def test_the_emergency_save_is_not_skipped_for_a_step_whose_save_failed(endpoint
     daemon = start_daemon(endpoint, tmp_path / "daemon.log")
     root = fmt.checkpoints_root(output_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", proto.ENDPOINT_ENV: endpoint, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PREEMPTED, str(output_dir), str(BIG_MB)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=open(tmp_path / "trainer.log", "w"),  # noqa: SIM115 - closed with the process
-        text=True,
-        env=env,
-    )
+    with open(tmp_path / "trainer.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PREEMPTED, str(output_dir), str(BIG_MB)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "HANDED", (tmp_path / "trainer.log").read_text()[-2000:]
@@ -630,12 +631,13 @@ def test_a_save_is_not_vetoed_when_the_embedded_daemon_that_lost_the_start_race_
         return child
 
     monkeypatch.setattr(transport, "start_embedded_daemon", slow_child)
-    winner = subprocess.Popen(  # the other job's daemon, starting at the same moment (2 s to answer)
-        ["sh", "-c", f"sleep 2; exec '{sys.executable}' -m ckptd serve --endpoint '{endpoint}'"],
-        stdout=open(tmp_path / "winner.log", "w"),  # noqa: SIM115 - closed with the process
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(tmp_path / "winner.log", "w") as log:  # the child keeps its own copy of the descriptor
+        winner = subprocess.Popen(  # the other job's daemon, starting at the same moment (2 s to answer)
+            ["sh", "-c", f"sleep 2; exec '{sys.executable}' -m ckptd serve --endpoint '{endpoint}'"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     root = fmt.checkpoints_root(output_dir)
     state = StepState(BIG_MB)
     client = CheckpointClient(output_dir, [StateComponent("state", state, SharingPattern.GLOBAL)], endpoint=endpoint)
